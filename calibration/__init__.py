@@ -1,0 +1,1 @@
+"""Calibration sets and the preprocessing every runtime shares."""

@@ -1,0 +1,110 @@
+"""The build configuration: `deploy.yaml`, overridden by flags, validated by pydantic."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CalibrationConfig(Section):
+    source: Optional[Path] = Field(None, description="image folder or data YAML; default: the data's train split")
+    size: int = Field(200, ge=1, le=100_000)
+    seed: int = 0
+
+
+class ExportConfig(Section):
+    opset: int = Field(17, ge=13, le=21)
+    simplify: bool = True
+    # Maximum |onnx - torch| allowed, relative to the largest output magnitude.
+    tolerance: float = Field(1e-4, gt=0)
+
+
+class QuantizeConfig(Section):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    # Signal-to-quantization-noise ratio of the INT8 outputs against FP32, on
+    # calibration images, below which the conversion is rejected.
+    min_sqnr_db: float = 15.0
+    max_map_drop: float = Field(1.0, ge=0, description="mAP50-95 points the INT8 model may lose before the build fails")
+
+
+class ProbeConfig(Section):
+    warmup: int = Field(10, ge=0)
+    runs: int = Field(100, ge=50, description="timed runs; fewer than 50 give unstable percentiles")
+    threads: Optional[int] = Field(None, ge=1)
+
+
+class BuildConfig(Section):
+    model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
+    data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set")
+    target: str = "cpu"
+    precision: Literal["fp32", "int8"] = "int8"
+    imgsz: Optional[int] = Field(None, ge=32, le=4096)
+    output: Path = Path("dist")
+    calibration: CalibrationConfig = CalibrationConfig()
+    export: ExportConfig = ExportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    probe: ProbeConfig = ProbeConfig()
+
+
+def _unknown_key_message(error: dict, model: type[BaseModel]) -> str:
+    location = [str(p) for p in error["loc"]]
+    section = model
+    for part in location[:-1]:
+        field = section.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        section = field.annotation
+    close = difflib.get_close_matches(location[-1], list(section.model_fields), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{'.'.join(location)}'{hint}"
+
+
+def validate(raw: dict, origin: str) -> BuildConfig:
+    try:
+        return BuildConfig.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(f"{origin}: {_unknown_key_message(error, BuildConfig)}") from None
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        raise ConfigError(f"{origin}: {where}: {error['msg']}") from None
+
+
+def load_config(path: Optional[Path], overrides: dict) -> BuildConfig:
+    """Merges the file (if any) with flag overrides given as dotted keys."""
+    raw: dict = {}
+    origin = "flags"
+    if path is not None:
+        origin = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(raw, origin)
+
+
+def dump_config(config: BuildConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

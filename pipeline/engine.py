@@ -1,0 +1,144 @@
+"""The stage engine: runs stages in order, caches them by meaning, records what happened.
+
+A stage is given its input artifacts and an empty folder, and returns the
+files it wrote there plus metrics. Its cache key is the hash of its name and
+version, its settings, its inputs' content hashes, any data fingerprints and
+the versions of the toolchain it uses. A failed stage leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from pipeline.artifacts import Artifact, atomic_write_text, hash_json, sha256_tree
+from pipeline.errors import DeployError
+
+
+def toolchain_versions(distributions: tuple[str, ...]) -> dict[str, str]:
+    versions = {}
+    for name in distributions:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class StageOutput:
+    files: dict[str, Path]
+    metrics: dict = field(default_factory=dict)
+
+
+class Stage:
+    """Subclasses declare their name, version, toolchain and input names as class data."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    toolchain: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[tuple[str, ...]] = ()
+
+    def settings(self) -> dict:
+        """Everything besides input artifacts that the result depends on."""
+        return {}
+
+    def fingerprints(self) -> dict:
+        """Content fingerprints of data sets the stage reads (calibration, validation)."""
+        return {}
+
+    def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
+        raise NotImplementedError
+
+
+@dataclass
+class StageRecord:
+    name: str
+    key: str
+    cache_hit: bool
+    seconds: float
+    artifacts: dict[str, Artifact]
+    metrics: dict
+
+    def to_json(self) -> dict:
+        return {"stage": self.name, "key": self.key, "cache_hit": self.cache_hit,
+                "seconds": round(self.seconds, 3), "metrics": self.metrics,
+                "artifacts": {k: {"path": str(a.path), "sha256": a.sha256} for k, a in self.artifacts.items()}}
+
+
+class Engine:
+    def __init__(self, cache_dir: Path, use_cache: bool = True,
+                 on_event: Callable[[str, str], None] = lambda stage, event: None):
+        self.cache_dir = Path(cache_dir)
+        self.use_cache = use_cache
+        self.on_event = on_event
+
+    def key(self, stage: Stage, inputs: dict[str, Artifact]) -> str:
+        return hash_json({
+            "stage": stage.name, "version": stage.version, "settings": stage.settings(),
+            "inputs": {name: inputs[name].sha256 for name in stage.inputs},
+            "fingerprints": stage.fingerprints(), "toolchain": toolchain_versions(stage.toolchain),
+        })
+
+    def run(self, stage: Stage, available: dict[str, Artifact]) -> StageRecord:
+        missing = [name for name in stage.inputs if name not in available]
+        if missing:
+            raise DeployError(f"stage {stage.name} needs {', '.join(missing)}, which no earlier stage produced")
+        inputs = {name: available[name] for name in stage.inputs}
+        key = self.key(stage, inputs)
+        entry = self.cache_dir / stage.name / key[:32]
+        started = time.perf_counter()
+        cached = self._load(entry) if self.use_cache else None
+        if cached is not None:
+            artifacts, metrics = cached
+            self.on_event(stage.name, "cached")
+            return StageRecord(stage.name, key, True, time.perf_counter() - started, artifacts, metrics)
+
+        self.on_event(stage.name, "running")
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        work = entry.parent / f".{entry.name}.tmp-{time.time_ns()}"
+        work.mkdir()
+        try:
+            output = stage.run(inputs, work)
+            index = {}
+            for name, path in output.files.items():
+                path = Path(path)
+                if work not in path.parents:
+                    raise DeployError(f"stage {stage.name} wrote {name} outside its folder")
+                index[name] = {"path": path.relative_to(work).as_posix(), "sha256": sha256_tree(path)}
+            (work / "stage.json").write_text(json.dumps({"key": key, "files": index, "metrics": output.metrics},
+                                                        indent=1, sort_keys=True))
+            if entry.exists():
+                shutil.rmtree(entry)
+            work.rename(entry)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+        artifacts = {n: Artifact(entry / f["path"], f["sha256"]) for n, f in index.items()}
+        self.on_event(stage.name, "done")
+        return StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts, output.metrics)
+
+    @staticmethod
+    def _load(entry: Path) -> tuple[dict[str, Artifact], dict] | None:
+        record = entry / "stage.json"
+        if not record.exists():
+            return None
+        data = json.loads(record.read_text())
+        artifacts = {}
+        for name, f in data["files"].items():
+            path = entry / f["path"]
+            # A cache entry edited or damaged on disk is not a hit.
+            if not path.exists() or sha256_tree(path) != f["sha256"]:
+                return None
+            artifacts[name] = Artifact(path, f["sha256"])
+        return artifacts, data["metrics"]
+
+
+def write_build_record(path: Path, records: list[StageRecord], extra: dict) -> None:
+    atomic_write_text(path, json.dumps({**extra, "stages": [r.to_json() for r in records]}, indent=2,
+                                       sort_keys=True))

@@ -1,0 +1,33 @@
+"""The one exception family. The CLI turns each into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+
+class DeployError(Exception):
+    """Base of every error a user can cause or fix; never shown with a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(DeployError):
+    exit_code = 2
+
+
+class InputError(DeployError):
+    """A model, data set or calibration input that cannot be used."""
+
+    exit_code = 2
+
+
+class ConversionMismatch(DeployError):
+    """A converted artifact disagrees with its parent beyond tolerance."""
+
+    exit_code = 3
+
+
+class AccuracyGateError(DeployError):
+    exit_code = 4
+
+
+class ToolchainMissing(DeployError):
+    exit_code = 5

@@ -1,0 +1,1 @@
+"""The stages of a build; each is given artifacts and returns artifacts."""

@@ -1,0 +1,76 @@
+"""compile[target]: the precision's ONNX -> the target's artifact folder, with its runtime description."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import Artifact
+from pipeline.engine import Stage, StageOutput
+from pipeline.errors import ConversionMismatch
+from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
+
+# Float artifacts must match their ONNX parent this closely; quantized ones were
+# already checked against FP32 by the quantize stage and must match their own
+# QDQ parent as closely as integer arithmetic allows.
+FLOAT_TOLERANCE = 1e-4
+QUANTIZED_TOLERANCE = 5e-2
+
+
+class CompileStage(Stage):
+    name = "compile"
+    version = 1
+
+    def __init__(self, target, precision: str):
+        self.target, self.precision = target, precision
+        self.toolchain = target.toolchain
+        self.inputs = ("model_info", "onnx_int8" if precision == "int8" else "onnx")
+
+    def settings(self) -> dict:
+        return {"target": self.target.name, "precision": self.precision}
+
+    def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
+        parent = inputs[self.inputs[1]].path
+        info = json.loads(inputs["model_info"].path.read_text())
+        artifact_dir = out_dir / "artifact"
+        artifact_dir.mkdir()
+        files = self.target.compile(parent, self.precision, artifact_dir)
+        runtime = {
+            "target": self.target.name, "precision": self.precision, "files": {k: p.name for k, p in files.items()},
+            "input": {"name": "images", "layout": self.target.input_layout, "imgsz": info["imgsz"],
+                      "dtype": "float32", "scale": "1/255", "colour": "RGB", "letterbox_pad": 114},
+            "outputs": {"box_dist": f"(batch, 4*{info['reg_max']}, anchors) DFL logits",
+                        "cls_logit": f"(batch, {len(info['names'])}, anchors) class logits (apply sigmoid)"},
+            "strides": info["strides"], "reg_max": info["reg_max"], "names": info["names"],
+        }
+        (artifact_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
+
+        errors = self._check_against_parent(parent, artifact_dir, info["imgsz"])
+        return StageOutput({"artifact": artifact_dir},
+                           {"target": self.target.name, "precision": self.precision,
+                            "max_rel_error_vs_parent": round(max(errors.values()), 6),
+                            "size_bytes": sum(p.stat().st_size for p in files.values())})
+
+    def _check_against_parent(self, parent: Path, artifact_dir: Path, imgsz: int) -> dict[str, float]:
+        import onnxruntime as ort
+
+        example = parity_inputs(imgsz)
+        if self.target.input_layout == "NHWC":
+            target_input = example.transpose(0, 2, 3, 1).copy()
+        else:
+            target_input = example
+        session = ort.InferenceSession(str(parent), providers=["CPUExecutionProvider"])
+        reference = session.run(list(OUTPUT_NAMES), {"images": example})
+        infer = self.target.runtime(artifact_dir)
+        produced = [infer(target_input[i:i + 1]) for i in range(len(example))]
+        tolerance = QUANTIZED_TOLERANCE if self.precision != "fp32" else FLOAT_TOLERANCE
+        errors = {}
+        for index, name in enumerate(OUTPUT_NAMES):
+            got = np.concatenate([p[index] for p in produced])
+            errors[name] = max_relative_error(reference[index], got)
+            if not errors[name] <= tolerance:
+                raise ConversionMismatch(f"compile[{self.target.name}]: output '{name}' differs from its ONNX "
+                                         f"parent by {errors[name]:.2e} (relative), tolerance {tolerance:.0e}")
+        return errors

@@ -1,0 +1,55 @@
+"""The human summary of a build: what ran, what was cached, the numbers that matter."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
+    label = f"{precision}_{target}"
+    if name == "load":
+        return f"{metrics['family']}, {metrics['params']:,} params, imgsz {metrics['imgsz']}"
+    if name == "export":
+        return f"opset {metrics['opset']}, {metrics['nodes']} nodes, max rel err {metrics['max_rel_error']:.1e}"
+    if name == "quantize":
+        sqnr = ", ".join(f"{k} {v} dB" for k, v in metrics["sqnr_db"].items())
+        return f"{metrics['method']}, {metrics['calibration_images']} calib images, SQNR {sqnr}"
+    if name == "compile":
+        return f"{metrics['size_bytes'] / 2**20:.2f} MiB, max rel err vs parent {metrics['max_rel_error_vs_parent']:.1e}"
+    if name == "verify":
+        parts = [f"FP32 mAP50-95 {metrics['fp32_onnx']['map50_95']:.4f}"]
+        if label != "fp32_cpu" or target != "cpu":
+            parts.append(f"{precision.upper()} {metrics[label]['map50_95']:.4f}")
+        parts.append(f"drop {metrics['map50_95_drop_points']:.2f} pts")
+        return ", ".join(parts)
+    if name == "probe":
+        parts = [f"{k.split('_')[0].upper()} p50 {v['latency_ms']['p50']} ms ({v['fps']} FPS)"
+                 for k, v in metrics.items() if isinstance(v, dict)]
+        if "speedup_vs_fp32_p50" in metrics:
+            parts.append(f"{metrics['speedup_vs_fp32_p50']}x")
+        return ", ".join(parts)
+    if name == "release":
+        return f"{metrics['files']} files"
+    return ""
+
+
+def render_summary(result, config) -> None:
+    console = Console()
+    table = Table("stage", "time", "cache", "key metrics")
+    for record in result.records:
+        table.add_row(record.name, f"{record.seconds:.2f} s", "hit" if record.cache_hit else "ran",
+                      _key_metrics(record.name, record.metrics, config.precision, config.target))
+    console.print(table)
+    verify = result.metrics("verify")
+    probe = result.metrics("probe")
+    for key, value in verify.items():
+        if isinstance(value, dict):
+            latency = probe.get(key, {}).get("latency_ms", {})
+            power = probe.get(key, {}).get("power", {})
+            power_text = f"{power['average_watts']} W" if power.get("status") == "measured" else "power unavailable"
+            console.print(f"{key:>12}: mAP50 {value['map50']:.4f}  mAP50-95 {value['map50_95']:.4f}  "
+                          f"latency p50/p90/p99 {latency.get('p50')}/{latency.get('p90')}/{latency.get('p99')} ms  "
+                          f"{power_text}")
+    state = "published" if result.bundle_changed else "unchanged"
+    console.print(f"bundle ({state}): [bold]{result.bundle}[/]   build record: {result.record_path}")

@@ -1,0 +1,23 @@
+# Sourced by ./deploy and ./run-tests: makes .venv hold exactly what pyproject.toml pins.
+# Re-installs only when pyproject.toml changed since the last install.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+stamp="$venv/.pyproject.sha256"
+wanted="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    python=""
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            python="$candidate"
+            break
+        fi
+    done
+    if [ -z "$python" ]; then
+        echo "error: edge-deploy needs Python 3.11 (torch 2.14.1 wheels are pinned for it)" >&2
+        exit 2
+    fi
+    echo "setting up $venv (first run takes a few minutes: PyTorch is large)..." >&2
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2
+    echo "$wanted" > "$stamp"
+fi

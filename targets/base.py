@@ -1,0 +1,42 @@
+"""What every target declares as data, and the interface the stages call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    threads: int | None = None
+
+
+Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class Target:
+    name: ClassVar[str]
+    description: ClassVar[str]
+    toolchain: ClassVar[tuple[str, ...]]
+    precisions: ClassVar[tuple[str, ...]]
+    # Precisions whose artifact needs a calibration set.
+    calibrated_precisions: ClassVar[frozenset[str]] = frozenset()
+    input_layout: ClassVar[str] = "NCHW"
+    profiles: ClassVar[tuple[Profile, ...]] = ()
+
+    def compile(self, model: Path, precision: str, out_dir: Path) -> dict[str, Path]:
+        """Turns the precision's ONNX into the target's artifact folder; returns the files written."""
+        raise NotImplementedError
+
+    def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
+        """A callable running one preprocessed batch in the target's own runtime on this machine."""
+        raise NotImplementedError
+
+    def probe(self, artifact_dir: Path, job: dict, work_dir: Path) -> dict:
+        """Measures the artifact (latency, load time, memory, power) and returns the result JSON."""
+        raise NotImplementedError
