@@ -1,0 +1,121 @@
+"""The `deploy` command as a user runs it: a real subprocess, real stages, real files."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import build_json, run_deploy, tree_state
+
+
+@pytest.fixture(scope="module")
+def built(deploy_home, tmp_path_factory):
+    """A user's folder after `deploy build --target cpu` on the embedded defaults."""
+    cwd = tmp_path_factory.mktemp("user")
+    done = run_deploy(["build", "--target", "cpu"], cwd, deploy_home)
+    assert done.returncode == 0, done.stderr
+    return cwd, done
+
+
+def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out(built, deploy_home):
+    cwd, done = built
+    for stage in ("load", "export", "quantize", "compile", "verify", "probe", "release"):
+        assert stage in done.stdout
+    assert "fp32_onnx: mAP50" in done.stdout and "int8_cpu: mAP50" in done.stdout
+    assert "latency p50/p90/p99" in done.stdout
+    bundle = cwd / "dist" / "yolov8n-cpu-int8"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    power = manifest["metrics"]["speed"]["int8_cpu"]["power"]
+    assert ("power unavailable" in done.stdout) == (power["status"] == "unavailable")
+    assert set(manifest["files"]) == {"model.onnx", "runtime.json", "postprocess.py", "metrics.json",
+                                      "MODEL_CARD.md"}
+    assert manifest["calibration"]["images"] == 200 and len(manifest["calibration"]["fingerprint"]) == 64
+    assert manifest["toolchain"]["onnxruntime"] == "1.31.1"
+    assert manifest["config"]["precision"] == "int8"
+    accuracy = manifest["metrics"]["accuracy"]
+    # The embedded model is trained to well above chance; INT8 stays within the default budget.
+    assert accuracy["fp32_onnx"]["map50_95"] > 0.6
+    assert accuracy["map50_95_drop_points"] <= 1.0
+    check = run_deploy(["check", str(bundle)], cwd, deploy_home)
+    assert check.returncode == 0 and check.stdout.startswith("ok: 5 files")
+    record = json.loads((cwd / "dist" / "yolov8n-cpu-int8.build.json").read_text())
+    assert [s["stage"] for s in record["stages"]] == ["load", "export", "quantize", "compile", "verify", "probe",
+                                                      "release"]
+
+
+def test_second_build_is_all_cache_hits(built, deploy_home):
+    cwd, _ = built
+    before = tree_state(cwd / "dist" / "yolov8n-cpu-int8")
+    summary = build_json(["--target", "cpu"], cwd, deploy_home)
+    assert all(stage["cache_hit"] for stage in summary["stages"])
+    assert summary["bundle_updated"] is False
+    assert tree_state(cwd / "dist" / "yolov8n-cpu-int8") == before
+
+
+def test_tampered_bundle_fails_its_check(built, deploy_home, tmp_path):
+    cwd, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(cwd / "dist" / "yolov8n-cpu-int8", copy)
+    with open(copy / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    (copy / "extra.txt").write_text("x")
+    done = run_deploy(["check", str(copy)], cwd, deploy_home)
+    assert done.returncode != 0
+    assert "sha256 differs: model.onnx" in done.stderr and "not in manifest: extra.txt" in done.stderr
+
+
+def test_print_config_is_a_reusable_config(built, deploy_home, tmp_path):
+    cwd, _ = built
+    done = run_deploy(["build", "--print-config", "--precision", "fp32", "--runs", "64"], cwd, deploy_home)
+    assert done.returncode == 0
+    (tmp_path / "deploy.yaml").write_text(done.stdout)
+    again = run_deploy(["build", "--print-config"], tmp_path, deploy_home)
+    assert again.stdout == done.stdout
+
+
+def _classifier_checkpoint(path):
+    import ultralytics
+    from ultralytics.nn.tasks import ClassificationModel
+
+    cfg = next((path.parent.__class__(ultralytics.__file__).parent / "cfg" / "models").rglob("yolov8-cls.yaml"))
+    local = path.parent / "yolov8n-cls.yaml"
+    local.write_text(cfg.read_text())
+    torch.save({"model": ClassificationModel(str(local), nc=2, verbose=False)}, path)
+
+
+def _bad_inputs(tmp):
+    (tmp / "notes.pt").write_text("not a checkpoint")
+    _classifier_checkpoint(tmp / "classifier.pt")
+    (tmp / "empty").mkdir()
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp / "corrupt" / "readme.txt").write_text("hi")
+    (tmp / "typo.yaml").write_text("target: cpu\ncalibraton:\n  size: 10\n")
+
+
+BAD = {
+    "missing model": (["--model", "{tmp}/missing.pt"], "model not found"),
+    "not a checkpoint": (["--model", "{tmp}/notes.pt"], "is not a PyTorch checkpoint"),
+    "not a detector": (["--model", "{tmp}/classifier.pt"], "is a classify model"),
+    "empty calibration folder": (["--calib", "{tmp}/empty"], "is empty"),
+    "corrupt calibration folder": (["--calib", "{tmp}/corrupt"], "none of its 2 files is a readable image"),
+    "unknown target": (["--target", "cpux"], "unknown target 'cpux' (did you mean 'cpu'?)"),
+    "unknown config key": (["--config", "{tmp}/typo.yaml"], "unknown key 'calibraton' (did you mean 'calibration'?)"),
+    "accuracy budget": (["--max-map-drop", "0"], "mAP50-95 points against FP32"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, built, deploy_home, tmp_path):
+    cwd, _ = built
+    _bad_inputs(tmp_path)
+    args, message = BAD[case]
+    before = tree_state(cwd)
+    done = run_deploy(["build", *[a.format(tmp=tmp_path) for a in args]], cwd, deploy_home)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert message in lines[0]
+    assert tree_state(cwd) == before

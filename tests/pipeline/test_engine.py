@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import Artifact, atomic_dir
+from pipeline.engine import Engine, Stage, StageOutput
+from pipeline.errors import DeployError
+
+
+class Upper(Stage):
+    name = "upper"
+    inputs = ("text",)
+    calls = 0
+
+    def __init__(self, suffix="", fingerprint="fp", fail=False):
+        self.suffix, self.fingerprint, self.fail = suffix, fingerprint, fail
+
+    def settings(self):
+        return {"suffix": self.suffix}
+
+    def fingerprints(self):
+        return {"calibration": self.fingerprint}
+
+    def run(self, inputs, out_dir):
+        Upper.calls += 1
+        out = out_dir / "upper.txt"
+        out.write_text(inputs["text"].path.read_text().upper() + self.suffix)
+        if self.fail:
+            raise DeployError("stage failed on purpose")
+        return StageOutput({"upper": out}, {"length": len(out.read_text())})
+
+
+@pytest.fixture
+def text(tmp_path) -> dict:
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+    return {"text": Artifact.of(source)}
+
+
+def test_second_run_is_a_hit_and_does_no_work(tmp_path, text):
+    engine = Engine(tmp_path / "cache")
+    Upper.calls = 0
+    first = engine.run(Upper(), text)
+    second = engine.run(Upper(), text)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert Upper.calls == 1
+    assert second.artifacts["upper"].path.read_text() == "HELLO"
+    assert second.metrics == {"length": 5}
+
+
+def test_key_follows_meaning_not_file_names(tmp_path, text):
+    engine = Engine(tmp_path / "cache")
+    base = engine.key(Upper(), text)
+    copy = tmp_path / "other-name.txt"
+    copy.write_text("hello")
+    assert engine.key(Upper(), {"text": Artifact.of(copy)}) == base
+    copy.write_text("hellO")
+    assert engine.key(Upper(), {"text": Artifact.of(copy)}) != base
+    assert engine.key(Upper(suffix="!"), text) != base
+    assert engine.key(Upper(fingerprint="other"), text) != base
+
+    class Versioned(Upper):
+        version = 2
+
+    assert engine.key(Versioned(), text) != base
+
+    class WithToolchain(Upper):
+        toolchain = ("numpy",)
+
+    assert engine.key(WithToolchain(), text) != base
+
+
+def test_failed_stage_leaves_nothing_and_is_not_cached(tmp_path, text):
+    engine = Engine(tmp_path / "cache")
+    with pytest.raises(DeployError, match="on purpose"):
+        engine.run(Upper(fail=True), text)
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+    Upper.calls = 0
+    record = engine.run(Upper(), text)
+    assert not record.cache_hit and Upper.calls == 1
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path, text):
+    engine = Engine(tmp_path / "cache")
+    first = engine.run(Upper(), text)
+    first.artifacts["upper"].path.write_text("tampered")
+    again = engine.run(Upper(), text)
+    assert not again.cache_hit
+    assert again.artifacts["upper"].path.read_text() == "HELLO"
+
+
+def test_missing_input_is_a_typed_error(tmp_path):
+    with pytest.raises(DeployError, match="needs text"):
+        Engine(tmp_path / "cache").run(Upper(), {})
+
+
+def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
+    final = tmp_path / "bundle"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert (final / "a.txt").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    with atomic_dir(final) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]

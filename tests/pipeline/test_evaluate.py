@@ -1,0 +1,52 @@
+import numpy as np
+
+from calibration.preprocess import Preprocess, load_tensor
+from calibration.sets import labelled_split
+from pipeline.detect import make_anchors
+from pipeline.evaluate import coco_map, read_yolo_labels
+
+
+def _oracle(val, shift_px: float = 0.0):
+    """An 'inference' that emits the ground truth as raw maps: one anchor per object, exact box."""
+    strides, imgsz, reg_max = [8, 16, 32], val.preprocess.imgsz, 16
+    anchors, anchor_strides = make_anchors(imgsz, strides)
+    by_tensor = {}
+    for path, label in zip(val.files, val.labels):
+        tensor, lb = load_tensor(path, val.preprocess)
+        box_dist = np.full((4, reg_max, len(anchors)), -50.0, np.float32)
+        cls_logit = np.full((4, len(anchors)), -50.0, np.float32)
+        used = set()
+        for c, x, y, w, h in read_yolo_labels(label, lb.width, lb.height):
+            x0, y0 = x * lb.ratio + lb.pad_x + shift_px, y * lb.ratio + lb.pad_y
+            x1, y1 = x0 + w * lb.ratio, y0 + h * lb.ratio
+            # the first free anchor inside the box whose distances fit in reg_max bins
+            for anchor in range(len(anchors)):
+                if anchor in used:
+                    continue
+                ax, ay = anchors[anchor] * anchor_strides[anchor]
+                s = anchor_strides[anchor]
+                d = np.array([ax - x0, ay - y0, x1 - ax, y1 - ay]) / s
+                if np.all(d >= 0) and np.all(d <= reg_max - 1):
+                    break
+            else:
+                continue
+            used.add(anchor)
+            # Two adjacent bins with weights that average to d exactly.
+            for side in range(4):
+                low = int(np.floor(d[side]))
+                high = min(low + 1, reg_max - 1)
+                frac = d[side] - low
+
+                box_dist[side, low, anchor] = np.log(max(1 - frac, 1e-9))
+                box_dist[side, high, anchor] = np.log(max(frac, 1e-9)) if high != low else 0
+            cls_logit[c, anchor] = 10.0
+        by_tensor[tensor.tobytes()] = (box_dist.reshape(1, 4 * reg_max, -1), cls_logit[None])
+    return lambda tensor: by_tensor[tensor.tobytes()]
+
+
+def test_ground_truth_scores_one_and_shifted_boxes_score_less(small_shapes_yaml):
+    val = labelled_split(small_shapes_yaml, "val", Preprocess(160))
+    perfect = coco_map(val, _oracle(val), [8, 16, 32], 4)
+    assert perfect["map50"] > 0.97 and perfect["map50_95"] > 0.95
+    shifted = coco_map(val, _oracle(val, shift_px=3.0), [8, 16, 32], 4)
+    assert shifted["map50_95"] < perfect["map50_95"] - 0.05

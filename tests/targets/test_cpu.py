@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from calibration.preprocess import load_tensor
+from targets import TARGETS, load_target
+from targets.cpu import OnnxRuntimeCpu
+from targets.runners.ort_probe import RAPL_ENERGY, percentile
+
+
+def test_probe_measures_real_runs_and_never_invents_power(exported, preprocess, shapes_yaml, tmp_path):
+    target = OnnxRuntimeCpu()
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    target.compile(exported["onnx"].path, "fp32", artifact)
+    image = sorted((shapes_yaml.parent / "images" / "val").iterdir())[0]
+    tensor, _ = load_tensor(image, preprocess)
+    result = target.probe(artifact, {"warmup": 3, "runs": 50, "threads": 1, "input_tensor": tensor},
+                          tmp_path / "job")
+    latency = result["latency_ms"]
+    assert result["runs"] == 50 and result["threads"] == 1
+    assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert result["fps"] > 0 and result["load_ms"] > 0
+    assert result["memory_mb"]["peak_rss"] >= result["memory_mb"]["rss_before_load"] > 0
+    if RAPL_ENERGY.exists():
+        assert result["power"]["status"] == "measured" and result["power"]["average_watts"] > 0
+    else:
+        assert result["power"] == {"status": "unavailable", "reason": result["power"]["reason"]}
+        assert "average_watts" not in result["power"]
+    assert json.loads((tmp_path / "job" / "result.json").read_text()) == result
+
+
+def test_runtime_matches_plain_onnxruntime(exported, preprocess, tmp_path):
+    import onnxruntime as ort
+
+    target = OnnxRuntimeCpu()
+    target.compile(exported["onnx"].path, "fp32", tmp_path)
+    batch = np.random.default_rng(0).uniform(0, 1, (1, 3, 160, 160)).astype(np.float32)
+    ours = target.runtime(tmp_path)(batch)
+    session = ort.InferenceSession(str(exported["onnx"].path), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {"images": batch})
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_percentile_interpolates():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_listing_targets_imports_no_toolchain():
+    code = ("import sys; from click.testing import CliRunner; from pipeline.cli import main; "
+            "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'tensorrt', 'tensorflow', 'ncnn', 'ultralytics') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert set(TARGETS) >= {"cpu"} and load_target("cpu") is OnnxRuntimeCpu
