@@ -49,8 +49,7 @@ def resolve_inputs(config: BuildConfig, home: Path):
     source = config.calibration.source
     if source is not None and not Path(source).exists():
         raise InputError(f"calibration source not found: {source}")
-    data = Path(config.data) if config.data else embedded_data(home)
-    return target, model, data
+    return target, model
 
 
 def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
@@ -63,7 +62,13 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     from pipeline.stages.release import ReleaseStage, publish
     from pipeline.stages.verify import VerifyStage
 
-    target, model_path, data_yaml = resolve_inputs(config, home)
+    target, model_path = resolve_inputs(config, home)
+    if config.data:
+        data_yaml = Path(config.data)
+    else:
+        on_event("embedded data", "running")  # about 20 s, once per DEPLOY_HOME
+        data_yaml = embedded_data(home)
+        on_event("embedded data", "done")
     engine = Engine(Path(home) / "cache", use_cache, on_event)
     records: list[StageRecord] = []
     available: dict[str, Artifact] = {"source": Artifact.of(model_path)}

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
+
+
+def _models(metrics: dict) -> dict[str, dict]:
+    """The per-model entries of a verify or probe result (the rest are comparisons)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, dict)}
 
 
 def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
@@ -19,13 +26,13 @@ def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
         return f"{metrics['size_bytes'] / 2**20:.2f} MiB, max rel err vs parent {metrics['max_rel_error_vs_parent']:.1e}"
     if name == "verify":
         parts = [f"FP32 mAP50-95 {metrics['fp32_onnx']['map50_95']:.4f}"]
-        if label != "fp32_cpu" or target != "cpu":
-            parts.append(f"{precision.upper()} {metrics[label]['map50_95']:.4f}")
-        parts.append(f"drop {metrics['map50_95_drop_points']:.2f} pts")
+        if label in metrics:
+            parts.append(f"{precision.upper()} {metrics[label]['map50_95']:.4f}, "
+                         f"drop {metrics['map50_95_drop_points']:.2f} pts")
         return ", ".join(parts)
     if name == "probe":
         parts = [f"{k.split('_')[0].upper()} p50 {v['latency_ms']['p50']} ms ({v['fps']} FPS)"
-                 for k, v in metrics.items() if isinstance(v, dict)]
+                 for k, v in _models(metrics).items()]
         if "speedup_vs_fp32_p50" in metrics:
             parts.append(f"{metrics['speedup_vs_fp32_p50']}x")
         return ", ".join(parts)
@@ -35,7 +42,8 @@ def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
 
 
 def render_summary(result, config) -> None:
-    console = Console()
+    # Piped output would wrap at 80 columns; a log file reads better unwrapped.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table("stage", "time", "cache", "key metrics")
     for record in result.records:
         table.add_row(record.name, f"{record.seconds:.2f} s", "hit" if record.cache_hit else "ran",
@@ -43,13 +51,11 @@ def render_summary(result, config) -> None:
     console.print(table)
     verify = result.metrics("verify")
     probe = result.metrics("probe")
-    for key, value in verify.items():
-        if isinstance(value, dict):
-            latency = probe.get(key, {}).get("latency_ms", {})
-            power = probe.get(key, {}).get("power", {})
-            power_text = f"{power['average_watts']} W" if power.get("status") == "measured" else "power unavailable"
-            console.print(f"{key:>12}: mAP50 {value['map50']:.4f}  mAP50-95 {value['map50_95']:.4f}  "
-                          f"latency p50/p90/p99 {latency.get('p50')}/{latency.get('p90')}/{latency.get('p99')} ms  "
-                          f"{power_text}")
+    for key, accuracy in _models(verify).items():
+        speed = probe[key]
+        latency, power = speed["latency_ms"], speed["power"]
+        power_text = f"{power['average_watts']} W" if power["status"] == "measured" else "power unavailable"
+        console.print(f"{key:>12}: mAP50 {accuracy['map50']:.4f}  mAP50-95 {accuracy['map50_95']:.4f}  "
+                      f"latency p50/p90/p99 {latency['p50']}/{latency['p90']}/{latency['p99']} ms  {power_text}")
     state = "published" if result.bundle_changed else "unchanged"
     console.print(f"bundle ({state}): [bold]{result.bundle}[/]   build record: {result.record_path}")

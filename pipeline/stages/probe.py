@@ -9,11 +9,12 @@ from pathlib import Path
 from calibration.preprocess import Preprocess, load_tensor
 from pipeline.artifacts import Artifact
 from pipeline.engine import Stage, StageOutput
+from pipeline.stages.verify import is_reference
 
 
 class ProbeStage(Stage):
     name = "probe"
-    version = 1
+    version = 2
     inputs = ("onnx", "artifact")
 
     def __init__(self, target, precision: str, image: Path, preprocess: Preprocess, warmup: int, runs: int,
@@ -36,19 +37,17 @@ class ProbeStage(Stage):
 
         tensor, _ = load_tensor(self.image, self.preprocess)
         job = {"warmup": self.warmup, "runs": self.runs, "threads": self.threads}
-        results = {}
-        if self.precision != "fp32" or self.target.name != "cpu":
-            reference = OnnxRuntimeCpu()
-            reference_dir = out_dir / "fp32_reference"
-            reference_dir.mkdir()
-            reference.compile(inputs["onnx"].path, "fp32", reference_dir)
-            results["fp32_onnx"] = reference.probe(reference_dir, {**job, "input_tensor": tensor},
-                                                   out_dir / "job-fp32")
+        reference = OnnxRuntimeCpu()
+        reference_dir = out_dir / "fp32_reference"
+        reference_dir.mkdir()
+        reference.compile(inputs["onnx"].path, "fp32", reference_dir)
+        results = {"fp32_onnx": reference.probe(reference_dir, {**job, "input_tensor": tensor}, out_dir / "job-fp32")}
         label = f"{self.precision}_{self.target.name}"
-        target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
-        results[label] = self.target.probe(inputs["artifact"].path, {**job, "input_tensor": target_tensor},
-                                           out_dir / "job-artifact")
-        if "fp32_onnx" in results:
+        if not is_reference(inputs["artifact"].path, inputs["onnx"]):
+            target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
+            results[label] = self.target.probe(inputs["artifact"].path, {**job, "input_tensor": target_tensor},
+                                               out_dir / "job-artifact")
+        if label in results:
             results["speedup_vs_fp32_p50"] = round(
                 results["fp32_onnx"]["latency_ms"]["p50"] / results[label]["latency_ms"]["p50"], 3)
         report = out_dir / "probe.json"

@@ -17,7 +17,7 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 
 class ReleaseStage(Stage):
     name = "release"
-    version = 1
+    version = 2
     toolchain = TOOLCHAIN
     inputs = ("model_info", "artifact", "verify_report", "probe_report")
 
@@ -90,7 +90,10 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
     for key in ("fp32_onnx", label):
         if key in verify:
             lines.append(f"| {key} | {verify[key]['map50']:.4f} | {verify[key]['map50_95']:.4f} |")
-    lines += ["", f"mAP50-95 drop against FP32: {verify['map50_95_drop_points']:.2f} points.", ""]
+    if label in verify:
+        lines += ["", f"mAP50-95 drop against FP32: {verify['map50_95_drop_points']:.2f} points.", ""]
+    else:
+        lines += ["", "The artifact is the FP32 ONNX model itself.", ""]
     lines += ["## Speed (measured on the build host, model inference only, batch 1)", "",
               "| model | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
               "|---|---|---|---|---|---|---|---|"]
@@ -101,7 +104,7 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
                      else "unavailable")
             lines.append(f"| {key} | {r['latency_ms']['p50']} | {r['latency_ms']['p90']} | {r['latency_ms']['p99']}"
                          f" | {r['fps']} | {r['load_ms']} | {r['memory_mb']['peak_rss']} | {power} |")
-    host = next(iter(v for v in probe.values() if isinstance(v, dict)))["host"]
+    host = probe["fp32_onnx"]["host"]
     lines += ["", f"Host: {host['processor']} ({host['cpus']} CPUs). Numbers from another machine will differ;"
               " run the probe on the device.", ""]
     if calibration:

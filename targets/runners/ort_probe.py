@@ -102,7 +102,7 @@ def main(job_dir: Path) -> dict:
     return {
         "runner": "ort_probe", "runner_version": RUNNER_VERSION,
         "runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers(),
-        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count()},
+        "host": {"machine": platform.machine(), "processor": cpu_name(), "cpus": os.cpu_count()},
         "threads": job.get("threads") or "runtime default",
         "batch": int(batch.shape[0]), "warmup": job["warmup"], "runs": job["runs"],
         "load_ms": round(load_ms, 2),
@@ -116,7 +116,7 @@ def main(job_dir: Path) -> dict:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("model name", "Model")):
