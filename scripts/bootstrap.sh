@@ -18,6 +18,6 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]
     fi
     echo "setting up $venv (first run takes a few minutes: PyTorch is large)..." >&2
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]" >&2
+    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$root[test]" >&2
     echo "$wanted" > "$stamp"
 fi
