@@ -78,25 +78,38 @@ class ImageSet:
                 "fingerprint": self.fingerprint}
 
 
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
 def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: str = "train",
-                    min_recommended: int = 100) -> ImageSet:
-    """A seeded random sample of readable images from a folder or a data YAML's split."""
+                    min_recommended: int = 100, frames_dir: Path | None = None) -> ImageSet:
+    """A seeded sample of readable images from a folder, a data YAML's split or a video file.
+
+    Where YOLO labels sit beside the images, the sample is class-stratified:
+    classes take turns, so a rare class is represented instead of drowned.
+    """
     source = Path(source)
     if not source.exists():
         raise InputError(f"calibration source not found: {source}")
-    folder = resolve_split(source, split) if source.is_file() else source
-    candidates = _candidate_files(folder)
+    if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
+        if frames_dir is None:
+            raise InputError("a video calibration source needs a folder for its frames")
+        candidates = video_frames(source, size, seed, frames_dir)
+        folder = source
+    else:
+        folder = resolve_split(source, split) if source.is_file() else source
+        candidates = _candidate_files(folder)
     if not candidates:
         raise InputError(f"calibration folder {folder} is empty")
-    order = np.random.default_rng(seed).permutation(len(candidates))
+    order = _sampling_order(candidates, seed)
     chosen, hashes, skipped = [], [], 0
-    for index in order:
+    for path in order:
         if len(chosen) == size:
             break
-        path = candidates[index]
         if path.suffix.lower() not in IMAGE_SUFFIXES or read_image(path) is None:
             skipped += 1
             continue
+        _check_channels(path)
         chosen.append(path)
         hashes.append(sha256_file(path))
     if not chosen:
@@ -105,6 +118,84 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
         warnings.warn(f"calibration set has only {len(chosen)} images; INT8 scales from so few are unreliable",
                       stacklevel=2)
     return ImageSet(str(folder), tuple(chosen), tuple(hashes), pre, skipped)
+
+
+def _check_channels(path: Path) -> None:
+    """Inference feeds 3-channel colour; a grey or 4-channel image would calibrate for other inputs."""
+    import cv2
+
+    image = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels != 3:
+        raise InputError(f"calibration image {path} has {channels} channel{'s' * (channels > 1)}; "
+                         "the model is fed 3-channel colour images")
+
+
+def _sampling_order(candidates: list[Path], seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    shuffled = [candidates[i] for i in rng.permutation(len(candidates))]
+    by_class: dict[int, list[Path]] = {}
+    unlabelled = []
+    for path in shuffled:
+        classes = _label_classes(label_path(path))
+        if classes is None:
+            unlabelled.append(path)
+            continue
+        for c in sorted(classes) or [-1]:
+            by_class.setdefault(c, []).append(path)
+    if not by_class:
+        return shuffled
+    order, seen = [], set()
+    queues = [by_class[c] for c in sorted(by_class)]
+    while any(queues):
+        for queue in queues:
+            while queue:
+                path = queue.pop(0)
+                if path not in seen:
+                    seen.add(path)
+                    order.append(path)
+                    break
+    return order + [p for p in unlabelled if p not in seen]
+
+
+def _label_classes(path: Path) -> set[int] | None:
+    if not path.exists():
+        return None
+    classes = set()
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0].isdigit():
+            classes.add(int(fields[0]))
+    return classes
+
+
+def video_frames(video: Path, count: int, seed: int, frames_dir: Path) -> list[Path]:
+    """`count` frames spread evenly over the video (seeded offset), written once as PNG under frames_dir."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(video))
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+    if total <= 0:
+        capture.release()
+        raise InputError(f"calibration video {video} has no readable frames")
+    step = max(total / count, 1.0)
+    offset = np.random.default_rng(seed).uniform(0, step)
+    wanted = sorted({min(int(offset + i * step), total - 1) for i in range(min(count, total))})
+    folder = Path(frames_dir) / f"{sha256_file(video)[:16]}-{count}-{seed}"
+    if not folder.is_dir():
+        from pipeline.artifacts import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            for index in wanted:
+                capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+                ok, frame = capture.read()
+                if ok:
+                    cv2.imwrite(str(tmp / f"frame_{index:07d}.png"), frame)
+    capture.release()
+    frames = sorted(folder.glob("*.png"))
+    if not frames:
+        raise InputError(f"calibration video {video}: no frame could be decoded")
+    return frames
 
 
 def labelled_split(data_yaml: Path, split: str, pre: Preprocess) -> ImageSet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,7 @@ from calibration.sets import ImageSet, calibration_set, labelled_split
 from pipeline.artifacts import Artifact
 from pipeline.config import BuildConfig
 from pipeline.engine import Engine, StageRecord, write_build_record
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import AccuracyGateError, ConfigError, InputError
 from pipeline.stages.load import check_model_path
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "yolov8n-shapes.pt"
@@ -33,6 +34,19 @@ def embedded_data(home: Path) -> Path:
     from pipeline.embedded.shapes import ShapesSpec, generate
 
     return generate(Path(home) / "data", ShapesSpec())
+
+
+def keep_fp32(model: Path, destination: Path) -> Path:
+    """Copies the FP32 model beside the bundles (atomically) so a failed INT8 build still leaves it."""
+    import shutil
+    import tempfile
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
+    os.close(fd)
+    shutil.copyfile(model, tmp)
+    os.replace(tmp, destination)
+    return destination
 
 
 def resolve_inputs(config: BuildConfig, home: Path):
@@ -86,14 +100,21 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     calibration: ImageSet | None = None
     if config.precision in target.calibrated_precisions:
         calibration = calibration_set(config.calibration.source or data_yaml, preprocess,
-                                      config.calibration.size, config.calibration.seed)
+                                      config.calibration.size, config.calibration.seed,
+                                      frames_dir=Path(home) / "video-frames")
 
-    run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
-    if calibration is not None:
-        run(QuantizeStage(calibration, config.quantize.method, config.quantize.per_channel,
-                          config.quantize.min_sqnr_db))
-    run(CompileStage(target, config.precision))
-    run(VerifyStage(target, config.precision, val, config.quantize.max_map_drop))
+    export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
+    q = config.quantize
+    enforce_budget = q.on_budget_exceeded == "fail"
+    try:
+        if calibration is not None:
+            run(QuantizeStage(calibration, val, q.method, q.per_channel, q.symmetric, q.max_map_drop,
+                              q.on_budget_exceeded, q.min_sqnr_db))
+        run(CompileStage(target, config.precision))
+        run(VerifyStage(target, config.precision, val, q.max_map_drop, enforce_budget))
+    except AccuracyGateError as exc:
+        kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")
+        raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
     run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
                    config.probe.threads))
     bundle_name = f"{info['family']}-{target.name}-{config.precision}"

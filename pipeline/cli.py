@@ -64,15 +64,18 @@ def main():
 @click.option("--output", type=click.Path(path_type=Path), help="where bundles are published (default: dist)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder or data YAML")
 @click.option("--calib-size", type=int, help="number of calibration images")
-@click.option("--quant-method", help="minmax, entropy or percentile")
-@click.option("--max-map-drop", type=float, help="mAP50-95 points INT8 may lose before the build fails")
+@click.option("--quant-method", help="auto (default: try all, keep the best), minmax, entropy or percentile")
+@click.option("--symmetric", is_flag=True, default=None, help="symmetric INT8 activations (zero point 0)")
+@click.option("--max-map-drop", type=float, help="mAP50-95 points INT8 may lose against FP32 (default 0.5)")
+@click.option("--accept-drop", is_flag=True, default=None,
+              help="ship the best INT8 model even when it misses --max-map-drop")
 @click.option("--runs", type=int, help="timed probe runs (at least 50)")
 @click.option("--threads", type=int, help="runtime threads for the probe")
 @click.option("--no-cache", is_flag=True, help="run every stage even when a cached result exists")
 @click.option("--print-config", is_flag=True, help="print the resolved config as YAML and exit")
 @click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
-def build(config_path, model, data, target, precision, imgsz, output, calib, calib_size, quant_method,
-          max_map_drop, runs, threads, no_cache, print_config, as_json):
+def build(config_path, model, data, target, precision, imgsz, output, calib, calib_size, quant_method, symmetric,
+          max_map_drop, accept_drop, runs, threads, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
     from pipeline.config import dump_config, load_config
 
@@ -81,7 +84,8 @@ def build(config_path, model, data, target, precision, imgsz, output, calib, cal
     config = load_config(config_path, {
         "model": model, "data": data, "target": target, "precision": precision, "imgsz": imgsz,
         "output": output, "calibration.source": calib, "calibration.size": calib_size,
-        "quantize.method": quant_method, "quantize.max_map_drop": max_map_drop, "probe.runs": runs,
+        "quantize.method": quant_method, "quantize.symmetric": symmetric, "quantize.max_map_drop": max_map_drop,
+        "quantize.on_budget_exceeded": "continue" if accept_drop else None, "probe.runs": runs,
         "probe.threads": threads,
     })
     if print_config:

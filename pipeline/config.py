@@ -30,12 +30,16 @@ class ExportConfig(Section):
 
 
 class QuantizeConfig(Section):
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["auto", "minmax", "entropy", "percentile"] = Field(
+        "auto", description="auto tries every method and keeps the best by validation mAP")
     per_channel: bool = True
+    symmetric: bool = Field(False, description="zero-point-0 INT8 activations, as TensorRT requires")
+    max_map_drop: float = Field(0.5, ge=0, description="mAP50-95 points INT8 may lose against FP32")
+    on_budget_exceeded: Literal["fail", "continue"] = Field(
+        "fail", description="continue ships the best INT8 model found even when it misses the budget")
     # Signal-to-quantization-noise ratio of the INT8 outputs against FP32, on
     # calibration images, below which the conversion is rejected.
     min_sqnr_db: float = 15.0
-    max_map_drop: float = Field(1.0, ge=0, description="mAP50-95 points the INT8 model may lose before the build fails")
 
 
 class ProbeConfig(Section):

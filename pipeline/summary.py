@@ -21,7 +21,8 @@ def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
         return f"opset {metrics['opset']}, {metrics['nodes']} nodes, max rel err {metrics['max_rel_error']:.1e}"
     if name == "quantize":
         sqnr = ", ".join(f"{k} {v} dB" for k, v in metrics["sqnr_db"].items())
-        return f"{metrics['method']}, {metrics['calibration_images']} calib images, SQNR {sqnr}"
+        return (f"{metrics['choice']}; {metrics['calibration_images']} calib images, "
+                f"drop {metrics['drop_points']:.2f} pts, SQNR {sqnr}")
     if name == "compile":
         return f"{metrics['size_bytes'] / 2**20:.2f} MiB, max rel err vs parent {metrics['max_rel_error_vs_parent']:.1e}"
     if name == "verify":

@@ -61,3 +61,46 @@ def test_missing_split(tmp_path):
     data.write_text("train: images/train\nnames: [a]\n")
     with pytest.raises(InputError, match="no 'val' split"):
         resolve_split(data, "val")
+
+
+def test_sampling_is_class_stratified_when_labels_exist(tmp_path):
+    import cv2
+    import numpy as np
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(images / f"{i:02d}.png"), np.full((8, 8, 3), i, np.uint8))
+        rare = i in (5, 33)
+        (labels / f"{i:02d}.txt").write_text(f"{1 if rare else 0} 0.5 0.5 0.2 0.2\n")
+    for seed in range(5):
+        chosen = calibration_set(images, PRE, size=4, seed=seed)
+        assert {p.name for p in chosen.files} & {"05.png", "33.png"}, seed
+
+
+def test_grey_calibration_image_is_refused(tmp_path):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(tmp_path / "grey.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError, match="has 1 channel; the model is fed 3-channel"):
+        calibration_set(tmp_path, PRE, size=4, seed=0)
+
+
+def test_video_frames_are_a_calibration_source(tmp_path):
+    import cv2
+    import numpy as np
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    chosen = calibration_set(video, PRE, size=6, seed=0, frames_dir=tmp_path / "frames")
+    assert len(chosen.files) == 6 and chosen.source == str(video)
+    again = calibration_set(video, PRE, size=6, seed=0, frames_dir=tmp_path / "frames")
+    assert again.fingerprint == chosen.fingerprint
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(InputError, match="no readable frames"):
+        calibration_set(tmp_path / "broken.mp4", PRE, size=6, seed=0, frames_dir=tmp_path / "frames")

@@ -102,7 +102,6 @@ BAD = {
     "corrupt calibration folder": (["--calib", "{tmp}/corrupt"], "none of its 2 files is a readable image"),
     "unknown target": (["--target", "cpux"], "unknown target 'cpux' (did you mean 'cpu'?)"),
     "unknown config key": (["--config", "{tmp}/typo.yaml"], "unknown key 'calibraton' (did you mean 'calibration'?)"),
-    "accuracy budget": (["--max-map-drop", "0"], "mAP50-95 points against FP32"),
 }
 
 
@@ -119,3 +118,25 @@ def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, built, deploy_hom
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert message in lines[0]
     assert tree_state(cwd) == before
+
+
+def test_missed_accuracy_budget_fails_and_keeps_the_fp32_model(built, deploy_home, tmp_path):
+    cwd, _ = built
+    before = tree_state(cwd)
+    done = run_deploy(["build", "--quant-method", "entropy", "--max-map-drop", "0"], cwd, deploy_home)
+    assert done.returncode == 4 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "over the 0.00 point budget" in lines[0]
+    assert "the FP32 model is kept at dist/yolov8n.fp32.onnx" in lines[0]
+    after = tree_state(cwd)
+    kept = after.pop("dist/yolov8n.fp32.onnx")
+    assert after == before and len(kept) > 1_000_000
+
+
+def test_accept_drop_ships_the_best_int8_model(built, deploy_home, tmp_path):
+    summary = build_json(["--quant-method", "entropy", "--max-map-drop", "0", "--accept-drop",
+                          "--output", str(tmp_path / "out")], built[0], deploy_home)
+    quantize = next(s for s in summary["stages"] if s["stage"] == "quantize")
+    verify = next(s for s in summary["stages"] if s["stage"] == "verify")
+    assert quantize["metrics"]["drop_points"] > 0 and verify["metrics"]["within_budget"] is False
+    assert (tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").exists()

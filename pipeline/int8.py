@@ -1,0 +1,173 @@
+"""INT8 with onnxruntime's QDQ quantizer, driven by this project's own activation ranges.
+
+onnxruntime calibrates and quantizes in one call; here the two are split:
+ranges come from calibration/ranges.py (computed once per calibration set),
+and are handed to the quantizer through its calibration-cache file, so that
+trying another method or another set of float layers costs one quantizer run
+and no inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import DeployError
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime_tools():
+    # The quantization tools log per-node chatter and print progress to stdout.
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def prepare(fp32_path: Path, out_path: Path) -> Path:
+    """onnxruntime's recommended pre-processing (shape inference, graph clean-up) before quantizing."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with quiet_onnxruntime_tools():
+        quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+    return out_path
+
+
+def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, float]], per_channel: bool,
+             symmetric: bool, exclude: list[str] = (), weight_bits: int = 8) -> Path:
+    """Static QDQ quantization of `prepared` with the given activation ranges; `exclude` nodes stay float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    cache = out_path.with_suffix(".ranges.json")
+    data = {name: TensorData(lowest=np.float32(low), highest=np.float32(high)) for name, (low, high) in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+    weight_type = {8: QuantType.QInt8, 4: QuantType.QInt4}[weight_bits]
+    try:
+        with quiet_onnxruntime_tools():
+            quantize_static(
+                str(prepared), str(out_path), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                # Symmetric INT8 activations (zero point 0) are what TensorRT and ARM kernels want; x86
+                # onnxruntime prefers unsigned activations with signed weights.
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=weight_type,
+                nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": symmetric},
+            )
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise DeployError(f"quantize: onnxruntime's quantizer failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        cache.unlink(missing_ok=True)
+    return out_path
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+
+
+def fake_quant_activation(x: np.ndarray, low: float, high: float, symmetric: bool) -> np.ndarray:
+    """Quantize and dequantize as a QDQ pair with this range would (8 bits)."""
+    if symmetric:
+        bound = max(abs(low), abs(high))
+        scale = bound / 127 if bound > 0 else 1.0
+        return (np.clip(np.round(x / scale), -127, 127) * scale).astype(np.float32)
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255 if high > low else 1.0
+    zero = np.round(-low / scale)
+    return ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True) -> np.ndarray:
+    """Symmetric signed weights, per output channel (axis 0) or per tensor."""
+    limit = 2 ** (bits - 1) - 1
+    axes = tuple(range(1, w.ndim)) if per_channel else None
+    bound = np.abs(w).max(axis=axes, keepdims=per_channel) if w.size else 0
+    scale = np.where(bound > 0, bound / limit, 1.0)
+    return (np.clip(np.round(w / scale), -limit, limit) * scale).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NodeSensitivity:
+    node: str
+    op_type: str
+    sqnr_db: float
+
+
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
+                     symmetric: bool, per_channel: bool = True) -> list[NodeSensitivity]:
+    """SQNR of each quantizable node's output with only that node's inputs quantized, least first.
+
+    Every node is run alone (a one-node graph in onnxruntime) on the inputs it
+    sees in the float model, once as is and once with its activations and
+    weights quantized and dequantized with the ranges the INT8 model will use.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from calibration.ranges import session_with_all_outputs, tensor_types
+
+    model = onnx.load(str(prepared))
+    types = tensor_types(model)
+    initializers = {i.name: i for i in model.graph.initializer}
+    session, names = session_with_all_outputs(prepared, float_only=False)
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+    values: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        for name, value in zip(outputs, session.run(outputs, {input_name: batch})):
+            values.setdefault(name, []).append(value)
+        values.setdefault(input_name, []).append(batch)
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    results = []
+    for node in model.graph.node:
+        # onnxruntime's QDQ quantizer (given no op-type list) quantizes every node's float inputs.
+        if not node.output or node.output[0] not in values:
+            continue
+        feeds_inputs = [i for i in node.input if i and i not in initializers]
+        if any(i not in values for i in feeds_inputs) or not any(i in ranges for i in feeds_inputs):
+            continue
+        single = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [node], "single",
+                [onnx.helper.make_tensor_value_info(i, types[i], None) for i in feeds_inputs],
+                [onnx.helper.make_tensor_value_info(node.output[0], types[node.output[0]], None)],
+                [initializers[i] for i in node.input if i in initializers]),
+            opset_imports=model.opset_import, ir_version=model.ir_version)
+        float_session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        weight_index = WEIGHT_INPUT.get(node.op_type)
+        quant_single = single
+        if weight_index is not None and len(node.input) > weight_index and node.input[weight_index] in initializers:
+            quant_single = onnx.ModelProto()
+            quant_single.CopyFrom(single)
+            for init in quant_single.graph.initializer:
+                if init.name == node.input[weight_index]:
+                    w = numpy_helper.to_array(init)
+                    init.CopyFrom(numpy_helper.from_array(fake_quant_weight(w, 8, per_channel), init.name))
+        quant_session = ort.InferenceSession(quant_single.SerializeToString(), options,
+                                             providers=["CPUExecutionProvider"])
+        reference, candidate = [], []
+        for k in range(len(batches)):
+            feed = {i: values[i][k] for i in feeds_inputs}
+            reference.append(float_session.run(None, feed)[0])
+            quant_feed = {i: (fake_quant_activation(v, *ranges[i], symmetric)
+                              if i in ranges and v.dtype == np.float32 else v) for i, v in feed.items()}
+            candidate.append(quant_session.run(None, quant_feed)[0])
+        results.append(NodeSensitivity(node.name, node.op_type,
+                                       round(sqnr_db(np.concatenate(reference), np.concatenate(candidate)), 2)))
+    return sorted(results, key=lambda r: r.sqnr_db)
