@@ -51,7 +51,7 @@ def main() -> None:
     verify = result.metrics("verify")
     records = {r.name: r for r in result.records}
     fp32_path = records["export"].artifacts["onnx"].path
-    int8_path = records["quantize"].artifacts["onnx_int8"].path
+    int8_path = records["quantize"].artifacts["onnx_quantized"].path
     info = records["load"].metrics
     val_image = sorted(Path(verify_source(result)).iterdir())[0]
     tensor, _ = load_tensor(val_image, Preprocess(info["imgsz"]))

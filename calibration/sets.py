@@ -120,6 +120,31 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
     return ImageSet(str(folder), tuple(chosen), tuple(hashes), pre, skipped)
 
 
+def median_size(files, limit: int = 50) -> tuple[int, int]:
+    """Median (width, height) of up to `limit` images, read from their headers where the codec allows."""
+    import cv2
+
+    sizes = []
+    for path in list(files)[:limit]:
+        image = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_8)  # an eighth of the pixels is enough to size it
+        full = cv2.imread(str(path)) if image is None else None
+        shape = (full if full is not None else image).shape
+        scale = 1 if full is not None else 8
+        sizes.append((shape[1] * scale, shape[0] * scale))
+    widths, heights = zip(*sizes)
+    return int(np.median(widths)), int(np.median(heights))
+
+
+def warn_if_sizes_differ(calibration: "ImageSet", val: "ImageSet", factor: float = 2.0) -> None:
+    """Letterboxing makes any size usable, but objects at another scale give other activation ranges."""
+    cw, ch = median_size(calibration.files)
+    vw, vh = median_size(val.files)
+    ratio = max(cw / vw, vw / cw, ch / vh, vh / ch)
+    if ratio > factor:
+        warnings.warn(f"calibration images (median {cw}x{ch}) and validation images (median {vw}x{vh}) differ in "
+                      f"size by {ratio:.1f}x: INT8 ranges are measured at a scale the model will not see", stacklevel=2)
+
+
 def _check_channels(path: Path) -> None:
     """Inference feeds 3-channel colour; a grey or 4-channel image would calibrate for other inputs."""
     import cv2

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from calibration.preprocess import Preprocess
-from calibration.sets import ImageSet, calibration_set, labelled_split
+from calibration.sets import ImageSet, calibration_set, labelled_split, warn_if_sizes_differ
 from pipeline.artifacts import Artifact
 from pipeline.config import BuildConfig
 from pipeline.engine import Engine, StageRecord, write_build_record
@@ -102,16 +102,18 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         calibration = calibration_set(config.calibration.source or data_yaml, preprocess,
                                       config.calibration.size, config.calibration.seed,
                                       frames_dir=Path(home) / "video-frames")
+        warn_if_sizes_differ(calibration, val)
 
     export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
     q = config.quantize
     enforce_budget = q.on_budget_exceeded == "fail"
     try:
         if calibration is not None:
-            run(QuantizeStage(calibration, val, q.method, q.per_channel, q.symmetric, q.max_map_drop,
-                              q.on_budget_exceeded, q.min_sqnr_db))
+            run(QuantizeStage(config.precision, calibration, val, q.method, q.per_channel, q.symmetric,
+                              q.budget(config.precision), q.on_budget_exceeded, q.min_sqnr_db, q.int4_method,
+                              q.int4_group))
         run(CompileStage(target, config.precision))
-        run(VerifyStage(target, config.precision, val, q.max_map_drop, enforce_budget))
+        run(VerifyStage(target, config.precision, val, q.budget(config.precision), enforce_budget))
     except AccuracyGateError as exc:
         kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")
         raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None

@@ -59,7 +59,7 @@ def main():
 @click.option("--model", type=click.Path(path_type=Path), help="Ultralytics .pt checkpoint or .yaml model")
 @click.option("--data", type=click.Path(path_type=Path), help="Ultralytics data YAML (val split is evaluated)")
 @click.option("--target", help="target name, see `deploy targets`")
-@click.option("--precision", help="fp32 or int8")
+@click.option("--precision", help="fp32, int8, w4a8 (INT4 weights, INT8 activations) or int4 (weight-only)")
 @click.option("--imgsz", type=int, help="input size (default: the checkpoint's training size)")
 @click.option("--output", type=click.Path(path_type=Path), help="where bundles are published (default: dist)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder or data YAML")

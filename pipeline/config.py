@@ -29,17 +29,28 @@ class ExportConfig(Section):
     tolerance: float = Field(1e-4, gt=0)
 
 
+# mAP50-95 points a quantized model may lose by default: INT8 must be nearly
+# lossless; 4-bit weights buy size at a price the user accepts up front.
+DEFAULT_MAP_DROP = {"fp32": 0.0, "int8": 0.5, "w4a8": 2.0, "int4": 2.0}
+
+
 class QuantizeConfig(Section):
     method: Literal["auto", "minmax", "entropy", "percentile"] = Field(
         "auto", description="auto tries every method and keeps the best by validation mAP")
     per_channel: bool = True
     symmetric: bool = Field(False, description="zero-point-0 INT8 activations, as TensorRT requires")
-    max_map_drop: float = Field(0.5, ge=0, description="mAP50-95 points INT8 may lose against FP32")
+    max_map_drop: Optional[float] = Field(
+        None, ge=0, description="mAP50-95 points the quantized model may lose against FP32; default per precision")
     on_budget_exceeded: Literal["fail", "continue"] = Field(
         "fail", description="continue ships the best INT8 model found even when it misses the budget")
     # Signal-to-quantization-noise ratio of the INT8 outputs against FP32, on
     # calibration images, below which the conversion is rejected.
     min_sqnr_db: float = 15.0
+    int4_method: Literal["gptq", "rtn"] = Field("gptq", description="INT4 weight rounding: GPTQ or round-to-nearest")
+    int4_group: int = Field(0, ge=0, description="INT4 scale per group of this many input channels; 0 = per channel")
+
+    def budget(self, precision: str) -> float:
+        return self.max_map_drop if self.max_map_drop is not None else DEFAULT_MAP_DROP[precision]
 
 
 class ProbeConfig(Section):
@@ -52,7 +63,7 @@ class BuildConfig(Section):
     model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
     data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set")
     target: str = "cpu"
-    precision: Literal["fp32", "int8"] = "int8"
+    precision: Literal["fp32", "int8", "w4a8", "int4"] = "int8"
     imgsz: Optional[int] = Field(None, ge=32, le=4096)
     output: Path = Path("dist")
     calibration: CalibrationConfig = CalibrationConfig()

@@ -48,7 +48,7 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    cache = out_path.with_suffix(".ranges.json")
+    cache = Path(out_path).with_suffix(".ranges.json")
     data = {name: TensorData(lowest=np.float32(low), highest=np.float32(high)) for name, (low, high) in ranges.items()}
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
     weight_type = {8: QuantType.QInt8, 4: QuantType.QInt4}[weight_bits]
@@ -171,3 +171,20 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
         results.append(NodeSensitivity(node.name, node.op_type,
                                        round(sqnr_db(np.concatenate(reference), np.concatenate(candidate)), 2)))
     return sorted(results, key=lambda r: r.sqnr_db)
+
+
+def keep_sensitive_float(trial, sensitivity: list[NodeSensitivity], budget: float) -> tuple[dict | None, list[dict]]:
+    """Keeps the 1, 2, 4, ... most sensitive nodes float until `trial(exclude)` meets the budget.
+
+    Returns the first attempt within budget (None if none was) and every attempt.
+    Keeping every node float would leave no INT8 model, so the search stops short of it.
+    """
+    attempts = []
+    count = 1
+    while count < len(sensitivity):
+        attempt = trial([s.node for s in sensitivity[:count]])
+        attempts.append(attempt)
+        if attempt["drop_points"] <= budget:
+            return attempt, attempts
+        count *= 2
+    return None, attempts

@@ -35,10 +35,11 @@ def ort_infer(model: Path, threads: int | None = None) -> Infer:
 
 class OnnxRuntimeCpu(Target):
     name = "cpu"
-    description = "ONNX Runtime on a CPU; INT8 via QDQ (VNNI on x86, dot-product on ARM)"
+    description = ("ONNX Runtime on a CPU; INT8 via QDQ (VNNI on x86, dot-product on ARM); INT4 weights are "
+                   "dequantized to compute")
     toolchain = ("onnxruntime",)
-    precisions = ("fp32", "int8")
-    calibrated_precisions = frozenset({"int8"})
+    precisions = ("fp32", "int8", "w4a8", "int4")
+    calibrated_precisions = frozenset({"int8", "w4a8", "int4"})
     input_layout = "NCHW"
     profiles = (Profile("host", "this machine, runtime's default thread count"),)
 

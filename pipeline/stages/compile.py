@@ -21,12 +21,12 @@ QUANTIZED_TOLERANCE = 5e-2
 
 class CompileStage(Stage):
     name = "compile"
-    version = 1
+    version = 2
 
     def __init__(self, target, precision: str):
         self.target, self.precision = target, precision
         self.toolchain = target.toolchain
-        self.inputs = ("model_info", "onnx_int8" if precision == "int8" else "onnx")
+        self.inputs = ("model_info", "onnx" if precision == "fp32" else "onnx_quantized")
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision}

@@ -17,7 +17,7 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 
 class ReleaseStage(Stage):
     name = "release"
-    version = 2
+    version = 3
     toolchain = TOOLCHAIN
     inputs = ("model_info", "artifact", "verify_report", "probe_report")
 
@@ -92,6 +92,10 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
             lines.append(f"| {key} | {verify[key]['map50']:.4f} | {verify[key]['map50_95']:.4f} |")
     if label in verify:
         lines += ["", f"mAP50-95 drop against FP32: {verify['map50_95_drop_points']:.2f} points.", ""]
+        if precision in ("int4", "w4a8"):
+            lines += ["INT4 weights are stored packed (half the bytes of INT8) and dequantized to float by the "
+                      "runtime on every run: the saving is size on disk and in memory, not arithmetic. On "
+                      "ONNX Runtime's CPU provider this model is slower than FP32; the probe below measures it.", ""]
     else:
         lines += ["", "The artifact is the FP32 ONNX model itself.", ""]
     lines += ["## Speed (measured on the build host, model inference only, batch 1)", "",

@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from calibration.preprocess import Preprocess
-from calibration.sets import calibration_set, labelled_split, resolve_split
+from calibration.sets import calibration_set, labelled_split, resolve_split, warn_if_sizes_differ
 from pipeline.errors import InputError
 
 PRE = Preprocess(64)
@@ -104,3 +104,21 @@ def test_video_frames_are_a_calibration_source(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     with pytest.raises(InputError, match="no readable frames"):
         calibration_set(tmp_path / "broken.mp4", PRE, size=6, seed=0, frames_dir=tmp_path / "frames")
+
+
+def test_calibration_at_another_scale_is_warned_about(tmp_path, small_shapes_yaml):
+    import cv2
+    import numpy as np
+
+    val = labelled_split(small_shapes_yaml, "val", PRE)
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"big{i}.png"), np.full((1200, 1600, 3), 40 * i, np.uint8))
+    big = calibration_set(tmp_path, PRE, size=3, seed=0, min_recommended=1)
+    with pytest.warns(UserWarning, match="differ in size"):
+        warn_if_sizes_differ(big, val)
+    same = calibration_set(small_shapes_yaml, PRE, size=8, seed=0, min_recommended=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_sizes_differ(same, val)

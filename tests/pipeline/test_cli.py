@@ -92,6 +92,11 @@ def _bad_inputs(tmp):
     (tmp / "corrupt" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (tmp / "corrupt" / "readme.txt").write_text("hi")
     (tmp / "typo.yaml").write_text("target: cpu\ncalibraton:\n  size: 10\n")
+    (tmp / "grey").mkdir()
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(tmp / "grey" / "g.png"), np.zeros((16, 16), np.uint8))
 
 
 BAD = {
@@ -102,6 +107,8 @@ BAD = {
     "corrupt calibration folder": (["--calib", "{tmp}/corrupt"], "none of its 2 files is a readable image"),
     "unknown target": (["--target", "cpux"], "unknown target 'cpux' (did you mean 'cpu'?)"),
     "unknown config key": (["--config", "{tmp}/typo.yaml"], "unknown key 'calibraton' (did you mean 'calibration'?)"),
+    "unknown quantization method": (["--quant-method", "magic"], "quantize.method: Input should be 'auto'"),
+    "grey calibration image": (["--calib", "{tmp}/grey"], "has 1 channel; the model is fed 3-channel colour"),
 }
 
 

@@ -24,12 +24,12 @@ def stage(sets, **overrides):
     settings = dict(method="minmax", per_channel=True, symmetric=False, max_map_drop=0.5,
                     on_budget_exceeded="fail", min_sqnr_db=15.0)
     settings.update(overrides)
-    return QuantizeStage(*sets, **settings)
+    return QuantizeStage(settings.pop("precision", "int8"), *sets, **settings)
 
 
 def test_int8_keeps_accuracy_and_writes_calibration_files(exported, engine, sets):
     record = engine.run(stage(sets), exported)
-    ops = {node.op_type for node in onnx.load(str(record.artifacts["onnx_int8"].path)).graph.node}
+    ops = {node.op_type for node in onnx.load(str(record.artifacts["onnx_quantized"].path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert record.metrics["drop_points"] <= 0.5 and record.metrics["float_nodes"] == 0
     assert min(record.metrics["sqnr_db"].values()) >= 15.0
@@ -83,3 +83,26 @@ def test_sqnr():
     signal = np.ones(100)
     assert sqnr_db(signal, signal) == float("inf")
     assert abs(sqnr_db(signal, signal * 1.1) - 20.0) < 1e-9
+
+
+def test_int4_gptq_loses_less_than_round_to_nearest(exported, engine, sets):
+    results = {}
+    for method in ("rtn", "gptq"):
+        record = engine.run(stage(sets, precision="int4", int4_method=method, max_map_drop=5.0,
+                                  on_budget_exceeded="continue"), exported)
+        model = onnx.load(str(record.artifacts["onnx_quantized"].path))
+        int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
+        assert len(int4) == 63 and model.opset_import[0].version == 21
+        results[method] = record.metrics["drop_points"]
+        assert record.metrics["size_bytes"] < exported["onnx"].path.stat().st_size / 4
+    assert results["gptq"] < results["rtn"]
+    assert results["gptq"] <= 2.0
+
+
+def test_w4a8_quantizes_activations_and_stores_int4_weights(exported, engine, sets):
+    record = engine.run(stage(sets, precision="w4a8", max_map_drop=2.0), exported)
+    model = onnx.load(str(record.artifacts["onnx_quantized"].path))
+    types = {i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.INT4 in types
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert record.metrics["drop_points"] <= 2.0
