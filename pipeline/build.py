@@ -100,7 +100,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     calibration: ImageSet | None = None
     if config.precision in target.calibrated_precisions:
         calibration = calibration_set(config.calibration.source or data_yaml, preprocess,
-                                      config.calibration.size, config.calibration.seed,
+                                      config.calibration.size, config.calibration.seed, config.calibration.split,
                                       frames_dir=Path(home) / "video-frames")
         warn_if_sizes_differ(calibration, val)
 

@@ -17,7 +17,8 @@ class Section(BaseModel):
 
 
 class CalibrationConfig(Section):
-    source: Optional[Path] = Field(None, description="image folder or data YAML; default: the data's train split")
+    source: Optional[Path] = Field(None, description="image folder, data YAML or video; default: the build's data")
+    split: Literal["train", "val"] = Field("train", description="which split of a data YAML to sample")
     size: int = Field(200, ge=1, le=100_000)
     seed: int = 0
 

@@ -17,12 +17,14 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 
 class ReleaseStage(Stage):
     name = "release"
-    version = 3
+    version = 4
     toolchain = TOOLCHAIN
     inputs = ("model_info", "artifact", "verify_report", "probe_report")
 
     def __init__(self, bundle_name: str, config: dict, calibration: dict | None, validation: dict):
         self.bundle_name, self.config, self.calibration, self.validation = bundle_name, config, calibration, validation
+        if calibration is not None:
+            self.inputs = (*self.inputs, "quantize_report")
 
     def settings(self) -> dict:
         return {"bundle": self.bundle_name, "config": self.config, "calibration": self.calibration,
@@ -35,10 +37,15 @@ class ReleaseStage(Stage):
         info = json.loads(inputs["model_info"].path.read_text())
         verify = json.loads(inputs["verify_report"].path.read_text())
         probe = json.loads(inputs["probe_report"].path.read_text())
+        quantization = (json.loads(inputs["quantize_report"].path.read_text())
+                        if "quantize_report" in inputs else None)
         metrics = {"accuracy": verify, "speed": probe}
+        if quantization:
+            metrics["quantization"] = {k: quantization[k] for k in ("choice", "method", "drop_points", "float_nodes",
+                                                                    "selection_set", "trials")}
         (bundle / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (bundle / "MODEL_CARD.md").write_text(model_card(self.bundle_name, info, self.config, self.calibration,
-                                                         self.validation, verify, probe))
+                                                         self.validation, verify, probe, quantization))
         files = {p.relative_to(bundle).as_posix(): sha256_tree(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
         manifest = {
             "bundle": self.bundle_name, "format": 1, "model": info, "target": self.config["target"],
@@ -69,7 +76,7 @@ def check_bundle(bundle: Path) -> dict:
 
 
 def model_card(name: str, info: dict, config: dict, calibration: dict | None, validation: dict, verify: dict,
-               probe: dict) -> str:
+               probe: dict, quantization: dict | None = None) -> str:
     precision, target = config["precision"], config["target"]
     label = f"{precision}_{target}"
     lines = [
@@ -112,10 +119,14 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
     lines += ["", f"Host: {host['processor']} ({host['cpus']} CPUs). Numbers from another machine will differ;"
               " run the probe on the device.", ""]
     if calibration:
-        lines += ["## Calibration", "",
-                  f"{calibration['images']} images from `{calibration['source']}`, fingerprint "
-                  f"{calibration['fingerprint'][:16]}; method {config['quantize']['method']}, per-channel weights "
-                  f"{config['quantize']['per_channel']}.", ""]
+        lines += ["## Quantization", "",
+                  f"Calibration: {calibration['images']} images from `{calibration['source']}`, fingerprint "
+                  f"{calibration['fingerprint'][:16]}.", ""]
+    if quantization:
+        lines += [f"Choice: {quantization['choice']}. Candidates were scored on {quantization['selection_set']},"
+                  " the split the accuracy table reports.", ""]
+        if quantization["float_nodes"]:
+            lines += [f"Nodes kept float: {', '.join(quantization['float_nodes'])}.", ""]
     lines += ["## Using it", "",
               "`runtime.json` describes the input (letterboxed, RGB, scaled 1/255) and the two raw outputs. "
               "`postprocess.py` (numpy only) decodes them and runs NMS: "
