@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from calibration.preprocess import Preprocess
-from calibration.sets import ImageSet, calibration_set, labelled_split, warn_if_sizes_differ
+from calibration.sets import ImageSet, calibration_set, class_names, labelled_split, warn_if_sizes_differ
 from pipeline.artifacts import Artifact
 from pipeline.config import BuildConfig
 from pipeline.engine import Engine, StageRecord, write_build_record
@@ -72,6 +72,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     from pipeline.stages.export import ExportStage
     from pipeline.stages.load import LoadStage
     from pipeline.stages.probe import ProbeStage
+    from pipeline.stages.prune import PruneStage
     from pipeline.stages.quantize import QuantizeStage
     from pipeline.stages.release import ReleaseStage, publish
     from pipeline.stages.verify import VerifyStage
@@ -93,10 +94,19 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         records.append(record)
         return record
 
-    load = run(LoadStage(home, config.imgsz))
+    load = run(LoadStage(home, config.imgsz, class_names(data_yaml)))
     info = json.loads(load.artifacts["model_info"].path.read_text())
     preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
     val = labelled_split(data_yaml, "val", preprocess)
+    if config.prune.enabled:
+        p = config.prune
+        train = labelled_split(data_yaml, "train", preprocess)
+        taylor_images = list(calibration_set(data_yaml, preprocess, 32, 0, "train", min_recommended=1).files) \
+            if p.criterion == "taylor" else []
+        pruned = run(PruneStage(home, val, data_yaml, train.fingerprint, p.ratio, p.target_params, p.target_macs,
+                                p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs, p.map_floor,
+                                taylor_images))
+        info = json.loads(pruned.artifacts["model_info"].path.read_text())
     calibration: ImageSet | None = None
     if config.precision in target.calibrated_precisions:
         calibration = calibration_set(config.calibration.source or data_yaml, preprocess,
@@ -119,9 +129,10 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
     run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
                    config.probe.threads))
-    bundle_name = f"{info['family']}-{target.name}-{config.precision}"
+    bundle_name = f"{info['family']}{'-pruned' if config.prune.enabled else ''}-{target.name}-{config.precision}"
     release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
-                               calibration.describe() if calibration else None, val.describe()))
+                               calibration.describe() if calibration else None, val.describe(),
+                               pruned=config.prune.enabled))
     bundle, changed = publish(release.artifacts["bundle"].path, config.output)
     record_path = Path(config.output) / f"{bundle_name}.build.json"
     write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),

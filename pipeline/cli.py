@@ -62,7 +62,11 @@ def main():
 @click.option("--precision", help="fp32, int8, w4a8 (INT4 weights, INT8 activations) or int4 (weight-only)")
 @click.option("--imgsz", type=int, help="input size (default: the checkpoint's training size)")
 @click.option("--output", type=click.Path(path_type=Path), help="where bundles are published (default: dist)")
-@click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder or data YAML")
+@click.option("--prune", "prune_ratio", type=float, help="share of channels to prune, e.g. 0.5 (structured)")
+@click.option("--prune-criterion", help="l1, l2, bn_scale, taylor, fpgm, lamp or random")
+@click.option("--prune-steps", type=int, help="pruning steps, each followed by fine-tuning")
+@click.option("--prune-epochs", type=int, help="fine-tuning epochs after each pruning step (default 5)")
+@click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder, data YAML or video")
 @click.option("--calib-size", type=int, help="number of calibration images")
 @click.option("--quant-method", help="auto (default: try all, keep the best), minmax, entropy or percentile")
 @click.option("--symmetric", is_flag=True, default=None, help="symmetric INT8 activations (zero point 0)")
@@ -74,7 +78,8 @@ def main():
 @click.option("--no-cache", is_flag=True, help="run every stage even when a cached result exists")
 @click.option("--print-config", is_flag=True, help="print the resolved config as YAML and exit")
 @click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
-def build(config_path, model, data, target, precision, imgsz, output, calib, calib_size, quant_method, symmetric,
+def build(config_path, model, data, target, precision, imgsz, output, prune_ratio, prune_criterion, prune_steps,
+          prune_epochs, calib, calib_size, quant_method, symmetric,
           max_map_drop, accept_drop, runs, threads, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
     from pipeline.config import dump_config, load_config
@@ -83,7 +88,8 @@ def build(config_path, model, data, target, precision, imgsz, output, calib, cal
         config_path = DEFAULT_CONFIG
     config = load_config(config_path, {
         "model": model, "data": data, "target": target, "precision": precision, "imgsz": imgsz,
-        "output": output, "calibration.source": calib, "calibration.size": calib_size,
+        "output": output, "prune.ratio": prune_ratio, "prune.criterion": prune_criterion,
+        "prune.steps": prune_steps, "prune.epochs": prune_epochs, "calibration.source": calib, "calibration.size": calib_size,
         "quantize.method": quant_method, "quantize.symmetric": symmetric, "quantize.max_map_drop": max_map_drop,
         "quantize.on_budget_exceeded": "continue" if accept_drop else None, "probe.runs": runs,
         "probe.threads": threads,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -54,6 +54,29 @@ class QuantizeConfig(Section):
         return self.max_map_drop if self.max_map_drop is not None else DEFAULT_MAP_DROP[precision]
 
 
+class PruneConfig(Section):
+    ratio: Optional[float] = Field(None, gt=0, lt=1, description="share of channels to remove, e.g. 0.5")
+    target_params: Optional[int] = Field(None, gt=0, description="prune until at most this many parameters")
+    target_macs: Optional[int] = Field(None, gt=0, description="prune until at most this many MACs")
+    criterion: Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "lamp", "random"] = "l1"
+    global_ranking: bool = Field(False, description="rank channels across layers instead of per layer")
+    round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (NEON and TensorRT like 8)")
+    steps: int = Field(1, ge=1, le=50)
+    epochs: int = Field(5, ge=0, description="fine-tuning epochs after each step (Ultralytics trainer)")
+    map_floor: Optional[float] = Field(None, ge=0, le=1, description="stop when mAP50-95 falls below this")
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.ratio, self.target_params, self.target_macs))
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        given = [k for k in ("ratio", "target_params", "target_macs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one pruning target, not {' and '.join(given)}")
+        return self
+
+
 class ProbeConfig(Section):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=50, description="timed runs; fewer than 50 give unstable percentiles")
@@ -69,6 +92,7 @@ class BuildConfig(Section):
     output: Path = Path("dist")
     calibration: CalibrationConfig = CalibrationConfig()
     export: ExportConfig = ExportConfig()
+    prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     probe: ProbeConfig = ProbeConfig()
 

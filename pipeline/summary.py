@@ -17,6 +17,10 @@ def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
     label = f"{precision}_{target}"
     if name == "load":
         return f"{metrics['family']}, {metrics['params']:,} params, imgsz {metrics['imgsz']}"
+    if name == "prune":
+        return (f"{metrics['criterion']}, {metrics['steps']} steps: {metrics['macs_ratio']}x fewer MACs, "
+                f"{metrics['params_ratio']}x fewer params, {metrics['latency_ratio']}x faster (ORT CPU); mAP50-95 "
+                f"{metrics['map50_95_before']:.4f} -> {metrics['map50_95']:.4f}; {metrics['stop']}")
     if name == "export":
         return f"opset {metrics['opset']}, {metrics['nodes']} nodes, max rel err {metrics['max_rel_error']:.1e}"
     if name == "quantize":

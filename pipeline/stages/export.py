@@ -45,41 +45,49 @@ class ExportStage(Stage):
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         ultralytics_offline(self.home)
-        import onnx
         import torch
 
         checkpoint = torch.load(inputs["checkpoint"].path, map_location="cpu", weights_only=False)
-        info = checkpoint["info"]
-        wrapper = raw_head_model(checkpoint["model"].fuse(verbose=False))
-        example = torch.from_numpy(parity_inputs(info["imgsz"]))
-        raw_path = out_dir / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow in Ultralytics' modules
-            torch.onnx.export(
-                wrapper, example[:1], str(raw_path), opset_version=self.opset, dynamo=False,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            )
-            reference = [t.numpy() for t in wrapper(example)]
-        model = onnx.load(str(raw_path))
-        raw_path.unlink()
-        if self.simplify:
-            import onnxslim
-
-            model = onnxslim.slim(model)
-        onnx.checker.check_model(model)
-        meta = {"names": json.dumps(info["names"]), "imgsz": str(info["imgsz"]),
-                "strides": json.dumps(info["strides"]), "producer": "edge-deploy"}
-        for key, value in meta.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
         out_path = out_dir / "model.onnx"
-        onnx.save(model, str(out_path))
-
-        errors = check_against(out_path, example.numpy(), reference, self.tolerance, "export")
+        example, reference, nodes = export_onnx(checkpoint["model"], checkpoint["info"], out_path, self.opset,
+                                                self.simplify)
+        errors = check_against(out_path, example, reference, self.tolerance, "export")
         return StageOutput({"onnx": out_path},
-                           {"opset": self.opset, "nodes": len(model.graph.node),
+                           {"opset": self.opset, "nodes": nodes,
                             "max_rel_error": max(errors.values()), "size_bytes": out_path.stat().st_size})
+
+
+def export_onnx(model, info: dict, out_path: Path, opset: int = 17, simplify: bool = True):
+    """Writes the detector as ONNX ending at its raw head maps; returns the parity inputs, PyTorch's outputs
+    for them, and the node count."""
+    import onnx
+    import torch
+
+    wrapper = raw_head_model(model.fuse(verbose=False))
+    example = torch.from_numpy(parity_inputs(info["imgsz"]))
+    raw_path = out_path.with_suffix(".raw.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow in Ultralytics' modules
+        torch.onnx.export(
+            wrapper, example[:1], str(raw_path), opset_version=opset, dynamo=False,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+        )
+        reference = [t.numpy() for t in wrapper(example)]
+    exported = onnx.load(str(raw_path))
+    raw_path.unlink()
+    if simplify:
+        import onnxslim
+
+        exported = onnxslim.slim(exported)
+    onnx.checker.check_model(exported)
+    meta = {"names": json.dumps(info["names"]), "imgsz": str(info["imgsz"]),
+            "strides": json.dumps(info["strides"]), "producer": "edge-deploy"}
+    for key, value in meta.items():
+        entry = exported.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(exported, str(out_path))
+    return example.numpy(), reference, len(exported.graph.node)
 
 
 def check_against(onnx_path: Path, example: np.ndarray, reference: list[np.ndarray], tolerance: float,

@@ -30,12 +30,13 @@ class LoadStage(Stage):
     toolchain = ("torch", "ultralytics")
     inputs = ("source",)
 
-    def __init__(self, home: Path, imgsz: int | None):
+    def __init__(self, home: Path, imgsz: int | None, names: list[str] | None = None):
         self.home = home
         self.imgsz = imgsz
+        self.names = names  # the data's classes: a model built from YAML gets them; a checkpoint must match
 
     def settings(self) -> dict:
-        return {"imgsz": self.imgsz}
+        return {"imgsz": self.imgsz, "names": self.names}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         ultralytics_offline(self.home)
@@ -45,7 +46,7 @@ class LoadStage(Stage):
         if source.suffix.lower() == ".pt":
             model, train_args = _read_checkpoint(source)
         else:
-            model, train_args = _build_from_yaml(source)
+            model, train_args = _build_from_yaml(source, self.names)
         task = getattr(model, "task", None) or _guess_task(model)
         if task != "detect":
             raise InputError(f"{source.name} is a {task or 'non-Ultralytics'} model; edge-deploy builds detectors "
@@ -59,6 +60,10 @@ class LoadStage(Stage):
         if imgsz % max(strides):
             raise InputError(f"imgsz {imgsz} is not a multiple of the model's largest stride {max(strides)}")
         names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+        if self.names is not None and len(names) != len(self.names):
+            raise InputError(f"{source.name} detects {len(names)} classes but the data has {len(self.names)} "
+                             f"({', '.join(self.names[:5])}{', ...' if len(self.names) > 5 else ''}); "
+                             "pass the data YAML the model was trained on with --data")
         info = {
             "source": source.name,
             "family": Path(str(model.yaml.get("yaml_file", "custom"))).stem,
@@ -106,7 +111,7 @@ def _read_checkpoint(path: Path):
     return model, dict(checkpoint.get("train_args") or {})
 
 
-def _build_from_yaml(path: Path):
+def _build_from_yaml(path: Path, names: list[str] | None):
     import torch
     from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
@@ -121,9 +126,11 @@ def _build_from_yaml(path: Path):
 
     torch.manual_seed(0)  # a model built from YAML is random; the seed makes it the same every build
     try:
-        model = DetectionModel(spec, verbose=False)
+        model = DetectionModel(spec, nc=len(names) if names else None, verbose=False)
     except Exception as exc:
         raise InputError(f"cannot build a model from {path.name}: {exc}") from None
     model.task = "detect"
     model.yaml["yaml_file"] = str(path.name)
+    if names:
+        model.names = dict(enumerate(names))
     return model, {}
