@@ -21,7 +21,7 @@ import numpy as np
 from calibration.preprocess import Preprocess, load_tensor
 from pipeline.build import run_build
 from pipeline.config import BuildConfig
-from targets.runners.ort_probe import cpu_name
+from targets.runners.measure import cpu_name
 
 
 def interleaved_latency(sessions: dict, feed: dict, rounds: int, block: int) -> dict[str, list[float]]:

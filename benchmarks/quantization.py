@@ -35,7 +35,7 @@ from pipeline.stages.quantize import METHOD_ORDER, _with_weights, batched
 from pipeline.artifacts import Artifact
 from pipeline.build import EMBEDDED_MODEL
 from targets.cpu import ort_infer
-from targets.runners.ort_probe import cpu_name
+from targets.runners.measure import cpu_name
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "yolov8n-shapes.pt"
 
 @dataclass
 class BuildResult:
+    config: BuildConfig  # as resolved: the target's default precision filled in
     bundle: Path
     bundle_changed: bool
     records: list[StageRecord]
@@ -54,6 +56,8 @@ def resolve_inputs(config: BuildConfig, home: Path):
     from targets import load_target
 
     target = load_target(config.target)()
+    if config.precision is None:
+        config.precision = target.default_precision
     if config.precision not in target.precisions:
         raise ConfigError(f"target {target.name} supports precisions {', '.join(target.precisions)}, "
                           f"not {config.precision}")
@@ -77,6 +81,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     from pipeline.stages.release import ReleaseStage, publish
     from pipeline.stages.verify import VerifyStage
 
+    config = config.model_copy(deep=True)
     target, model_path = resolve_inputs(config, home)
     if config.data:
         data_yaml = Path(config.data)
@@ -94,10 +99,21 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         records.append(record)
         return record
 
+    calibration: ImageSet | None = None
+    if config.precision in target.calibrated_precisions:
+        # Chosen before any stage runs, so an unusable calibration source fails at once. Which files are
+        # chosen does not depend on preprocessing; the input size is filled in once the model is loaded.
+        calibration = calibration_set(config.calibration.source or data_yaml, Preprocess(imgsz=0),
+                                      config.calibration.size, config.calibration.seed, config.calibration.split,
+                                      frames_dir=Path(home) / "video-frames")
+
     load = run(LoadStage(home, config.imgsz, class_names(data_yaml)))
     info = json.loads(load.artifacts["model_info"].path.read_text())
     preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
     val = labelled_split(data_yaml, "val", preprocess)
+    if calibration is not None:
+        calibration = dataclasses.replace(calibration, preprocess=preprocess)
+        warn_if_sizes_differ(calibration, val)
     if config.prune.enabled:
         p = config.prune
         train = labelled_split(data_yaml, "train", preprocess)
@@ -107,12 +123,6 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
                                 p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs, p.map_floor,
                                 taylor_images))
         info = json.loads(pruned.artifacts["model_info"].path.read_text())
-    calibration: ImageSet | None = None
-    if config.precision in target.calibrated_precisions:
-        calibration = calibration_set(config.calibration.source or data_yaml, preprocess,
-                                      config.calibration.size, config.calibration.seed, config.calibration.split,
-                                      frames_dir=Path(home) / "video-frames")
-        warn_if_sizes_differ(calibration, val)
 
     export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
     q = config.quantize
@@ -137,4 +147,4 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     record_path = Path(config.output) / f"{bundle_name}.build.json"
     write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),
                                               "data": str(data_yaml)})
-    return BuildResult(bundle, changed, records, record_path)
+    return BuildResult(config, bundle, changed, records, record_path)

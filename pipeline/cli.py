@@ -130,7 +130,7 @@ def build(config_path, model, data, target, precision, imgsz, output, prune_rati
     else:
         from pipeline.summary import render_summary
 
-        render_summary(result, config)
+        render_summary(result, result.config)
 
 
 @main.command()

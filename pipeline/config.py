@@ -32,7 +32,7 @@ class ExportConfig(Section):
 
 # mAP50-95 points a quantized model may lose by default: INT8 must be nearly
 # lossless; 4-bit weights buy size at a price the user accepts up front.
-DEFAULT_MAP_DROP = {"fp32": 0.0, "int8": 0.5, "w4a8": 2.0, "int4": 2.0}
+DEFAULT_MAP_DROP = {"fp32": 0.0, "fp16": 0.1, "int8": 0.5, "w4a8": 2.0, "int4": 2.0}
 
 
 class QuantizeConfig(Section):
@@ -87,7 +87,8 @@ class BuildConfig(Section):
     model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
     data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set")
     target: str = "cpu"
-    precision: Literal["fp32", "int8", "w4a8", "int4"] = "int8"
+    precision: Optional[Literal["fp32", "fp16", "int8", "w4a8", "int4"]] = Field(
+        None, description="default: the target's default (int8 on cpu); see `deploy targets`")
     imgsz: Optional[int] = Field(None, ge=32, le=4096)
     output: Path = Path("dist")
     calibration: CalibrationConfig = CalibrationConfig()

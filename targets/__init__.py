@@ -9,6 +9,7 @@ from pipeline.errors import ConfigError
 
 TARGETS: dict[str, str] = {
     "cpu": "targets.cpu:OnnxRuntimeCpu",
+    "arm": "targets.arm:NcnnArm",
 }
 
 

@@ -24,9 +24,13 @@ class Target:
     description: ClassVar[str]
     toolchain: ClassVar[tuple[str, ...]]
     precisions: ClassVar[tuple[str, ...]]
+    default_precision: ClassVar[str]
     # Precisions whose artifact needs a calibration set.
     calibrated_precisions: ClassVar[frozenset[str]] = frozenset()
     input_layout: ClassVar[str] = "NCHW"
+    # Largest relative difference from the parent ONNX that compile accepts, per precision.
+    parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "w4a8": 5e-2,
+                                                    "int4": 5e-2}
     profiles: ClassVar[tuple[Profile, ...]] = ()
 
     def compile(self, model: Path, precision: str, out_dir: Path) -> dict[str, Path]:

@@ -39,6 +39,7 @@ class OnnxRuntimeCpu(Target):
                    "dequantized to compute")
     toolchain = ("onnxruntime",)
     precisions = ("fp32", "int8", "w4a8", "int4")
+    default_precision = "int8"
     calibrated_precisions = frozenset({"int8", "w4a8", "int4"})
     input_layout = "NCHW"
     profiles = (Profile("host", "this machine, runtime's default thread count"),)

@@ -12,21 +12,18 @@ from pipeline.engine import Stage, StageOutput
 from pipeline.errors import ConversionMismatch
 from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
 
-# Float artifacts must match their ONNX parent this closely; quantized ones were
-# already checked against FP32 by the quantize stage and must match their own
-# QDQ parent as closely as integer arithmetic allows.
-FLOAT_TOLERANCE = 1e-4
-QUANTIZED_TOLERANCE = 5e-2
+# Precisions whose parent is the quantize stage's QDQ model rather than the FP32 export.
+QUANTIZED = ("int8", "w4a8", "int4")
 
 
 class CompileStage(Stage):
     name = "compile"
-    version = 2
+    version = 3
 
     def __init__(self, target, precision: str):
         self.target, self.precision = target, precision
         self.toolchain = target.toolchain
-        self.inputs = ("model_info", "onnx" if precision == "fp32" else "onnx_quantized")
+        self.inputs = ("model_info", "onnx_quantized" if precision in QUANTIZED else "onnx")
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision}
@@ -65,7 +62,7 @@ class CompileStage(Stage):
         reference = session.run(list(OUTPUT_NAMES), {"images": example})
         infer = self.target.runtime(artifact_dir)
         produced = [infer(target_input[i:i + 1]) for i in range(len(example))]
-        tolerance = QUANTIZED_TOLERANCE if self.precision != "fp32" else FLOAT_TOLERANCE
+        tolerance = self.target.parity_tolerance[self.precision]
         errors = {}
         for index, name in enumerate(OUTPUT_NAMES):
             got = np.concatenate([p[index] for p in produced])

@@ -100,8 +100,8 @@ class PruneStage(Stage):
             if self._target_met(row):
                 stop_reason = f"target reached at step {step}"
                 break
-        if self.epochs > 0 and self.data_yaml is None:
-            warnings.warn("pruned without fine-tuning (no data YAML): accuracy is not recovered", stacklevel=2)
+        if self.epochs == 0:
+            warnings.warn("pruned without fine-tuning (prune.epochs is 0): accuracy is not recovered", stacklevel=2)
 
         kept.model[-1].export = False
         kept = kept.eval()

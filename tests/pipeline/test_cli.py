@@ -84,9 +84,20 @@ def _classifier_checkpoint(path):
     torch.save({"model": ClassificationModel(str(local), nc=2, verbose=False)}, path)
 
 
+def _two_class_detector(path):
+    import ultralytics
+    import yaml
+    from ultralytics.nn.tasks import DetectionModel
+
+    cfg = next((path.parent.__class__(ultralytics.__file__).parent / "cfg" / "models").rglob("yolov8.yaml"))
+    model = DetectionModel({**yaml.safe_load(cfg.read_text()), "scale": "n"}, nc=2, verbose=False)
+    torch.save({"model": model}, path)
+
+
 def _bad_inputs(tmp):
     (tmp / "notes.pt").write_text("not a checkpoint")
     _classifier_checkpoint(tmp / "classifier.pt")
+    _two_class_detector(tmp / "two_classes.pt")
     (tmp / "empty").mkdir()
     (tmp / "corrupt").mkdir()
     (tmp / "corrupt" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -109,6 +120,8 @@ BAD = {
     "unknown config key": (["--config", "{tmp}/typo.yaml"], "unknown key 'calibraton' (did you mean 'calibration'?)"),
     "unknown quantization method": (["--quant-method", "magic"], "quantize.method: Input should be 'auto'"),
     "grey calibration image": (["--calib", "{tmp}/grey"], "has 1 channel; the model is fed 3-channel colour"),
+    "pruning ratio out of range": (["--prune", "1.5"], "prune.ratio: Input should be less than 1"),
+    "model for other classes": (["--model", "{tmp}/two_classes.pt"], "detects 2 classes but the data has 4"),
 }
 
 
@@ -147,3 +160,30 @@ def test_accept_drop_ships_the_best_int8_model(built, deploy_home, tmp_path):
     verify = next(s for s in summary["stages"] if s["stage"] == "verify")
     assert quantize["metrics"]["drop_points"] > 0 and verify["metrics"]["within_budget"] is False
     assert (tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").exists()
+
+
+def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_path):
+    import ultralytics
+
+    source = next((tmp_path.__class__(ultralytics.__file__).parent / "cfg" / "models").rglob("yolo11.yaml"))
+    (tmp_path / "yolo11n.yaml").write_text(source.read_text())
+    summary = build_json(["--model", "yolo11n.yaml", "--data", str(small_shapes_yaml), "--imgsz", "96",
+                          "--prune", "0.5", "--prune-epochs", "0", "--precision", "fp32"], tmp_path, deploy_home)
+    prune = next(s for s in summary["stages"] if s["stage"] == "prune")
+    assert prune["metrics"]["macs_ratio"] > 2.5
+    bundle = tmp_path / "dist" / "yolo11n-pruned-cpu-fp32"
+    assert (bundle / "prune_history.png").exists()
+    assert "## Pruning" in (bundle / "MODEL_CARD.md").read_text()
+    assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
+
+
+def test_arm_target_ships_an_fp16_ncnn_model_verified_in_ncnn(built, deploy_home):
+    cwd, _ = built
+    summary = build_json(["--target", "arm"], cwd, deploy_home)
+    verify = next(s for s in summary["stages"] if s["stage"] == "verify")["metrics"]
+    assert verify["fp16_arm"]["map50_95"] > 0.6 and verify["within_budget"]
+    probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
+    assert probe["fp16_arm"]["runtime"].startswith("ncnn")
+    bundle = cwd / "dist" / "yolov8n-arm-fp16"
+    assert {"model.ncnn.param", "model.ncnn.bin", "runtime.json"} <= {p.name for p in bundle.iterdir()}
+    assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0

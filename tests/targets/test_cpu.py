@@ -7,7 +7,7 @@ import numpy as np
 from calibration.preprocess import load_tensor
 from targets import TARGETS, load_target
 from targets.cpu import OnnxRuntimeCpu
-from targets.runners.ort_probe import RAPL_ENERGY, percentile
+from targets.runners.measure import RAPL_ENERGY, percentile
 
 
 def test_probe_measures_real_runs_and_never_invents_power(exported, preprocess, shapes_yaml, tmp_path):

@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import DeployError
+from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
+from targets.arm import NcnnArm
+
+
+@pytest.fixture(scope="module")
+def compiled(exported, tmp_path_factory):
+    artifacts = {}
+    for precision in ("fp32", "fp16"):
+        folder = tmp_path_factory.mktemp(f"ncnn-{precision}")
+        NcnnArm().compile(exported["onnx"].path, precision, folder)
+        artifacts[precision] = folder
+    return artifacts
+
+
+def test_pnnx_writes_a_param_bin_pair_stock_ncnn_loads(compiled):
+    folder = compiled["fp32"]
+    param = (folder / "model.ncnn.param").read_text().splitlines()
+    assert param[0] == "7767517"
+    layer_types = {line.split()[0] for line in param[2:]}
+    assert {"Input", "Convolution", "Swish", "Concat"} <= layer_types
+    assert json.loads((folder / "ncnn.json").read_text())["imgsz"] == 160
+    assert (compiled["fp16"] / "model.ncnn.bin").stat().st_size < (folder / "model.ncnn.bin").stat().st_size * 0.6
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2)])
+def test_ncnn_outputs_match_onnxruntime(compiled, exported, precision, tolerance):
+    import onnxruntime as ort
+
+    batch = parity_inputs(160, count=2)
+    session = ort.InferenceSession(str(exported["onnx"].path), providers=["CPUExecutionProvider"])
+    reference = session.run(list(OUTPUT_NAMES), {"images": batch})
+    produced = NcnnArm().runtime(compiled[precision])(batch)
+    for ref, got in zip(reference, produced):
+        assert got.shape == ref.shape
+        assert max_relative_error(ref, got) < tolerance
+
+
+def test_wrong_input_size_is_a_clear_error(compiled):
+    with pytest.raises(DeployError, match="compiled for 160x160 input, got 96x96"):
+        NcnnArm().runtime(compiled["fp32"])(np.zeros((1, 3, 96, 96), np.float32))
+
+
+def test_probe_runner_measures_ncnn(compiled, tmp_path):
+    result = NcnnArm().probe(compiled["fp16"], {"warmup": 2, "runs": 50, "threads": 1,
+                                               "input_tensor": parity_inputs(160, count=1)}, tmp_path / "job")
+    assert result["runtime"].startswith("ncnn ") and result["runs"] == 50 and result["threads"] == 1
+    latency = result["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    assert result["power"]["status"] == "unavailable"
