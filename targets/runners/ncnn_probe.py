@@ -64,6 +64,9 @@ def main(job_dir: Path) -> dict:
     net = open_net(job_dir, job)
     load_ms = (time.perf_counter() - t0) * 1000
     outputs = job.get("outputs", ["out0", "out1"])
+    if job.get("save_outputs"):
+        # For cross-checking runtimes (e.g. this same model on aarch64): the outputs themselves.
+        np.savez(job_dir / "outputs.npz", *run_once(net, image, outputs))
     for _ in range(job["warmup"]):
         run_once(net, image, outputs)
 
