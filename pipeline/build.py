@@ -128,11 +128,11 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     q = config.quantize
     enforce_budget = q.on_budget_exceeded == "fail"
     try:
-        if calibration is not None:
+        if calibration is not None and config.precision not in target.quantizes_itself:
             run(QuantizeStage(config.precision, calibration, val, q.method, q.per_channel, q.symmetric,
                               q.budget(config.precision), q.on_budget_exceeded, q.min_sqnr_db, q.int4_method,
                               q.int4_group))
-        run(CompileStage(target, config.precision))
+        run(CompileStage(target, config.precision, calibration, q.method))
         run(VerifyStage(target, config.precision, val, q.budget(config.precision), enforce_budget))
     except AccuracyGateError as exc:
         kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")
@@ -142,7 +142,9 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     bundle_name = f"{info['family']}{'-pruned' if config.prune.enabled else ''}-{target.name}-{config.precision}"
     release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
                                calibration.describe() if calibration else None, val.describe(),
-                               pruned=config.prune.enabled))
+                               pruned=config.prune.enabled,
+                               quantize_report=calibration is not None
+                               and config.precision not in target.quantizes_itself))
     bundle, changed = publish(release.artifacts["bundle"].path, config.output)
     record_path = Path(config.output) / f"{bundle_name}.build.json"
     write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),

@@ -62,7 +62,7 @@ class PruneConfig(Section):
     global_ranking: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (NEON and TensorRT like 8)")
     steps: int = Field(1, ge=1, le=50)
-    epochs: int = Field(5, ge=0, description="fine-tuning epochs after each step (Ultralytics trainer)")
+    epochs: int = Field(12, ge=0, description="fine-tuning epochs after each step (Ultralytics trainer)")
     map_floor: Optional[float] = Field(None, ge=0, le=1, description="stop when mAP50-95 falls below this")
 
     @property

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ConversionMismatch, DeployError, ToolchainMissing
+from pipeline.errors import ConfigError, ConversionMismatch, DeployError, ToolchainMissing
 from targets.base import Infer, Profile, Target
 
 RUNNER = Path(__file__).parent / "runners" / "ncnn_probe.py"
 # Layer types pnnx leaves behind when it cannot map an operator to ncnn.
 _UNCONVERTED = re.compile(r"^(pnnx\.\S+|F\.\S+|torch\.\S+|Tensor\.\S+|aten::\S+|prim::\S+|nn\.\S+)$")
+
+
+def ncnn_net(artifact_dir: Path, precision: str, threads: int | None = None):
+    from targets.runners import ncnn_probe
+
+    job = {"param": "model.ncnn.param", "bin": "model.ncnn.bin", "precision": precision, "threads": threads}
+    return ncnn_probe.open_net(Path(artifact_dir), job)
 
 
 def _pnnx_binary() -> Path:
@@ -34,19 +41,22 @@ def _pnnx_binary() -> Path:
 
 class NcnnArm(Target):
     name = "arm"
-    description = "ncnn for ARM phones and boards (param/bin from pnnx); FP16 storage on cores that have it"
+    description = ("ncnn for ARM phones and boards (param/bin from pnnx); INT8 written by this project, "
+                   "FP16 storage on cores that have it")
     toolchain = ("pnnx", "ncnn")
-    precisions = ("fp32", "fp16")
-    default_precision = "fp16"
-    calibrated_precisions = frozenset()
+    precisions = ("int8", "fp16", "fp32")
+    default_precision = "int8"
+    calibrated_precisions = frozenset({"int8"})
+    quantizes_itself = frozenset({"int8"})
     input_layout = "NCHW"
-    parity_tolerance = {"fp32": 1e-3, "fp16": 2e-2}
+    parity_tolerance = {"fp32": 1e-3, "fp16": 2e-2, "int8": 8e-2}
     profiles = (
         Profile("raspberry-pi-5", "Raspberry Pi 5, 4x Cortex-A76 @ 2.4 GHz, FP16 arithmetic", threads=4),
         Profile("arm64-phone", "phone big cores, Cortex-A76 class, FP16 arithmetic", threads=4),
     )
 
-    def compile(self, model: Path, precision: str, out_dir: Path) -> dict[str, Path]:
+    def compile(self, model: Path, precision: str, out_dir: Path, calibration: list[np.ndarray] | None = None,
+                method: str = "auto") -> dict[str, Path]:
         import onnx
 
         # ncnn graphs are shape-specialised: the export stage records the input size in the ONNX metadata.
@@ -66,23 +76,59 @@ class NcnnArm(Target):
         if unconverted:
             raise ConversionMismatch(f"compile[arm]: ncnn has no layer for {', '.join(unconverted)}")
         files = {"param": out_dir / "model.ncnn.param", "bin": out_dir / "model.ncnn.bin"}
-        param.rename(files["param"])
-        weights.rename(files["bin"])
-        (out_dir / "ncnn.json").write_text(json.dumps({"input": "in0", "outputs": ["out0", "out1"],
-                                                       "precision": precision, "imgsz": imgsz}))
+        meta = {"input": "in0", "outputs": ["out0", "out1"], "precision": precision, "imgsz": imgsz}
+        if precision == "int8":
+            meta["int8"] = self._quantize(param, weights, out_dir, calibration, method, meta)
+            files["table"] = out_dir / "model.table"
+        else:
+            param.rename(files["param"])
+            weights.rename(files["bin"])
+        (out_dir / "ncnn.json").write_text(json.dumps(meta))
         shutil.rmtree(work)
         return files
 
+    def _quantize(self, param: Path, weights: Path, out_dir: Path, calibration, method: str, meta: dict) -> dict:
+        """INT8 with this project's ncnn writer; `auto` keeps the method whose outputs are closest to FP32."""
+        from pipeline.int8 import sqnr_db
+        from targets.ncnn_int8 import blob_scales, read_param, write_int8
+
+        if not calibration:
+            raise DeployError("ncnn INT8 needs calibration images")
+        methods = {"auto": ("minmax", "kl"), "minmax": ("minmax",), "entropy": ("kl",)}.get(method)
+        if methods is None:
+            raise ConfigError(f"the arm target's INT8 supports quantize.method auto, minmax or entropy, not {method}")
+        fp32_dir = out_dir / "fp32"
+        fp32_dir.mkdir()
+        shutil.copyfile(param, fp32_dir / "model.ncnn.param")
+        shutil.copyfile(weights, fp32_dir / "model.ncnn.bin")
+        (fp32_dir / "ncnn.json").write_text(json.dumps({**meta, "precision": "fp32"}))
+        float_net = ncnn_net(fp32_dir, "fp32")
+        _, layers = read_param(param)
+        convs = [layer for layer in layers if layer.kind == "Convolution"]
+        check = np.stack(calibration[:8])
+        reference = self.runtime(fp32_dir)(check)
+        trials = {}
+        for name in methods:
+            scales = blob_scales(float_net.create_extractor, convs, calibration, name)
+            trial_dir = out_dir / f"trial-{name}"
+            trial_dir.mkdir()
+            write_int8(fp32_dir / "model.ncnn.param", fp32_dir / "model.ncnn.bin", trial_dir, scales)
+            (trial_dir / "ncnn.json").write_text(json.dumps(meta))
+            produced = self.runtime(trial_dir)(check)
+            trials[name] = min(sqnr_db(r, p) for r, p in zip(reference, produced))
+        best = max(trials, key=trials.get)
+        for name in ("model.ncnn.param", "model.ncnn.bin", "model.table"):
+            (out_dir / f"trial-{best}" / name).rename(out_dir / name)
+        for name in [*methods, "fp32"]:
+            shutil.rmtree(out_dir / (f"trial-{name}" if name != "fp32" else "fp32"), ignore_errors=True)
+        return {"method": best, "output_sqnr_db": {k: round(v, 2) for k, v in trials.items()},
+                "layers": len(convs), "calibration_images": len(calibration)}
+
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
-        sys.path.insert(0, str(RUNNER.parent))
-        try:
-            import ncnn_probe
-        finally:
-            sys.path.pop(0)
+        from targets.runners import ncnn_probe
+
         meta = json.loads((Path(artifact_dir) / "ncnn.json").read_text())
-        job = {"param": "model.ncnn.param", "bin": "model.ncnn.bin", "precision": meta["precision"],
-               "threads": threads}
-        net = ncnn_probe.open_net(Path(artifact_dir), job)
+        net = ncnn_net(Path(artifact_dir), meta["precision"], threads)
 
         def infer(batch: np.ndarray):
             if batch.shape[-1] != meta["imgsz"] or batch.shape[-2] != meta["imgsz"]:

@@ -27,13 +27,17 @@ class Target:
     default_precision: ClassVar[str]
     # Precisions whose artifact needs a calibration set.
     calibrated_precisions: ClassVar[frozenset[str]] = frozenset()
+    # Calibrated precisions the target's own toolchain quantizes from the FP32 model (instead of
+    # starting from onnxruntime's QDQ model); compile then receives the calibration images.
+    quantizes_itself: ClassVar[frozenset[str]] = frozenset()
     input_layout: ClassVar[str] = "NCHW"
     # Largest relative difference from the parent ONNX that compile accepts, per precision.
     parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "w4a8": 5e-2,
                                                     "int4": 5e-2}
     profiles: ClassVar[tuple[Profile, ...]] = ()
 
-    def compile(self, model: Path, precision: str, out_dir: Path) -> dict[str, Path]:
+    def compile(self, model: Path, precision: str, out_dir: Path, calibration: list[np.ndarray] | None = None,
+                method: str = "auto") -> dict[str, Path]:
         """Turns the precision's ONNX into the target's artifact folder; returns the files written."""
         raise NotImplementedError
 

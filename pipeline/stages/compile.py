@@ -18,22 +18,34 @@ QUANTIZED = ("int8", "w4a8", "int4")
 
 class CompileStage(Stage):
     name = "compile"
-    version = 3
+    version = 4
 
-    def __init__(self, target, precision: str):
+    def __init__(self, target, precision: str, calibration=None, method: str = "auto"):
         self.target, self.precision = target, precision
         self.toolchain = target.toolchain
-        self.inputs = ("model_info", "onnx_quantized" if precision in QUANTIZED else "onnx")
+        self.quantizes_itself = precision in target.quantizes_itself
+        self.calibration = calibration if self.quantizes_itself else None
+        self.method = method if self.quantizes_itself else None
+        parent = "onnx_quantized" if precision in QUANTIZED and not self.quantizes_itself else "onnx"
+        self.inputs = ("model_info", parent)
 
     def settings(self) -> dict:
-        return {"target": self.target.name, "precision": self.precision}
+        return {"target": self.target.name, "precision": self.precision, "method": self.method}
+
+    def fingerprints(self) -> dict:
+        return {"calibration": self.calibration.fingerprint} if self.calibration is not None else {}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         parent = inputs[self.inputs[1]].path
         info = json.loads(inputs["model_info"].path.read_text())
         artifact_dir = out_dir / "artifact"
         artifact_dir.mkdir()
-        files = self.target.compile(parent, self.precision, artifact_dir)
+        tensors = None
+        if self.calibration is not None:
+            from calibration.preprocess import load_tensor
+
+            tensors = [load_tensor(p, self.calibration.preprocess)[0][0] for p in self.calibration.files]
+        files = self.target.compile(parent, self.precision, artifact_dir, tensors, self.method or "auto")
         runtime = {
             "target": self.target.name, "precision": self.precision, "files": {k: p.name for k, p in files.items()},
             "input": {"name": "images", "layout": self.target.input_layout, "imgsz": info["imgsz"],
@@ -45,8 +57,10 @@ class CompileStage(Stage):
         (artifact_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
 
         errors = self._check_against_parent(parent, artifact_dir, info["imgsz"])
+        details = json.loads((artifact_dir / "ncnn.json").read_text()).get("int8") \
+            if (artifact_dir / "ncnn.json").exists() else None
         return StageOutput({"artifact": artifact_dir},
-                           {"target": self.target.name, "precision": self.precision,
+                           {"target": self.target.name, "precision": self.precision, "quantization": details,
                             "max_rel_error_vs_parent": round(max(errors.values()), 6),
                             "size_bytes": sum(p.stat().st_size for p in files.values())})
 

@@ -22,9 +22,9 @@ class ReleaseStage(Stage):
     inputs = ("model_info", "artifact", "verify_report", "probe_report")
 
     def __init__(self, bundle_name: str, config: dict, calibration: dict | None, validation: dict,
-                 pruned: bool = False):
+                 pruned: bool = False, quantize_report: bool = False):
         self.bundle_name, self.config, self.calibration, self.validation = bundle_name, config, calibration, validation
-        if calibration is not None:
+        if quantize_report:
             self.inputs = (*self.inputs, "quantize_report")
         if pruned:
             self.inputs = (*self.inputs, "prune_history", "prune_plot")

@@ -177,13 +177,15 @@ def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
 
 
-def test_arm_target_ships_an_fp16_ncnn_model_verified_in_ncnn(built, deploy_home):
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, precision):
     cwd, _ = built
-    summary = build_json(["--target", "arm"], cwd, deploy_home)
+    summary = build_json(["--target", "arm", "--precision", precision], cwd, deploy_home)
     verify = next(s for s in summary["stages"] if s["stage"] == "verify")["metrics"]
-    assert verify["fp16_arm"]["map50_95"] > 0.6 and verify["within_budget"]
+    assert verify[f"{precision}_arm"]["map50_95"] > 0.6 and verify["within_budget"]
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
-    assert probe["fp16_arm"]["runtime"].startswith("ncnn")
-    bundle = cwd / "dist" / "yolov8n-arm-fp16"
+    assert probe[f"{precision}_arm"]["runtime"].startswith("ncnn")
+    assert "quantize" not in [s["stage"] for s in summary["stages"]]  # ncnn INT8 is written from the FP32 model
+    bundle = cwd / "dist" / f"yolov8n-arm-{precision}"
     assert {"model.ncnn.param", "model.ncnn.bin", "runtime.json"} <= {p.name for p in bundle.iterdir()}
     assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0

@@ -9,11 +9,20 @@ from targets.arm import NcnnArm
 
 
 @pytest.fixture(scope="module")
-def compiled(exported, tmp_path_factory):
+def calibration_images(shapes_yaml, preprocess):
+    from calibration.preprocess import load_tensor
+    from calibration.sets import calibration_set
+
+    chosen = calibration_set(shapes_yaml, preprocess, size=32, seed=0, min_recommended=1)
+    return [load_tensor(p, preprocess)[0][0] for p in chosen.files]
+
+
+@pytest.fixture(scope="module")
+def compiled(exported, tmp_path_factory, calibration_images):
     artifacts = {}
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16", "int8"):
         folder = tmp_path_factory.mktemp(f"ncnn-{precision}")
-        NcnnArm().compile(exported["onnx"].path, precision, folder)
+        NcnnArm().compile(exported["onnx"].path, precision, folder, calibration_images)
         artifacts[precision] = folder
     return artifacts
 
@@ -28,7 +37,7 @@ def test_pnnx_writes_a_param_bin_pair_stock_ncnn_loads(compiled):
     assert (compiled["fp16"] / "model.ncnn.bin").stat().st_size < (folder / "model.ncnn.bin").stat().st_size * 0.6
 
 
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2)])
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("int8", 8e-2)])
 def test_ncnn_outputs_match_onnxruntime(compiled, exported, precision, tolerance):
     import onnxruntime as ort
 
@@ -53,3 +62,36 @@ def test_probe_runner_measures_ncnn(compiled, tmp_path):
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
     assert result["power"]["status"] == "unavailable"
+
+
+def test_int8_is_written_as_ncnn2int8_would(compiled):
+    from targets.ncnn_int8 import TAG_INT8, read_param
+
+    folder = compiled["int8"]
+    _, layers = read_param(folder / "model.ncnn.param")
+    convs = [layer for layer in layers if layer.kind == "Convolution"]
+    assert convs and all(layer.param("8") == "2" for layer in convs)
+    assert int.from_bytes((folder / "model.ncnn.bin").read_bytes()[:4], "little") == TAG_INT8
+    meta = json.loads((folder / "ncnn.json").read_text())["int8"]
+    assert meta["method"] in ("minmax", "kl") and meta["layers"] == len(convs)
+    assert (folder / "model.ncnn.bin").stat().st_size < (compiled["fp32"] / "model.ncnn.bin").stat().st_size / 3
+    from calibration.formats import read_ncnn_table
+
+    weights, activations = read_ncnn_table(folder / "model.table")
+    assert set(weights) == set(activations) == {layer.name for layer in convs}
+
+
+def test_int8_writer_round_trips_an_unquantized_model(compiled, tmp_path):
+    from targets.ncnn_int8 import write_int8
+
+    source = compiled["fp32"]
+    write_int8(source / "model.ncnn.param", source / "model.ncnn.bin", tmp_path, {})
+    assert (tmp_path / "model.ncnn.bin").read_bytes() == (source / "model.ncnn.bin").read_bytes()
+
+
+def test_calibration_that_gives_zero_scales_is_refused(exported, tmp_path):
+    from pipeline.errors import InputError
+
+    black = [np.zeros((3, 160, 160), np.float32)] * 2
+    with pytest.raises(InputError, match="all-zero input, so no INT8 scale exists"):
+        NcnnArm().compile(exported["onnx"].path, "int8", tmp_path, black, method="minmax")
