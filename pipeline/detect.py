@@ -61,15 +61,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def postprocess(box_dist: np.ndarray, cls_logit: np.ndarray, imgsz: int, strides: list[int],
-                conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                max_candidates: int = 30000) -> np.ndarray:
-    """One image's raw maps -> detections (n, 6): x1, y1, x2, y2, score, class, in input pixels.
+def select(boxes: np.ndarray, scores: np.ndarray, imgsz: int, conf: float = 0.25, iou: float = 0.7,
+           max_det: int = 300, max_candidates: int = 30000) -> np.ndarray:
+    """Decoded boxes (anchors, 4) xyxy and scores (anchors, classes) -> detections (n, 6) after NMS.
 
     Every (anchor, class) pair above `conf` is a candidate (multi-label), as
     evaluators expect; NMS is per class.
     """
-    boxes, scores = decode(box_dist, cls_logit, imgsz, strides)
     anchor_idx, cls_idx = np.nonzero(scores > conf)
     cand_scores = scores[anchor_idx, cls_idx]
     if cand_scores.size > max_candidates:
@@ -82,3 +80,11 @@ def postprocess(box_dist: np.ndarray, cls_logit: np.ndarray, imgsz: int, strides
     return np.concatenate(
         [cand_boxes[keep], cand_scores[keep, None], cls_idx[keep, None].astype(np.float32)], axis=1
     ).astype(np.float32)
+
+
+def postprocess(box_dist: np.ndarray, cls_logit: np.ndarray, imgsz: int, strides: list[int],
+                conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                max_candidates: int = 30000) -> np.ndarray:
+    """One image's raw maps -> detections (n, 6): x1, y1, x2, y2, score, class, in input pixels."""
+    boxes, scores = decode(box_dist, cls_logit, imgsz, strides)
+    return select(boxes, scores, imgsz, conf, iou, max_det, max_candidates)

@@ -36,8 +36,13 @@ def read_yolo_labels(path: Path, width: int, height: int) -> list[tuple[int, flo
 
 
 def coco_map(val: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-             strides: list[int], num_classes: int) -> dict:
-    """Runs `infer` (one preprocessed image -> raw head maps) over the split and scores it."""
+             strides: list[int], num_classes: int,
+             detect: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Runs `infer` (one preprocessed image -> raw head maps) over the split and scores it.
+
+    `detect` replaces infer + the shared decode for models that decode in their own graph (other tools'
+    exports): one preprocessed image -> detections (n, 6) in input pixels.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -52,9 +57,12 @@ def coco_map(val: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.n
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
                                 "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
         tensor, lb = load_tensor(path, val.preprocess)
-        box_dist, cls_logit = infer(tensor)
-        dets = postprocess(box_dist[0], cls_logit[0], val.preprocess.imgsz, strides,
-                           conf=EVAL_CONF, iou=EVAL_IOU)
+        if detect is not None:
+            dets = detect(tensor)
+        else:
+            box_dist, cls_logit = infer(tensor)
+            dets = postprocess(box_dist[0], cls_logit[0], val.preprocess.imgsz, strides,
+                               conf=EVAL_CONF, iou=EVAL_IOU)
         boxes = lb.to_original(dets[:, :4])
         for (x1, y1, x2, y2), score, cls in zip(boxes, dets[:, 4], dets[:, 5]):
             detections.append({"image_id": image_id, "category_id": int(cls),

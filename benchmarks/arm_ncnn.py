@@ -1,0 +1,119 @@
+"""Our ncnn models against Ultralytics' own `format=ncnn` export of the same detector, side by side.
+
+Builds the arm target at FP32, FP16 and INT8 (and pruned + INT8, reusing the
+pruning benchmark's cached model when present), exports the same checkpoint
+with Ultralytics (FP32 and its `half` FP16), scores every model with the same
+pycocotools evaluation and NMS on the 200-image validation split, and times all
+of them in the ncnn runtime of this machine, interleaved, at 1 thread. This is
+x86 ncnn: an ARM device's ratios will differ, and its numbers are measured by
+running the probe there.
+
+    .venv/bin/python benchmarks/arm_ncnn.py [--rounds 20 --block 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calibration.preprocess import Preprocess
+from calibration.sets import labelled_split
+from pipeline.build import EMBEDDED_MODEL, embedded_data, run_build
+from pipeline.config import BuildConfig
+from pipeline.detect import select
+from pipeline.evaluate import EVAL_CONF, EVAL_IOU, coco_map
+from pipeline.ultra import ultralytics_offline
+from targets.arm import ncnn_net
+from targets.runners import ncnn_probe
+from targets.runners.measure import cpu_name
+
+
+def ultralytics_export(home: Path, half: bool) -> Path:
+    """Ultralytics' NCNN export (its graph decodes boxes itself: one (4 + classes, anchors) output)."""
+    ultralytics = ultralytics_offline(home)
+    work = Path(tempfile.mkdtemp(prefix="ultra-ncnn-"))
+    checkpoint = work / "model.pt"
+    checkpoint.write_bytes(EMBEDDED_MODEL.read_bytes())
+    return Path(ultralytics.YOLO(str(checkpoint)).export(format="ncnn", imgsz=160, half=half))
+
+
+def ultralytics_detect(net, imgsz: int):
+    def detect(tensor: np.ndarray) -> np.ndarray:
+        (raw,) = ncnn_probe.run_once(net, tensor[0], ["out0"])
+        xywh, scores = raw[:4].T, raw[4:].T
+        boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
+        return select(boxes, scores, imgsz, conf=EVAL_CONF, iou=EVAL_IOU)
+    return detect
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=10)
+    args = parser.parse_args()
+
+    out = args.home / "bench-arm"
+    ours = {}
+    for label, precision, prune in (("ours FP32", "fp32", None), ("ours FP16", "fp16", None),
+                                    ("ours INT8", "int8", None), ("ours pruned 50% + INT8", "int8", 0.5)):
+        config = BuildConfig(target="arm", precision=precision, output=out)
+        config.prune.ratio = prune
+        result = run_build(config, args.home)
+        ours[label] = (result.bundle, precision)
+
+    data = embedded_data(args.home)
+    val = labelled_split(data, "val", Preprocess(160))
+    models = {}  # label -> (net, detect or None)
+    for label, (bundle, precision) in ours.items():
+        models[label] = (ncnn_net(bundle, precision, threads=1), None, ["out0", "out1"])
+    for label, half in (("Ultralytics FP32", False), ("Ultralytics FP16 (half)", True)):
+        folder = ultralytics_export(args.home, half)
+        net = ncnn_net(folder, "fp16" if half else "fp32", threads=1)
+        models[label] = (net, ultralytics_detect(net, 160), ["out0"])
+
+    accuracy = {}
+    for label, (net, detect, outputs) in models.items():
+        infer = None
+        if detect is None:
+            def infer(tensor, net=net, outputs=outputs):
+                return tuple(o[None] for o in ncnn_probe.run_once(net, tensor[0], outputs))
+        accuracy[label] = coco_map(val, infer, [8, 16, 32], 4, detect=detect)["map50_95"]
+
+    from calibration.preprocess import load_tensor
+
+    tensor = load_tensor(val.files[0], Preprocess(160))[0][0]
+    timings = {label: [] for label in models}
+    for label, (net, _, outputs) in models.items():
+        for _ in range(5):
+            ncnn_probe.run_once(net, tensor, outputs)
+    for _ in range(args.rounds):
+        for label, (net, _, outputs) in models.items():
+            for _ in range(args.block):
+                t = time.perf_counter()
+                ncnn_probe.run_once(net, tensor, outputs)
+                timings[label].append((time.perf_counter() - t) * 1000)
+    p50 = {label: statistics.median(t) for label, t in timings.items()}
+    baseline = "Ultralytics FP16 (half)"
+    reference = accuracy["Ultralytics FP32"]
+
+    import ncnn
+
+    print(f"host: {cpu_name()} (x86: ARM numbers come from the probe on a device); ncnn {ncnn.__version__}, "
+          f"1 thread; yolov8n imgsz 160; {args.rounds} rounds x {args.block} runs per model, interleaved; "
+          f"val {len(val.files)} images, pycocotools, same NMS for all\n")
+    print("| model | mAP50-95 | drop vs Ultralytics FP32 (pts) | p50 ms | speed vs Ultralytics FP16 |")
+    print("|---|---|---|---|---|")
+    for label in models:
+        print(f"| {label} | {accuracy[label]:.4f} | {(reference - accuracy[label]) * 100:.2f} | {p50[label]:.2f} | "
+              f"{p50[baseline] / p50[label]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
