@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from calibration.preprocess import Preprocess, load_tensor
 from calibration.ranges import collect_statistics, ranges_for

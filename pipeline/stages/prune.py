@@ -169,7 +169,6 @@ class PruneStage(Stage):
 
     def _taylor_gradients(self, model, checkpoint: dict, imgsz: int) -> None:
         """First-order Taylor importance needs gradients of the detection loss on labelled images."""
-        import torch
         from ultralytics.cfg import get_cfg
         from ultralytics.utils import DEFAULT_CFG
 
