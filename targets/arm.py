@@ -8,7 +8,6 @@ Python runtime on x86; the same runner script runs on the device.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,6 @@ from pipeline.errors import ConfigError, ConversionMismatch, DeployError, Toolch
 from targets.base import Infer, Profile, Target
 
 RUNNER = Path(__file__).parent / "runners" / "ncnn_probe.py"
-# Layer types pnnx leaves behind when it cannot map an operator to ncnn.
-_UNCONVERTED = re.compile(r"^(pnnx\.\S+|F\.\S+|torch\.\S+|Tensor\.\S+|aten::\S+|prim::\S+|nn\.\S+)$")
 
 
 def ncnn_net(artifact_dir: Path, precision: str, threads: int | None = None):
@@ -71,8 +68,11 @@ class NcnnArm(Target):
         if done.returncode != 0 or not param.exists():
             last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
             raise ConversionMismatch(f"compile[arm]: pnnx failed: {last}")
+        import ncnn
+
+        # pnnx writes operators it could not map under their own names; ncnn knows no such layer type.
         unconverted = sorted({line.split()[0] for line in param.read_text().splitlines()[2:]
-                              if line.split() and _UNCONVERTED.match(line.split()[0])})
+                              if line.split() and ncnn.layer_to_index(line.split()[0]) < 0})
         if unconverted:
             raise ConversionMismatch(f"compile[arm]: ncnn has no layer for {', '.join(unconverted)}")
         files = {"param": out_dir / "model.ncnn.param", "bin": out_dir / "model.ncnn.bin"}

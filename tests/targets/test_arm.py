@@ -95,3 +95,27 @@ def test_calibration_that_gives_zero_scales_is_refused(exported, tmp_path):
     black = [np.zeros((3, 160, 160), np.float32)] * 2
     with pytest.raises(InputError, match="all-zero input, so no INT8 scale exists"):
         NcnnArm().compile(exported["onnx"].path, "int8", tmp_path, black, method="minmax")
+
+
+def test_operators_ncnn_cannot_run_are_named(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.errors import ConversionMismatch
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "w"], ["c"]), helper.make_node("Hardmax", ["c"], ["box_dist"], axis=1),
+         helper.make_node("Identity", ["c"], ["cls_logit"])], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("box_dist", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("cls_logit", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], [0.1] * 12)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "imgsz", "32"
+    onnx.save(model, str(tmp_path / "hardmax.onnx"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionMismatch, match="ncnn has no layer for Hardmax"):
+        NcnnArm().compile(tmp_path / "hardmax.onnx", "fp32", out)
+    assert not (out / "model.ncnn.param").exists()
