@@ -31,8 +31,8 @@ def _key_metrics(name: str, metrics: dict, precision: str, target: str) -> str:
         text = f"{metrics['size_bytes'] / 2**20:.2f} MiB, max rel err vs parent {metrics['max_rel_error_vs_parent']:.1e}"
         quantization = metrics.get("quantization")
         if quantization:
-            sqnr = ", ".join(f"{k} {v} dB" for k, v in quantization["output_sqnr_db"].items())
-            text += f"; INT8 {quantization['method']} chosen by output SQNR ({sqnr})"
+            text += (f"; INT8 {quantization['method']} chosen by {quantization['chosen_by']}, "
+                     f"{len(quantization['float_layers'])} of {quantization['layers']} convolutions kept FP32")
         return text
     if name == "verify":
         parts = [f"FP32 mAP50-95 {metrics['fp32_onnx']['map50_95']:.4f}"]

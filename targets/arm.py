@@ -53,7 +53,7 @@ class NcnnArm(Target):
     )
 
     def compile(self, model: Path, precision: str, out_dir: Path, calibration: list[np.ndarray] | None = None,
-                method: str = "auto") -> dict[str, Path]:
+                method: str = "auto", score=None, budget: float | None = None) -> dict[str, Path]:
         import onnx
 
         # ncnn graphs are shape-specialised: the export stage records the input size in the ONNX metadata.
@@ -78,7 +78,7 @@ class NcnnArm(Target):
         files = {"param": out_dir / "model.ncnn.param", "bin": out_dir / "model.ncnn.bin"}
         meta = {"input": "in0", "outputs": ["out0", "out1"], "precision": precision, "imgsz": imgsz}
         if precision == "int8":
-            meta["int8"] = self._quantize(param, weights, out_dir, calibration, method, meta)
+            meta["int8"] = self._quantize(param, weights, out_dir, calibration, method, meta, score, budget)
             files["table"] = out_dir / "model.table"
         else:
             param.rename(files["param"])
@@ -87,8 +87,15 @@ class NcnnArm(Target):
         shutil.rmtree(work)
         return files
 
-    def _quantize(self, param: Path, weights: Path, out_dir: Path, calibration, method: str, meta: dict) -> dict:
-        """INT8 with this project's ncnn writer; `auto` keeps the method whose outputs are closest to FP32."""
+    def _quantize(self, param: Path, weights: Path, out_dir: Path, calibration, method: str, meta: dict,
+                  score=None, budget: float | None = None) -> dict:
+        """INT8 with this project's ncnn writer.
+
+        `auto` tries KL and MinMax blob scales. With `score` (artifact folder -> mAP50-95 drop in points on
+        the validation split) the best by mAP is kept, and when it misses `budget` the convolutions whose
+        output suffers most when quantized alone stay FP32 (1, 2, 4, ... of them) until the budget is met;
+        without it, the method whose outputs are closest to FP32 (SQNR) is kept.
+        """
         from pipeline.int8 import sqnr_db
         from targets.ncnn_int8 import blob_scales, read_param, write_int8
 
@@ -107,22 +114,52 @@ class NcnnArm(Target):
         convs = [layer for layer in layers if layer.kind == "Convolution"]
         check = np.stack(calibration[:8])
         reference = self.runtime(fp32_dir)(check)
-        trials = {}
-        for name in methods:
-            scales = blob_scales(float_net.create_extractor, convs, calibration, name)
-            trial_dir = out_dir / f"trial-{name}"
-            trial_dir.mkdir()
-            write_int8(fp32_dir / "model.ncnn.param", fp32_dir / "model.ncnn.bin", trial_dir, scales)
-            (trial_dir / "ncnn.json").write_text(json.dumps(meta))
-            produced = self.runtime(trial_dir)(check)
-            trials[name] = min(sqnr_db(r, p) for r, p in zip(reference, produced))
-        best = max(trials, key=trials.get)
+        trials_dir = out_dir / "trials"
+        trials_dir.mkdir()
+        counter = iter(range(1_000_000))
+
+        def trial(name: str, scales: dict[str, float], keep_float: list[str], with_score: bool = True) -> dict:
+            folder = trials_dir / f"{next(counter):04d}-{name}"
+            folder.mkdir()
+            write_int8(fp32_dir / "model.ncnn.param", fp32_dir / "model.ncnn.bin", folder, scales, set(keep_float))
+            (folder / "ncnn.json").write_text(json.dumps(meta))
+            produced = self.runtime(folder)(check)
+            result = {"folder": folder, "method": name, "float_layers": keep_float,
+                      "sqnr_db": round(min(sqnr_db(r, p) for r, p in zip(reference, produced)), 2)}
+            if score is not None and with_score:
+                result["drop_points"] = score(folder)
+            return result
+
+        scales = {name: blob_scales(float_net.create_extractor, convs, calibration, name) for name in methods}
+        trials = [trial(name, scales[name], []) for name in methods]
+        rank = (lambda t: -t["drop_points"]) if score is not None else (lambda t: t["sqnr_db"])
+        best = max(trials, key=rank)
+        search = []
+        if score is not None and budget is not None and best["drop_points"] > budget:
+            chosen = scales[best["method"]]
+            alone_sqnr = {}
+            for layer in convs:
+                single = trial("alone", {layer.name: chosen[layer.name]}, [], with_score=False)
+                alone_sqnr[layer.name] = single["sqnr_db"]
+                shutil.rmtree(single["folder"])
+            alone = sorted(convs, key=lambda layer: alone_sqnr[layer.name])
+            count = 1
+            while count < len(alone):
+                attempt = trial(best["method"], chosen, [layer.name for layer in alone[:count]])
+                search.append(attempt)
+                if attempt["drop_points"] <= budget:
+                    break
+                count *= 2
+            best = min([best, *search], key=lambda t: t["drop_points"]) \
+                if all(t["drop_points"] > budget for t in search) else search[-1]
         for name in ("model.ncnn.param", "model.ncnn.bin", "model.table"):
-            (out_dir / f"trial-{best}" / name).rename(out_dir / name)
-        for name in [*methods, "fp32"]:
-            shutil.rmtree(out_dir / (f"trial-{name}" if name != "fp32" else "fp32"), ignore_errors=True)
-        return {"method": best, "output_sqnr_db": {k: round(v, 2) for k, v in trials.items()},
-                "layers": len(convs), "calibration_images": len(calibration)}
+            (best["folder"] / name).rename(out_dir / name)
+        shutil.rmtree(trials_dir)
+        shutil.rmtree(fp32_dir)
+        return {"method": best["method"], "float_layers": best["float_layers"], "layers": len(convs),
+                "calibration_images": len(calibration),
+                "chosen_by": "validation mAP" if score is not None else "output SQNR against FP32",
+                "trials": [{k: v for k, v in t.items() if k != "folder"} for t in trials + search]}
 
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
         from targets.runners import ncnn_probe

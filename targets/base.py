@@ -37,8 +37,12 @@ class Target:
     profiles: ClassVar[tuple[Profile, ...]] = ()
 
     def compile(self, model: Path, precision: str, out_dir: Path, calibration: list[np.ndarray] | None = None,
-                method: str = "auto") -> dict[str, Path]:
-        """Turns the precision's ONNX into the target's artifact folder; returns the files written."""
+                method: str = "auto", score=None, budget: float | None = None) -> dict[str, Path]:
+        """Turns the precision's ONNX into the target's artifact folder; returns the files written.
+
+        Targets that quantize themselves get the calibration images, the method, and `score` (an artifact
+        folder -> its mAP50-95 drop in points on the validation split) with the budget it must meet.
+        """
         raise NotImplementedError
 
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:

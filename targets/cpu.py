@@ -44,8 +44,8 @@ class OnnxRuntimeCpu(Target):
     input_layout = "NCHW"
     profiles = (Profile("host", "this machine, runtime's default thread count"),)
 
-    def compile(self, model: Path, precision: str, out_dir: Path, calibration=None, method: str = "auto"
-                ) -> dict[str, Path]:
+    def compile(self, model: Path, precision: str, out_dir: Path, calibration=None, method: str = "auto",
+                score=None, budget: float | None = None) -> dict[str, Path]:
         # ONNX Runtime consumes the ONNX file as it is. Offline graph
         # optimisation is left to the session: its result depends on the CPU
         # it runs on, and constant folding would turn QDQ weights back to float.

@@ -18,22 +18,29 @@ QUANTIZED = ("int8", "w4a8", "int4")
 
 class CompileStage(Stage):
     name = "compile"
-    version = 4
+    version = 5
 
-    def __init__(self, target, precision: str, calibration=None, method: str = "auto"):
+    def __init__(self, target, precision: str, calibration=None, method: str = "auto", val=None,
+                 budget: float | None = None):
         self.target, self.precision = target, precision
         self.toolchain = target.toolchain
         self.quantizes_itself = precision in target.quantizes_itself
         self.calibration = calibration if self.quantizes_itself else None
         self.method = method if self.quantizes_itself else None
+        self.val = val if self.quantizes_itself else None
+        self.budget = budget if self.quantizes_itself else None
         parent = "onnx_quantized" if precision in QUANTIZED and not self.quantizes_itself else "onnx"
         self.inputs = ("model_info", parent)
 
     def settings(self) -> dict:
-        return {"target": self.target.name, "precision": self.precision, "method": self.method}
+        return {"target": self.target.name, "precision": self.precision, "method": self.method,
+                "budget": self.budget}
 
     def fingerprints(self) -> dict:
-        return {"calibration": self.calibration.fingerprint} if self.calibration is not None else {}
+        if self.calibration is None:
+            return {}
+        return {"calibration": self.calibration.fingerprint,
+                "val": self.val.fingerprint if self.val is not None else None}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         parent = inputs[self.inputs[1]].path
@@ -45,7 +52,21 @@ class CompileStage(Stage):
             from calibration.preprocess import load_tensor
 
             tensors = [load_tensor(p, self.calibration.preprocess)[0][0] for p in self.calibration.files]
-        files = self.target.compile(parent, self.precision, artifact_dir, tensors, self.method or "auto")
+        score = None
+        if self.val is not None:
+            from pipeline.evaluate import coco_map
+            from targets.cpu import ort_infer
+
+            def evaluate(infer):
+                return coco_map(self.val, infer, info["strides"], len(info["names"]))["map50_95"]
+
+            reference = evaluate(ort_infer(parent))
+
+            def score(folder: Path) -> float:
+                return round((reference - evaluate(self.target.runtime(folder))) * 100, 2)
+
+        files = self.target.compile(parent, self.precision, artifact_dir, tensors, self.method or "auto", score,
+                                    self.budget)
         runtime = {
             "target": self.target.name, "precision": self.precision, "files": {k: p.name for k, p in files.items()},
             "input": {"name": "images", "layout": self.target.input_layout, "imgsz": info["imgsz"],

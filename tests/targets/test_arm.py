@@ -119,3 +119,31 @@ def test_operators_ncnn_cannot_run_are_named(tmp_path):
     with pytest.raises(ConversionMismatch, match="ncnn has no layer for Hardmax"):
         NcnnArm().compile(tmp_path / "hardmax.onnx", "fp32", out)
     assert not (out / "model.ncnn.param").exists()
+
+
+def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, small_shapes_yaml, preprocess,
+                                                                   calibration_images, tmp_path):
+    from calibration.sets import labelled_split
+    from pipeline.evaluate import coco_map
+    from targets.cpu import ort_infer
+
+    val = labelled_split(small_shapes_yaml, "val", preprocess)
+    evaluate = lambda infer: coco_map(val, infer, [8, 16, 32], 4)["map50_95"]  # noqa: E731
+    reference = evaluate(ort_infer(exported["onnx"].path))
+    target = NcnnArm()
+
+    def score(folder):
+        return round((reference - evaluate(target.runtime(folder))) * 100, 2)
+
+    target.compile(exported["onnx"].path, "int8", tmp_path, calibration_images, "entropy", score, budget=0.0)
+    meta = json.loads((tmp_path / "ncnn.json").read_text())["int8"]
+    trials = meta["trials"]
+    assert meta["chosen_by"] == "validation mAP" and len(trials) > 1
+    assert [len(t["float_layers"]) for t in trials[1:]] == [2 ** i for i in range(len(trials) - 1)]
+    chosen = next(t for t in trials if t["float_layers"] == meta["float_layers"])
+    assert chosen["drop_points"] <= 0.0 or chosen["drop_points"] == min(t["drop_points"] for t in trials)
+    from targets.ncnn_int8 import read_param
+
+    _, layers = read_param(tmp_path / "model.ncnn.param")
+    kept = {layer.name for layer in layers if layer.kind == "Convolution" and layer.param("8") is None}
+    assert kept == set(meta["float_layers"])
