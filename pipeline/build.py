@@ -132,7 +132,8 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
             run(QuantizeStage(config.precision, calibration, val, q.method, q.per_channel, q.symmetric,
                               q.budget(config.precision), q.on_budget_exceeded, q.min_sqnr_db, q.int4_method,
                               q.int4_group))
-        run(CompileStage(target, config.precision, calibration, q.method, val, q.budget(config.precision)))
+        run(CompileStage(target, config.precision, calibration, q.method, val, q.budget(config.precision),
+                         q.min_sqnr_db))
         run(VerifyStage(target, config.precision, val, q.budget(config.precision), enforce_budget))
     except AccuracyGateError as exc:
         kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")

@@ -10,6 +10,7 @@ import numpy as np
 from pipeline.artifacts import Artifact
 from pipeline.engine import Stage, StageOutput
 from pipeline.errors import ConversionMismatch
+from pipeline.int8 import sqnr_db
 from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
 
 # Precisions whose parent is the quantize stage's QDQ model rather than the FP32 export.
@@ -18,10 +19,10 @@ QUANTIZED = ("int8", "w4a8", "int4")
 
 class CompileStage(Stage):
     name = "compile"
-    version = 5
+    version = 6
 
     def __init__(self, target, precision: str, calibration=None, method: str = "auto", val=None,
-                 budget: float | None = None):
+                 budget: float | None = None, min_sqnr_db: float = 15.0):
         self.target, self.precision = target, precision
         self.toolchain = target.toolchain
         self.quantizes_itself = precision in target.quantizes_itself
@@ -29,12 +30,13 @@ class CompileStage(Stage):
         self.method = method if self.quantizes_itself else None
         self.val = val if self.quantizes_itself else None
         self.budget = budget if self.quantizes_itself else None
+        self.min_sqnr_db = min_sqnr_db
         parent = "onnx_quantized" if precision in QUANTIZED and not self.quantizes_itself else "onnx"
         self.inputs = ("model_info", parent)
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision, "method": self.method,
-                "budget": self.budget}
+                "budget": self.budget, "min_sqnr_db": self.min_sqnr_db if self.quantizes_itself else None}
 
     def fingerprints(self) -> dict:
         if self.calibration is None:
@@ -97,11 +99,19 @@ class CompileStage(Stage):
         reference = session.run(list(OUTPUT_NAMES), {"images": example})
         infer = self.target.runtime(artifact_dir)
         produced = [infer(target_input[i:i + 1]) for i in range(len(example))]
-        tolerance = self.target.parity_tolerance[self.precision]
         errors = {}
         for index, name in enumerate(OUTPUT_NAMES):
             got = np.concatenate([p[index] for p in produced])
             errors[name] = max_relative_error(reference[index], got)
+            if self.quantizes_itself:
+                # Quantized from the FP32 parent: a single worst element says little, the noise power does.
+                sqnr = sqnr_db(reference[index], got)
+                if not sqnr >= self.min_sqnr_db:
+                    raise ConversionMismatch(f"compile[{self.target.name}]: {self.precision} output '{name}' has "
+                                             f"SQNR {sqnr:.1f} dB against its FP32 parent, below the "
+                                             f"{self.min_sqnr_db:.1f} dB floor")
+                continue
+            tolerance = self.target.parity_tolerance[self.precision]
             if not errors[name] <= tolerance:
                 raise ConversionMismatch(f"compile[{self.target.name}]: output '{name}' differs from its ONNX "
                                          f"parent by {errors[name]:.2e} (relative), tolerance {tolerance:.0e}")
