@@ -58,6 +58,13 @@ def resolve_inputs(config: BuildConfig, home: Path):
     target = load_target(config.target)()
     if config.precision is None:
         config.precision = target.default_precision
+    if config.profile is not None:
+        profiles = {p.name: p for p in target.profiles}
+        if config.profile not in profiles:
+            raise ConfigError(f"target {target.name} has no profile '{config.profile}'; its profiles: "
+                              f"{', '.join(profiles) or 'none'}")
+        if config.probe.threads is None:
+            config.probe.threads = profiles[config.profile].threads
     if config.precision not in target.precisions:
         raise ConfigError(f"target {target.name} supports precisions {', '.join(target.precisions)}, "
                           f"not {config.precision}")

@@ -59,6 +59,7 @@ def main():
 @click.option("--model", type=click.Path(path_type=Path), help="Ultralytics .pt checkpoint or .yaml model")
 @click.option("--data", type=click.Path(path_type=Path), help="Ultralytics data YAML (val split is evaluated)")
 @click.option("--target", help="target name, see `deploy targets`")
+@click.option("--profile", help="device profile of the target, e.g. raspberry-pi-5 (sets probe threads)")
 @click.option("--precision", help="fp32, int8, w4a8 (INT4 weights, INT8 activations) or int4 (weight-only)")
 @click.option("--imgsz", type=int, help="input size (default: the checkpoint's training size)")
 @click.option("--output", type=click.Path(path_type=Path), help="where bundles are published (default: dist)")
@@ -78,7 +79,7 @@ def main():
 @click.option("--no-cache", is_flag=True, help="run every stage even when a cached result exists")
 @click.option("--print-config", is_flag=True, help="print the resolved config as YAML and exit")
 @click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
-def build(config_path, model, data, target, precision, imgsz, output, prune_ratio, prune_criterion, prune_steps,
+def build(config_path, model, data, target, profile, precision, imgsz, output, prune_ratio, prune_criterion, prune_steps,
           prune_epochs, calib, calib_size, quant_method, symmetric,
           max_map_drop, accept_drop, runs, threads, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
@@ -87,7 +88,7 @@ def build(config_path, model, data, target, precision, imgsz, output, prune_rati
     if config_path is None and DEFAULT_CONFIG.exists():
         config_path = DEFAULT_CONFIG
     config = load_config(config_path, {
-        "model": model, "data": data, "target": target, "precision": precision, "imgsz": imgsz,
+        "model": model, "data": data, "target": target, "profile": profile, "precision": precision, "imgsz": imgsz,
         "output": output, "prune.ratio": prune_ratio, "prune.criterion": prune_criterion,
         "prune.steps": prune_steps, "prune.epochs": prune_epochs, "calibration.source": calib, "calibration.size": calib_size,
         "quantize.method": quant_method, "quantize.symmetric": symmetric, "quantize.max_map_drop": max_map_drop,

@@ -87,6 +87,7 @@ class BuildConfig(Section):
     model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
     data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set")
     target: str = "cpu"
+    profile: Optional[str] = Field(None, description="device profile of the target (threads): see `deploy targets`")
     precision: Optional[Literal["fp32", "fp16", "int8", "w4a8", "int4"]] = Field(
         None, description="default: the target's default (int8 on cpu); see `deploy targets`")
     imgsz: Optional[int] = Field(None, ge=32, le=4096)

@@ -42,7 +42,8 @@ class OnnxRuntimeCpu(Target):
     default_precision = "int8"
     calibrated_precisions = frozenset({"int8", "w4a8", "int4"})
     input_layout = "NCHW"
-    profiles = (Profile("host", "this machine, runtime's default thread count"),)
+    profiles = (Profile("host", "this machine, the runtime's default thread count"),
+                Profile("host-1-thread", "this machine, one thread (a single-core budget)", threads=1))
 
     def compile(self, model: Path, precision: str, out_dir: Path, calibration=None, method: str = "auto",
                 score=None, budget: float | None = None) -> dict[str, Path]:

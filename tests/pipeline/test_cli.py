@@ -121,6 +121,7 @@ BAD = {
     "unknown quantization method": (["--quant-method", "magic"], "quantize.method: Input should be 'auto'"),
     "grey calibration image": (["--calib", "{tmp}/grey"], "has 1 channel; the model is fed 3-channel colour"),
     "pruning ratio out of range": (["--prune", "1.5"], "prune.ratio: Input should be less than 1"),
+    "unknown profile": (["--target", "arm", "--profile", "pi9"], "target arm has no profile 'pi9'"),
     "model for other classes": (["--model", "{tmp}/two_classes.pt"], "detects 2 classes but the data has 4"),
 }
 
@@ -189,3 +190,11 @@ def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, pre
     bundle = cwd / "dist" / f"yolov8n-arm-{precision}"
     assert {"model.ncnn.param", "model.ncnn.bin", "runtime.json"} <= {p.name for p in bundle.iterdir()}
     assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0
+
+
+def test_profile_sets_the_probe_threads(built, deploy_home, tmp_path):
+    summary = build_json(["--profile", "host-1-thread", "--output", str(tmp_path / "out")], built[0], deploy_home)
+    probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
+    assert probe["int8_cpu"]["threads"] == 1 and probe["fp32_onnx"]["threads"] == 1
+    manifest = json.loads((tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").read_text())
+    assert manifest["config"]["profile"] == "host-1-thread"
