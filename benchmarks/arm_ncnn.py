@@ -61,10 +61,13 @@ def main() -> None:
 
     out = args.home / "bench-arm"
     ours = {}
-    for label, precision, prune in (("ours FP32", "fp32", None), ("ours FP16", "fp16", None),
-                                    ("ours INT8", "int8", None), ("ours pruned 50% + INT8", "int8", 0.5)):
-        config = BuildConfig(target="arm", precision=precision, output=out)
+    for label, precision, prune, budget in (
+            ("ours FP32", "fp32", None, None), ("ours FP16", "fp16", None, None), ("ours INT8", "int8", None, None),
+            ("ours pruned 50% + INT8", "int8", 0.5, None),
+            ("ours pruned 50% + INT8, 0.1-pt INT8 budget", "int8", 0.5, 0.1)):
+        config = BuildConfig(target="arm", precision=precision, output=out / label.replace(" ", "_"))
         config.prune.ratio = prune
+        config.quantize.max_map_drop = budget
         result = run_build(config, args.home)
         ours[label] = (result.bundle, precision)
 

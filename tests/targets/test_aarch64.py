@@ -22,18 +22,28 @@ IMGSZ = 64  # emulation is slow; a small input keeps the run short
 
 
 @pytest.fixture(scope="module")
-def small_model(deploy_home, tmp_path_factory):
+def small_models(deploy_home, shapes_yaml, tmp_path_factory):
+    """The embedded detector at a small input size, as FP32 and as INT8 ncnn models."""
+    from calibration.preprocess import Preprocess, load_tensor
+    from calibration.sets import calibration_set
+
     engine = Engine(tmp_path_factory.mktemp("a64-cache"))
     available = {"source": Artifact.of(EMBEDDED_MODEL)}
     available.update(engine.run(LoadStage(deploy_home, IMGSZ), available).artifacts)
     available.update(engine.run(ExportStage(deploy_home, 17, True, 1e-4), available).artifacts)
-    folder = tmp_path_factory.mktemp("a64-ncnn")
-    NcnnArm().compile(available["onnx"].path, "fp32", folder)
-    return folder
+    pre = Preprocess(IMGSZ)
+    images = [load_tensor(p, pre)[0][0] for p in calibration_set(shapes_yaml, pre, 16, 0, min_recommended=1).files]
+    folders = {}
+    for precision in ("fp32", "int8"):
+        folders[precision] = tmp_path_factory.mktemp(f"a64-ncnn-{precision}")
+        NcnnArm().compile(available["onnx"].path, precision, folders[precision], images, "minmax")
+    return folders
 
 
-@pytest.mark.parametrize("cpu, precision, tolerance", [("cortex-a53", "fp32", 1e-3), ("cortex-a76", "fp16", 3e-2)])
-def test_aarch64_ncnn_matches_x86(small_model, tmp_path, cpu, precision, tolerance):
+@pytest.mark.parametrize("cpu, precision, tolerance", [("cortex-a53", "fp32", 1e-3), ("cortex-a76", "fp16", 3e-2),
+                                                        ("cortex-a53", "int8", 3e-2)])
+def test_aarch64_ncnn_matches_x86(small_models, tmp_path, cpu, precision, tolerance):
+    small_model = small_models["int8" if precision == "int8" else "fp32"]
     batch = parity_inputs(IMGSZ, count=1)
     reference = NcnnArm().runtime(small_model)(batch)
     job = tmp_path / "job"
