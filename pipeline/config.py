@@ -58,7 +58,8 @@ class PruneConfig(Section):
     ratio: Optional[float] = Field(None, gt=0, lt=1, description="share of channels to remove, e.g. 0.5")
     target_params: Optional[int] = Field(None, gt=0, description="prune until at most this many parameters")
     target_macs: Optional[int] = Field(None, gt=0, description="prune until at most this many MACs")
-    criterion: Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "lamp", "random"] = "l1"
+    criterion: Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "lamp", "random"] = Field(
+        "bn_scale", description="bn_scale recovered best after fine-tuning in benchmarks/pruning.py")
     global_ranking: bool = Field(False, description="rank channels across layers instead of per layer")
     round_to: int = Field(8, ge=1, description="keep channel counts multiples of this (NEON and TensorRT like 8)")
     steps: int = Field(1, ge=1, le=50)
