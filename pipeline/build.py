@@ -65,6 +65,8 @@ def resolve_inputs(config: BuildConfig, home: Path):
                               f"{', '.join(profiles) or 'none'}")
         if config.probe.threads is None:
             config.probe.threads = profiles[config.profile].threads
+        if config.imgsz is None:
+            config.imgsz = profiles[config.profile].imgsz
     if config.precision not in target.precisions:
         raise ConfigError(f"target {target.name} supports precisions {', '.join(target.precisions)}, "
                           f"not {config.precision}")

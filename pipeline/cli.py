@@ -145,8 +145,10 @@ def targets():
     table = Table("target", "toolchain", "precisions", "calibrated", "layout", "profiles", "description")
     for name in sorted(TARGETS):
         t = load_target(name)
+        profiles = "\n".join(f"{p.name}: threads {p.threads or 'default'}, imgsz {p.imgsz or 'model'}"
+                              for p in t.profiles)
         table.add_row(name, ", ".join(t.toolchain), ", ".join(t.precisions), ", ".join(sorted(t.calibrated_precisions)),
-                      t.input_layout, ", ".join(p.name for p in t.profiles), t.description)
+                      t.input_layout, profiles, t.description)
     Console().print(table)
 
 

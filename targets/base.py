@@ -14,6 +14,9 @@ class Profile:
     name: str
     description: str
     threads: int | None = None
+    # Input size builds for this device default to; None keeps the checkpoint's training size, since a
+    # detector is most accurate at the scale it was trained at. --imgsz overrides either.
+    imgsz: int | None = None
 
 
 Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

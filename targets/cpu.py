@@ -38,7 +38,7 @@ class OnnxRuntimeCpu(Target):
     description = ("ONNX Runtime on a CPU; INT8 via QDQ (VNNI on x86, dot-product on ARM); INT4 weights are "
                    "dequantized to compute")
     toolchain = ("onnxruntime",)
-    precisions = ("fp32", "int8", "w4a8", "int4")
+    precisions = ("int8", "fp32", "w4a8", "int4")
     default_precision = "int8"
     calibrated_precisions = frozenset({"int8", "w4a8", "int4"})
     input_layout = "NCHW"
