@@ -30,7 +30,7 @@ from pipeline.int4 import quantize_weights, replace_int8_weights, write_weight_o
 from pipeline.int8 import keep_sensitive_float, node_sensitivity, prepare, quantize
 from pipeline.stages.export import ExportStage
 from pipeline.stages.load import LoadStage
-from pipeline.stages.quantize import METHOD_ORDER, _with_weights, batched
+from pipeline.stages.quantize import METHOD_ORDER, with_int4_grid, batched
 from pipeline.artifacts import Artifact
 from pipeline.build import EMBEDDED_MODEL
 from targets.cpu import ort_infer
@@ -86,7 +86,7 @@ def main() -> None:
         weights = quantize_weights(prepared, int4_method, 0, batches)
         rows.append((f"INT4 weights {int4_method}", write_weight_only(prepared, weights, work / f"i4{int4_method}.onnx"),
                      "activations float"))
-        grid = _with_weights(prepared, weights, work / f"grid-{int4_method}.onnx")
+        grid = with_int4_grid(prepared, weights, work / f"grid-{int4_method}.onnx")
         w4a8_stats = collect_statistics(grid, batches)
         w8 = quantize(grid, work / f"w8-{int4_method}.onnx", ranges_for(w4a8_stats, "minmax"), True, False)
         rows.append((f"W4A8 {int4_method}", replace_int8_weights(w8, weights, work / f"w4a8{int4_method}.onnx"),

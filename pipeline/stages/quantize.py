@@ -45,7 +45,7 @@ def int8_sqnr(fp32_path: Path, int8_path: Path, batch: np.ndarray) -> dict[str, 
     return {name: round(sqnr_db(r, c), 2) for name, r, c in zip(OUTPUT_NAMES, reference, candidate)}
 
 
-def _with_weights(model_path: Path, weights: dict, out_path: Path) -> Path:
+def with_int4_grid(model_path: Path, weights: dict, out_path: Path) -> Path:
     """The float model with its Conv weights moved onto their INT4 grid (dequantized values)."""
     import onnx
     from onnx import numpy_helper
@@ -109,7 +109,7 @@ class QuantizeStage(Stage):
         stats = None
         if self.precision in ("int8", "w4a8"):
             # Activation ranges are measured on the model the activations will flow through.
-            source = prepared if weights is None else _with_weights(prepared, weights, work / "int4grid.onnx")
+            source = prepared if weights is None else with_int4_grid(prepared, weights, work / "int4grid.onnx")
             stats = collect_statistics(source, batches)
             save_statistics(stats, out_dir / "activation_stats.npz")
             outputs["activation_stats"] = out_dir / "activation_stats.npz"
