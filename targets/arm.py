@@ -45,7 +45,8 @@ class NcnnArm(Target):
     default_precision = "int8"
     calibrated_precisions = frozenset({"int8"})
     quantizes_itself = frozenset({"int8"})
-    input_layout = "NCHW"
+    input_layout = "NCHW"  # one image at a time: an ncnn Mat of C x H x W
+    io_names = {"input": "in0", "box_dist": "out0", "cls_logit": "out1"}
     parity_tolerance = {"fp32": 1e-3, "fp16": 2e-2}
     profiles = (
         Profile("raspberry-pi-5", "Raspberry Pi 5, 4x Cortex-A76 @ 2.4 GHz, FP16 arithmetic", threads=4),
@@ -76,7 +77,9 @@ class NcnnArm(Target):
         if unconverted:
             raise ConversionMismatch(f"compile[arm]: ncnn has no layer for {', '.join(unconverted)}")
         files = {"param": out_dir / "model.ncnn.param", "bin": out_dir / "model.ncnn.bin"}
-        meta = {"input": "in0", "outputs": ["out0", "out1"], "precision": precision, "imgsz": imgsz}
+        # pnnx names the input in0 and the outputs out0, out1 in graph-output order.
+        meta = {"input": self.io_names["input"], "outputs": [self.io_names["box_dist"], self.io_names["cls_logit"]],
+                "precision": precision, "imgsz": imgsz}
         if precision == "int8":
             meta["int8"] = self._quantize(param, weights, out_dir, calibration, method, meta, score, budget)
             files["table"] = out_dir / "model.table"

@@ -34,6 +34,8 @@ class Target:
     # starting from onnxruntime's QDQ model); compile then receives the calibration images.
     quantizes_itself: ClassVar[frozenset[str]] = frozenset()
     input_layout: ClassVar[str] = "NCHW"
+    # Names of the artifact's input and of its two outputs, as the target's runtime knows them.
+    io_names: ClassVar[dict[str, str]] = {"input": "images", "box_dist": "box_dist", "cls_logit": "cls_logit"}
     # Largest relative difference from the parent ONNX that compile accepts, per precision.
     parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "w4a8": 5e-2,
                                                     "int4": 5e-2}

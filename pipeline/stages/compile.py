@@ -19,7 +19,7 @@ QUANTIZED = ("int8", "w4a8", "int4")
 
 class CompileStage(Stage):
     name = "compile"
-    version = 6
+    version = 7
 
     def __init__(self, target, precision: str, calibration=None, method: str = "auto", val=None,
                  budget: float | None = None, min_sqnr_db: float = 15.0):
@@ -71,10 +71,12 @@ class CompileStage(Stage):
                                     self.budget)
         runtime = {
             "target": self.target.name, "precision": self.precision, "files": {k: p.name for k, p in files.items()},
-            "input": {"name": "images", "layout": self.target.input_layout, "imgsz": info["imgsz"],
-                      "dtype": "float32", "scale": "1/255", "colour": "RGB", "letterbox_pad": 114},
-            "outputs": {"box_dist": f"(batch, 4*{info['reg_max']}, anchors) DFL logits",
-                        "cls_logit": f"(batch, {len(info['names'])}, anchors) class logits (apply sigmoid)"},
+            "input": {"name": self.target.io_names["input"], "layout": self.target.input_layout,
+                      "imgsz": info["imgsz"], "dtype": "float32", "scale": "1/255", "colour": "RGB",
+                      "letterbox_pad": 114},
+            "outputs": {self.target.io_names["box_dist"]: f"box_dist: (batch, 4*{info['reg_max']}, anchors) DFL logits",
+                        self.target.io_names["cls_logit"]: f"cls_logit: (batch, {len(info['names'])}, anchors) class "
+                                                           "logits (apply sigmoid)"},
             "strides": info["strides"], "reg_max": info["reg_max"], "names": info["names"],
         }
         (artifact_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
