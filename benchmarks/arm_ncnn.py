@@ -17,10 +17,11 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from interleave import interleaved_timings
 
 from calibration.preprocess import Preprocess
 from calibration.sets import labelled_split
@@ -92,16 +93,9 @@ def main() -> None:
     from calibration.preprocess import load_tensor
 
     tensor = load_tensor(val.files[0], Preprocess(160))[0][0]
-    timings = {label: [] for label in models}
-    for label, (net, _, outputs) in models.items():
-        for _ in range(5):
-            ncnn_probe.run_once(net, tensor, outputs)
-    for _ in range(args.rounds):
-        for label, (net, _, outputs) in models.items():
-            for _ in range(args.block):
-                t = time.perf_counter()
-                ncnn_probe.run_once(net, tensor, outputs)
-                timings[label].append((time.perf_counter() - t) * 1000)
+    timings = interleaved_timings(
+        {label: (lambda net=net, outputs=outputs: ncnn_probe.run_once(net, tensor, outputs))
+         for label, (net, _, outputs) in models.items()}, args.rounds, args.block, warmup=5)
     p50 = {label: statistics.median(t) for label, t in timings.items()}
     baseline = "Ultralytics FP16 (half)"
     reference = accuracy["Ultralytics FP32"]

@@ -13,29 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
+
+from interleave import interleaved_timings
 
 from calibration.preprocess import Preprocess, load_tensor
 from pipeline.build import run_build
 from pipeline.config import BuildConfig
 from targets.runners.measure import cpu_name
-
-
-def interleaved_latency(sessions: dict, feed: dict, rounds: int, block: int) -> dict[str, list[float]]:
-    timings = {name: [] for name in sessions}
-    for name, session in sessions.items():
-        for _ in range(20):  # warm-up
-            session.run(None, feed)
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            for _ in range(block):
-                t = time.perf_counter()
-                session.run(None, feed)
-                timings[name].append((time.perf_counter() - t) * 1000)
-    return timings
 
 
 def main() -> None:
@@ -66,7 +53,9 @@ def main() -> None:
         options.intra_op_num_threads = threads
         sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                     for name, path in (("fp32", fp32_path), ("int8", int8_path))}
-        timings = interleaved_latency(sessions, {"images": tensor}, args.rounds, args.block)
+        timings = interleaved_timings(
+            {name: (lambda s=session: s.run(None, {"images": tensor})) for name, session in sessions.items()},
+            args.rounds, args.block, warmup=20)
         p50 = {k: statistics.median(v) for k, v in timings.items()}
         p90 = {k: float(np.percentile(v, 90)) for k, v in timings.items()}
         print(f"| {threads} | {p50['fp32']:.3f} | {p50['int8']:.3f} | {p90['fp32']:.3f} | {p90['int8']:.3f} "

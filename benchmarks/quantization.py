@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 
+from interleave import interleaved_timings
+
 from calibration.preprocess import Preprocess, load_tensor
 from calibration.ranges import collect_statistics, ranges_for
 from calibration.sets import calibration_set, labelled_split
@@ -98,17 +100,10 @@ def main() -> None:
     feed = batches[0][:1]
     sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for _, path, _ in rows]
     name = sessions[0].get_inputs()[0].name
-    timings = [[] for _ in rows]
-    for session in sessions:
-        for _ in range(10):
-            session.run(None, {name: feed})
-    for _ in range(args.rounds):
-        for index, session in enumerate(sessions):
-            for _ in range(args.block):
-                t = time.perf_counter()
-                session.run(None, {name: feed})
-                timings[index].append((time.perf_counter() - t) * 1000)
-    p50 = [statistics.median(t) for t in timings]
+    timings = interleaved_timings(
+        {label: (lambda s=session: s.run(None, {name: feed})) for (label, _, _), session in zip(rows, sessions)},
+        args.rounds, args.block, warmup=10)
+    p50 = [statistics.median(timings[label]) for label, _, _ in rows]
 
     print(f"host: {cpu_name()}, onnxruntime {ort.__version__}, 1 thread; yolov8n imgsz 160; "
           f"calibration {len(calibration.files)} images, val {len(val.files)} images; "
