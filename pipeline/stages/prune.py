@@ -82,7 +82,7 @@ class PruneStage(Stage):
         stop_reason = "schedule complete"
         for step in range(1, steps + 1):
             if self.criterion == "taylor":
-                self._taylor_gradients(model, checkpoint, imgsz)
+                self._taylor_gradients(model, checkpoint)
             pruner.step()
             model.zero_grad(set_to_none=True)
             check_no_empty_layer(model, ratio)
@@ -167,7 +167,7 @@ class PruneStage(Stage):
                 "macs_ratio": round(base_macs / macs, 3), "latency_ms": round(statistics.median(timings), 3),
                 "map50_95": accuracy["map50_95"], "map50": accuracy["map50"], "fine_tuned": tuned}
 
-    def _taylor_gradients(self, model, checkpoint: dict, imgsz: int) -> None:
+    def _taylor_gradients(self, model, checkpoint: dict) -> None:
         """First-order Taylor importance needs gradients of the detection loss on labelled images."""
         from ultralytics.cfg import get_cfg
         from ultralytics.utils import DEFAULT_CFG
