@@ -23,16 +23,16 @@ import numpy as np
 
 from interleave import interleaved_timings
 
-from calibration.preprocess import Preprocess
-from calibration.sets import labelled_split
-from pipeline.build import EMBEDDED_MODEL, embedded_data, run_build
-from pipeline.config import BuildConfig
-from pipeline.detect import select
-from pipeline.evaluate import EVAL_CONF, EVAL_IOU, coco_map
-from pipeline.ultra import ultralytics_offline
-from targets.arm import ncnn_net
-from targets.runners import ncnn_probe
-from targets.runners.measure import cpu_name
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.calibration.sets import labelled_split
+from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data, run_build
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.detect import select
+from edge_deploy.pipeline.evaluate import EVAL_CONF, EVAL_IOU, coco_map
+from edge_deploy.pipeline.ultra import ultralytics_offline
+from edge_deploy.targets.arm import ncnn_net
+from edge_deploy.targets.arm import runner as ncnn_probe
+from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
 
 def ultralytics_export(home: Path, half: bool) -> Path:
@@ -90,7 +90,7 @@ def main() -> None:
                 return tuple(o[None] for o in ncnn_probe.run_once(net, tensor[0], outputs))
         accuracy[label] = coco_map(val, infer, [8, 16, 32], 4, detect=detect)["map50_95"]
 
-    from calibration.preprocess import load_tensor
+    from edge_deploy.calibration.preprocess import load_tensor
 
     tensor = load_tensor(val.files[0], Preprocess(160))[0][0]
     timings = interleaved_timings(
@@ -102,7 +102,7 @@ def main() -> None:
 
     import ncnn
 
-    print(f"host: {cpu_name()} (x86: ARM numbers come from the probe on a device); ncnn {ncnn.__version__}, "
+    print(f"host: {cpu_name()} ({vector_extensions()}; x86: ARM numbers come from the probe on a device); ncnn {ncnn.__version__}, "
           f"1 thread; yolov8n imgsz 160; {args.rounds} rounds x {args.block} runs per model, interleaved; "
           f"val {len(val.files)} images, pycocotools, same NMS for all\n")
     print("| model | mAP50-95 | drop vs Ultralytics FP32 (pts) | p50 ms | speed vs Ultralytics FP16 |")

@@ -19,10 +19,11 @@ import numpy as np
 
 from interleave import interleaved_timings
 
-from calibration.preprocess import Preprocess, load_tensor
-from pipeline.build import run_build
-from pipeline.config import BuildConfig
-from targets.runners.measure import cpu_name
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.pipeline.build import run_build
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.results import AccuracyReport
+from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
 
 def main() -> None:
@@ -35,15 +36,15 @@ def main() -> None:
     import onnxruntime as ort
 
     result = run_build(BuildConfig(output=args.home / "bench-dist"), args.home)
-    verify = result.metrics("verify")
+    verify = AccuracyReport.from_json(result.metrics("verify"))
     records = {r.name: r for r in result.records}
     fp32_path = records["export"].artifacts["onnx"].path
-    int8_path = records["quantize"].artifacts["onnx_quantized"].path
+    int8_path = records["quantize"].artifacts["quantized"].path
     info = records["load"].metrics
-    val_image = sorted(Path(verify_source(result)).iterdir())[0]
+    val_image = sorted(Path(result.config.data or records_data(result)).parent.glob("images/val/*"))[0]
     tensor, _ = load_tensor(val_image, Preprocess(info["imgsz"]))
 
-    print(f"host: {cpu_name()}, {os.cpu_count()} CPUs, "
+    print(f"host: {cpu_name()} ({vector_extensions()}), {os.cpu_count()} CPUs, "
           f"onnxruntime {ort.__version__}; model {info['family']} imgsz {info['imgsz']}; "
           f"{args.rounds} rounds x {args.block} runs per model, interleaved\n")
     print("| threads | FP32 p50 ms | INT8 p50 ms | FP32 p90 ms | INT8 p90 ms | INT8 speed-up (p50) |")
@@ -63,18 +64,17 @@ def main() -> None:
     print()
     print("| model | mAP50 | mAP50-95 | size MiB |")
     print("|---|---|---|---|")
-    for label, path in (("fp32_onnx", fp32_path), ("int8_cpu", int8_path)):
-        m = verify[label]
-        print(f"| {label} | {m['map50']:.4f} | {m['map50_95']:.4f} | {path.stat().st_size / 2**20:.2f} |")
-    print(f"\nINT8 mAP50-95 drop: {verify['map50_95_drop_points']:.2f} points "
-          f"({verify['fp32_onnx']['images']} val images, pycocotools)")
+    for label, m, path in (("FP32 ONNX", verify.reference, fp32_path),
+                           (verify.artifact_label, verify.artifact, int8_path)):
+        print(f"| {label} | {m.map50:.4f} | {m.map50_95:.4f} | {path.stat().st_size / 2**20:.2f} |")
+    print(f"\nINT8 mAP50-95 drop: {verify.drop_points:.2f} points ({verify.split.images} val images, pycocotools; "
+          "the build chose its method on the held-out selection split)")
 
 
-def verify_source(result) -> str:
+def records_data(result) -> str:
     import json
 
-    manifest = json.loads((result.bundle / "manifest.json").read_text())
-    return manifest["validation"]["source"]
+    return json.loads(result.record_path.read_text())["data"]
 
 
 if __name__ == "__main__":

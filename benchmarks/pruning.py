@@ -18,16 +18,16 @@ import os
 import time
 from pathlib import Path
 
-from calibration.preprocess import Preprocess
-from calibration.sets import calibration_set, class_names, labelled_split
-from pipeline.artifacts import Artifact
-from pipeline.build import EMBEDDED_MODEL, embedded_data
-from pipeline.engine import Engine
-from pipeline.prune import CRITERIA
-from pipeline.stages.load import LoadStage
-from pipeline.stages.prune import PruneStage
-from pipeline.ultra import ultralytics_offline
-from targets.runners.measure import cpu_name
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.calibration.sets import calibration_set, class_names, labelled_split
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data
+from edge_deploy.pipeline.engine import Engine
+from edge_deploy.pipeline.prune import CRITERIA
+from edge_deploy.pipeline.stages.load import LoadStage
+from edge_deploy.pipeline.stages.prune import PruneStage
+from edge_deploy.pipeline.ultra import ultralytics_offline
+from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             rows.append((criterion, epochs, before, after))
     minutes = (time.time() - started) / 60
 
-    print(f"host: {cpu_name()}; yolov8n imgsz 160 on the embedded shapes set; {args.ratio:.0%} of channels pruned "
+    print(f"host: {cpu_name()} ({vector_extensions()}); yolov8n imgsz 160 on the embedded shapes set; {args.ratio:.0%} of channels pruned "
           f"(per-layer ranking, round_to 8); fine-tuning {args.epochs} epochs (batch 8) on 1000 train images; "
           f"val 200 images; {minutes:.1f} min in all\n")
     print("| criterion | fine-tune epochs | MACs ratio | params ratio | ORT CPU latency ratio | mAP50-95 | drop (pts) |")

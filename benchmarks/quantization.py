@@ -1,10 +1,12 @@
 """Every quantization option on the embedded default model, side by side in one run.
 
-For each INT8 calibration method: plain, and with sensitivity-ranked mixed
-precision under a tight budget; INT4 weights by round-to-nearest and by GPTQ,
-weight-only and W4A8. Each model is scored by COCO mAP on the 200-image
-validation split and timed in ONNX Runtime on this CPU, interleaved with the
-FP32 model so machine noise hits all alike.
+For each INT8 range method: plain, and with sensitivity-ranked mixed precision
+under a tight budget; INT4 weights by round-to-nearest and by GPTQ, weight-only
+and W4A8. Every choice (how many nodes stay float) is made by the project's
+one search on the held-out selection split; every model is then scored by COCO
+mAP on the 200-image val split, which no choice has seen, and timed in ONNX
+Runtime on this CPU, interleaved with the FP32 model so machine noise hits all
+alike.
 
     .venv/bin/python benchmarks/quantization.py [--budget 0.1 --rounds 15 --block 10]
 """
@@ -12,31 +14,32 @@ FP32 model so machine noise hits all alike.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-
 from interleave import interleaved_timings
 
-from calibration.preprocess import Preprocess, load_tensor
-from calibration.ranges import collect_statistics, ranges_for
-from calibration.sets import calibration_set, labelled_split
-from pipeline.build import embedded_data
-from pipeline.config import BuildConfig
-from pipeline.engine import Engine
-from pipeline.evaluate import coco_map
-from pipeline.int4 import quantize_weights, replace_int8_weights, write_weight_only
-from pipeline.int8 import keep_sensitive_float, node_sensitivity, prepare, quantize
-from pipeline.stages.export import ExportStage
-from pipeline.stages.load import LoadStage
-from pipeline.stages.quantize import METHOD_ORDER, with_int4_grid, batched
-from pipeline.artifacts import Artifact
-from pipeline.build import EMBEDDED_MODEL
-from targets.cpu import ort_infer
-from targets.runners.measure import cpu_name
+from edge_deploy.calibration.onnxrt import ort_infer
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.qdq import OnnxQdqBackend
+from edge_deploy.calibration.ranges import collect_statistics
+from edge_deploy.calibration.rules import RANGE_METHODS
+from edge_deploy.calibration.search import search
+from edge_deploy.calibration.sets import calibration_set, choice_splits
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.engine import Engine
+from edge_deploy.pipeline.evaluate import accuracy, drop_points
+from edge_deploy.pipeline.results import ModelInfo
+from edge_deploy.pipeline.stages.export import ExportStage
+from edge_deploy.pipeline.stages.load import LoadStage
+from edge_deploy.pipeline.stages.quantize import batched
+from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
 
 def main() -> None:
@@ -53,46 +56,45 @@ def main() -> None:
     available = {"source": Artifact.of(EMBEDDED_MODEL)}
     available.update(engine.run(LoadStage(args.home, None), available).artifacts)
     available.update(engine.run(ExportStage(args.home, 17, True, 1e-4), available).artifacts)
+    info = ModelInfo.from_json(json.loads(available["model_info"].path.read_text()))
     data = embedded_data(args.home)
-    pre = Preprocess(160)
-    calibration = calibration_set(data, pre, config.calibration.size, config.calibration.seed)
-    val = labelled_split(data, "val", pre)
+    pre = Preprocess(info.imgsz)
+    selection, val = choice_splits(data, pre, config.selection.size, config.selection.seed)
+    calibration = calibration_set(data, pre, config.calibration.size, config.calibration.seed,
+                                  exclude=frozenset(selection.file_hashes))
     batches = batched([load_tensor(p, pre)[0] for p in calibration.files])
-    score = lambda path: coco_map(val, ort_infer(path), [8, 16, 32], 4)["map50_95"]  # noqa: E731
+    check = batches[:2]
+    fp32 = available["onnx"].path
+    reference_selection = accuracy(selection, ort_infer(fp32), info)
+
+    def selection_drop(backend):
+        return lambda built: drop_points(reference_selection, accuracy(selection, backend.runtime(built), info))
 
     work = Path(tempfile.mkdtemp(prefix="quant-bench-"))
-    prepared = prepare(available["onnx"].path, work / "prepared.onnx")
-    reference = score(prepared)
-    stats = collect_statistics(prepared, batches)
-    rows: list[tuple[str, Path, str]] = [("FP32", prepared, "")]
+    rows: list[tuple[str, Path, str]] = [("FP32", fp32, "")]
     started = time.time()
-    for method in METHOD_ORDER:
-        ranges = ranges_for(stats, method)
-        plain = quantize(prepared, work / f"{method}.onnx", ranges, True, False)
-        rows.append((f"INT8 {method}", plain, ""))
-        drop = (reference - score(plain)) * 100
-        if drop <= args.budget:
-            rows.append((f"INT8 {method} + mixed", plain, f"already within {args.budget} pts: no node float"))
-            continue
-        sensitivity = node_sensitivity(prepared, ranges, batches[:2], False)
-
-        def trial(exclude, method=method, ranges=ranges):
-            path = quantize(prepared, work / f"{method}-f{len(exclude)}.onnx", ranges, True, False, exclude)
-            return {"path": path, "float_nodes": exclude, "drop_points": (reference - score(path)) * 100}
-
-        within, attempts = keep_sensitive_float(trial, sensitivity, args.budget)
-        best = within or min(attempts, key=lambda a: a["drop_points"])
-        note = f"{len(best['float_nodes'])} of {len(sensitivity)} nodes float" + ("" if within else ", budget missed")
-        rows.append((f"INT8 {method} + mixed", best["path"], note))
+    backend = OnnxQdqBackend(fp32, work / "int8")
+    stats = collect_statistics(backend.tap(), batches)
+    for method in RANGE_METHODS:
+        plain = search(backend, stats, (method,), False, selection_drop(backend), 100.0, check, work / method)
+        rows.append((f"INT8 {method}", plain.best.built, ""))
+        mixed = search(backend, stats, (method,), False, selection_drop(backend), args.budget, check,
+                       work / f"{method}-mixed")
+        floated = len(mixed.best.float_units)
+        note = (f"already within {args.budget} pts on the selection split: no node float" if not floated else
+                f"{floated} of {backend.units()} nodes float" + ("" if mixed.within_budget else ", budget missed"))
+        rows.append((f"INT8 {method} + mixed", mixed.best.built, note))
     for int4_method in ("rtn", "gptq"):
-        weights = quantize_weights(prepared, int4_method, 0, batches)
-        rows.append((f"INT4 weights {int4_method}", write_weight_only(prepared, weights, work / f"i4{int4_method}.onnx"),
+        weight_only = OnnxQdqBackend(fp32, work / f"int4-{int4_method}", activation_bits=None, weight_bits=4,
+                                     int4_method=int4_method, calibration_batches=batches)
+        rows.append((f"INT4 weights {int4_method}", weight_only.build(None, [], work / f"i4{int4_method}"),
                      "activations float"))
-        grid = with_int4_grid(prepared, weights, work / f"grid-{int4_method}.onnx")
-        w4a8_stats = collect_statistics(grid, batches)
-        w8 = quantize(grid, work / f"w8-{int4_method}.onnx", ranges_for(w4a8_stats, "minmax"), True, False)
-        rows.append((f"W4A8 {int4_method}", replace_int8_weights(w8, weights, work / f"w4a8{int4_method}.onnx"),
-                     "activations INT8 minmax"))
+        w4a8 = OnnxQdqBackend(fp32, work / f"w4a8-{int4_method}", weight_bits=4, int4_method=int4_method,
+                              calibration_batches=batches)
+        w4a8_stats = collect_statistics(w4a8.tap(), batches)
+        chosen = search(w4a8, w4a8_stats, ("minmax",), False, selection_drop(w4a8), 100.0, check,
+                        work / f"w4a8{int4_method}")
+        rows.append((f"W4A8 {int4_method}", chosen.best.built, "activations INT8 minmax"))
     build_minutes = (time.time() - started) / 60
 
     options = ort.SessionOptions()
@@ -104,15 +106,16 @@ def main() -> None:
         {label: (lambda s=session: s.run(None, {name: feed})) for (label, _, _), session in zip(rows, sessions)},
         args.rounds, args.block, warmup=10)
     p50 = [statistics.median(timings[label]) for label, _, _ in rows]
+    reported = [accuracy(val, ort_infer(path), info) for _, path, _ in rows]
 
-    print(f"host: {cpu_name()}, onnxruntime {ort.__version__}, 1 thread; yolov8n imgsz 160; "
-          f"calibration {len(calibration.files)} images, val {len(val.files)} images; "
-          f"mixed-precision budget {args.budget} pts; quantization took {build_minutes:.1f} min\n")
-    print("| model | mAP50-95 | drop (pts) | p50 ms | speed vs FP32 | size MiB | note |")
+    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; yolov8n imgsz "
+          f"{info.imgsz}; calibration {len(calibration.files)} images; choices on {len(selection.files)} selection "
+          f"images, reported on {len(val.files)} val images; mixed-precision budget {args.budget} pts; "
+          f"quantization took {build_minutes:.1f} min\n")
+    print("| model | mAP50-95 (val) | drop (pts) | p50 ms | speed vs FP32 | size MiB | note |")
     print("|---|---|---|---|---|---|---|")
-    for (label, path, note), latency in zip(rows, p50):
-        accuracy = score(path)
-        print(f"| {label} | {accuracy:.4f} | {(reference - accuracy) * 100:.2f} | {latency:.2f} | "
+    for (label, path, note), latency, score in zip(rows, p50, reported):
+        print(f"| {label} | {score.map50_95:.4f} | {drop_points(reported[0], score):.2f} | {latency:.2f} | "
               f"{p50[0] / latency:.2f}x | {path.stat().st_size / 2**20:.2f} | {note} |")
 
 

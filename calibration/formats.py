@@ -10,8 +10,8 @@ import math
 import struct
 from pathlib import Path
 
-from pipeline.artifacts import atomic_write_text
-from pipeline.errors import InputError
+from edge_deploy.pipeline.artifacts import atomic_write_text
+from edge_deploy.pipeline.errors import InputError
 
 TRT_ALGORITHM = "EntropyCalibration2"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.errors import InputError
+from edge_deploy.pipeline.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Activation statistics from a calibration set, and the ranges each INT8 method derives from them.
 
-Statistics are collected once (two passes: extremes, then histograms over
-those extremes) and every method reads the same histograms, so trying several
-methods costs no further inference. The methods are implemented here rather
+Statistics are collected once, through an activation tap any runtime can
+provide (two passes: extremes, then histograms over those extremes), and every
+method reads the same histograms, so trying several methods costs no further
+inference. The methods are implemented here rather
 than taken from onnxruntime's calibrators so that a near-constant activation
 cannot fail a method, and so that the same ranges feed every target's
 calibration format (TensorRT cache, ncnn table).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -36,69 +37,41 @@ class TensorStats:
         return max(abs(self.lowest), abs(self.highest))
 
 
-def tensor_types(model) -> dict[str, int]:
-    """ONNX element type of every tensor the graph names (inputs, node outputs, initializers)."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
-    types.update({i.name: i.data_type for i in model.graph.initializer})
-    return types
+ActivationTap = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def session_with_all_outputs(model_path: Path, float_only: bool = True):
-    """An onnxruntime session that also returns every intermediate tensor; and those tensors' names."""
-    import onnx
-    import onnxruntime as ort
+def collect_statistics(tap: ActivationTap, batches: Iterable[np.ndarray]) -> dict[str, TensorStats]:
+    """Statistics of every tensor `tap` reports, over the calibration batches.
 
-    model = onnx.load(str(model_path))
-    types = tensor_types(model)
-    initializers = {i.name for i in model.graph.initializer}
-    graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    names = list(graph_inputs)
-    for node in model.graph.node:
-        names += [o for o in node.output if o and o in types and
-                  (types[o] == onnx.TensorProto.FLOAT or not float_only)]
-    names = list(dict.fromkeys(names))
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing and name not in graph_inputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-    options = ort.SessionOptions()
-    # Optimisations would fuse nodes away and hide their outputs.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session, names
-
-
-def collect_statistics(model_path: Path, batches: Iterable[np.ndarray] | list[np.ndarray]) -> dict[str, TensorStats]:
+    A tap is whatever a runtime offers to see its intermediate tensors (an
+    onnxruntime session with every output exposed, ncnn's extractor, ...): a
+    batch in, {tensor name: values} out. Two passes: extremes, then histograms
+    over those extremes, so that every range method reads the same data.
+    """
     batches = list(batches)
-    session, names = session_with_all_outputs(model_path)
-    input_name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-
-    def run(batch):
-        values = dict(zip(outputs, session.run(outputs, {input_name: batch})))
-        values[input_name] = batch
-        return values
-
-    lowest = {n: np.inf for n in names}
-    highest = {n: -np.inf for n in names}
+    lowest: dict[str, float] = {}
+    highest: dict[str, float] = {}
     for batch in batches:
-        for name, value in run(batch).items():
-            if name in lowest and value.size:
-                lowest[name] = min(lowest[name], float(value.min()))
-                highest[name] = max(highest[name], float(value.max()))
-    hists = {n: np.zeros(BINS, np.int64) for n in names}
-    abs_hists = {n: np.zeros(BINS, np.int64) for n in names}
+        for name, value in tap(batch).items():
+            if value.size and np.issubdtype(value.dtype, np.floating):
+                lowest[name] = min(lowest.get(name, np.inf), float(value.min()))
+                highest[name] = max(highest.get(name, -np.inf), float(value.max()))
+    hists = {n: np.zeros(BINS, np.int64) for n in lowest}
+    abs_hists = {n: np.zeros(BINS, np.int64) for n in lowest}
     for batch in batches:
-        for name, value in run(batch).items():
+        for name, value in tap(batch).items():
             if name in hists and value.size:
                 lo, hi = lowest[name], highest[name]
                 hists[name] += _histogram(value, lo, hi)
                 abs_hists[name] += _histogram(np.abs(value), 0.0, max(abs(lo), abs(hi)))
-    return {n: TensorStats(lowest[n], highest[n], hists[n], abs_hists[n]) for n in names if np.isfinite(lowest[n])}
+    return {n: TensorStats(lowest[n], highest[n], hists[n], abs_hists[n]) for n in lowest if np.isfinite(lowest[n])}
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of `candidate` against `reference`, in dB."""
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
 def _histogram(values: np.ndarray, low: float, high: float) -> np.ndarray:

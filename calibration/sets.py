@@ -11,18 +11,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from calibration.preprocess import Preprocess, read_image
-from pipeline.errors import InputError
+from edge_deploy.calibration.preprocess import Preprocess, read_image
+from edge_deploy.pipeline.artifacts import atomic_dir, sha256_file
+from edge_deploy.pipeline.errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_split(data_yaml: Path, split: str) -> Path:
@@ -77,16 +70,23 @@ class ImageSet:
         return {"source": self.source, "images": len(self.files), "skipped_unreadable": self.skipped,
                 "fingerprint": self.fingerprint}
 
+    def head(self, count: int) -> "ImageSet":
+        """The first `count` images (a smaller set with the same preprocessing)."""
+        return ImageSet(self.source, self.files[:count], self.file_hashes[:count], self.preprocess, self.skipped,
+                        self.labels[:count])
+
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
 
 def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: str = "train",
-                    min_recommended: int = 100, frames_dir: Path | None = None) -> ImageSet:
+                    min_recommended: int = 100, frames_dir: Path | None = None,
+                    exclude: frozenset[str] = frozenset()) -> ImageSet:
     """A seeded sample of readable images from a folder, a data YAML's split or a video file.
 
     Where YOLO labels sit beside the images, the sample is class-stratified:
     classes take turns, so a rare class is represented instead of drowned.
+    Images whose content hash is in `exclude` (the selection split) are never chosen.
     """
     source = Path(source)
     if not source.exists():
@@ -109,9 +109,12 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
         if path.suffix.lower() not in IMAGE_SUFFIXES or read_image(path) is None:
             skipped += 1
             continue
+        digest = sha256_file(path)
+        if digest in exclude:
+            continue
         _check_channels(path)
         chosen.append(path)
-        hashes.append(sha256_file(path))
+        hashes.append(digest)
     if not chosen:
         raise InputError(f"calibration folder {folder}: none of its {len(candidates)} files is a readable image")
     if len(chosen) < min(size, min_recommended):
@@ -212,8 +215,6 @@ def video_frames(video: Path, count: int, seed: int, frames_dir: Path) -> list[P
     wanted = sorted({min(int(offset + i * step), total - 1) for i in range(min(count, total))})
     folder = Path(frames_dir) / f"{sha256_file(video)[:16]}-{count}-{seed}"
     if not folder.is_dir():
-        from pipeline.artifacts import atomic_dir
-
         with atomic_dir(folder) as tmp:
             for index in wanted:
                 capture.set(cv2.CAP_PROP_POS_FRAMES, index)
@@ -245,3 +246,45 @@ def label_path(image: Path) -> Path:
             parts[i] = "labels"
             break
     return Path(*parts).with_suffix(".txt")
+
+
+def choice_splits(data_yaml: Path, pre: Preprocess, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(selection, report): labelled images the build's choices are made on, and the ones it reports.
+
+    Choosing a quantization method, a float fallback or a pruning step on the
+    split that is then reported makes the reported drop optimistic; choosing on
+    training images measures a model on what it memorised (the embedded
+    detector loses about 0.8 points more INT8 mAP there than on unseen images).
+    So the selection images come from a `selection` split of the data YAML when
+    it has one, else from a seeded part of `val` (at most half), and the report
+    is the rest of `val`.
+    """
+    spec = _read_data_yaml(data_yaml)
+    val = labelled_split(data_yaml, "val", pre)
+    if "selection" in spec:
+        return labelled_split(data_yaml, "selection", pre), val
+    if len(val.files) < 2:
+        raise InputError(f"data YAML {data_yaml}: the val split needs at least 2 images, one part to make the "
+                         "build's choices on and one to report, or give a 'selection' split")
+    count = max(1, min(size, len(val.files) // 2))
+    chosen = set(np.random.default_rng(seed).permutation(len(val.files))[:count].tolist())
+    if count < min(size, 50):
+        warnings.warn(f"the selection split has only {count} images (half of val): choices made on so few images "
+                      "are noisy; add a 'selection' split to the data YAML", stacklevel=2)
+
+    def part(indices: list[int], label: str) -> ImageSet:
+        return ImageSet(f"{val.source} ({label})", tuple(val.files[i] for i in indices),
+                        tuple(val.file_hashes[i] for i in indices), pre, 0, tuple(val.labels[i] for i in indices))
+
+    rest = [i for i in range(len(val.files)) if i not in chosen]
+    return part(sorted(chosen), f"{count} held out for selection"), part(rest, "the rest, reported")
+
+
+def _read_data_yaml(data_yaml: Path) -> dict:
+    try:
+        spec = yaml.safe_load(Path(data_yaml).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read data YAML {data_yaml}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise InputError(f"data YAML {data_yaml}: expected a mapping with train, val and names")
+    return spec

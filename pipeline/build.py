@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from calibration.preprocess import Preprocess
-from calibration.sets import ImageSet, calibration_set, class_names, labelled_split, warn_if_sizes_differ
-from pipeline.artifacts import Artifact
-from pipeline.config import BuildConfig
-from pipeline.engine import Engine, StageRecord, write_build_record
-from pipeline.errors import AccuracyGateError, ConfigError, InputError
-from pipeline.stages.load import check_model_path
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.calibration.sets import (ImageSet, calibration_set, class_names, labelled_split, choice_splits,
+                                          warn_if_sizes_differ)
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.engine import Engine, StageRecord, write_build_record
+from edge_deploy.pipeline.errors import AccuracyGateError, ConfigError, InputError
+from edge_deploy.pipeline.stages.load import check_model_path
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "yolov8n-shapes.pt"
 
@@ -31,9 +32,23 @@ class BuildResult:
     def metrics(self, stage: str) -> dict:
         return next(r.metrics for r in self.records if r.name == stage)
 
+    @property
+    def accuracy(self):
+        """The verify stage's typed report: the artifact against the FP32 reference on the report split."""
+        from edge_deploy.pipeline.results import AccuracyReport
+
+        return AccuracyReport.from_json(self.metrics("verify"))
+
+    @property
+    def speed(self):
+        """The probe stage's typed report: the FP32 reference and the artifact, each on the device that ran it."""
+        from edge_deploy.pipeline.results import SpeedReport
+
+        return SpeedReport.from_json(self.metrics("probe"))
+
 
 def embedded_data(home: Path) -> Path:
-    from pipeline.embedded.shapes import ShapesSpec, generate
+    from edge_deploy.pipeline.embedded.shapes import ShapesSpec, generate
 
     return generate(Path(home) / "data", ShapesSpec())
 
@@ -51,9 +66,26 @@ def keep_fp32(model: Path, destination: Path) -> Path:
     return destination
 
 
+def check_against_target(config: BuildConfig, target) -> None:
+    """A build the target cannot do is refused from its declared capabilities, before any stage runs."""
+    from edge_deploy.calibration.rules import PRECISIONS
+
+    if config.precision not in target.precisions:
+        raise ConfigError(f"target {target.name} supports precisions {', '.join(target.precisions)}, "
+                          f"not {config.precision}")
+    spec = PRECISIONS[config.precision]
+    rules = target.quant_rules
+    if spec.calibrated and rules is None:
+        raise ConfigError(f"target {target.name} declares no quantization backend for {config.precision}")
+    method = config.quantize.method
+    if spec.activation_bits is not None and method != "auto" and method not in rules.methods:
+        raise ConfigError(f"target {target.name}'s INT8 ({rules.name}) accepts quantize.method auto, "
+                          f"{', '.join(rules.methods)}; not {method}")
+
+
 def resolve_inputs(config: BuildConfig, home: Path):
-    """Checks every user-given path before any stage runs, so bad input fails fast and writes nothing."""
-    from targets import load_target
+    """Checks every user-given path and the target's capabilities before any stage runs."""
+    from edge_deploy.targets import load_target
 
     target = load_target(config.target)()
     if config.precision is None:
@@ -67,9 +99,7 @@ def resolve_inputs(config: BuildConfig, home: Path):
             config.probe.threads = profiles[config.profile].threads
         if config.imgsz is None:
             config.imgsz = profiles[config.profile].imgsz
-    if config.precision not in target.precisions:
-        raise ConfigError(f"target {target.name} supports precisions {', '.join(target.precisions)}, "
-                          f"not {config.precision}")
+    check_against_target(config, target)
     model = check_model_path(config.model) if config.model else EMBEDDED_MODEL
     if config.data is not None and not Path(config.data).is_file():
         raise InputError(f"data YAML not found: {config.data}")
@@ -79,19 +109,28 @@ def resolve_inputs(config: BuildConfig, home: Path):
     return target, model
 
 
+# The FP32 ONNX in ONNX Runtime is every build's reference; its probe runs on this machine.
+REFERENCE_TARGET = "cpu"
+
+
 def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
               on_event: Callable[[str, str], None] = lambda s, e: None) -> BuildResult:
-    from pipeline.stages.compile import CompileStage
-    from pipeline.stages.export import ExportStage
-    from pipeline.stages.load import LoadStage
-    from pipeline.stages.probe import ProbeStage
-    from pipeline.stages.prune import PruneStage
-    from pipeline.stages.quantize import QuantizeStage
-    from pipeline.stages.release import ReleaseStage, publish
-    from pipeline.stages.verify import VerifyStage
+    from edge_deploy.calibration.rules import PRECISIONS
+    from edge_deploy.pipeline.stages.compile import CompileStage
+    from edge_deploy.pipeline.stages.export import ExportStage
+    from edge_deploy.pipeline.stages.load import LoadStage
+    from edge_deploy.pipeline.stages.probe import ProbeStage
+    from edge_deploy.pipeline.stages.prune import PruneStage
+    from edge_deploy.pipeline.stages.quantize import QuantizeStage
+    from edge_deploy.pipeline.stages.reference import ReferenceStage
+    from edge_deploy.pipeline.stages.release import ReleaseStage, publish
+    from edge_deploy.pipeline.stages.verify import VerifyStage
+    from edge_deploy.targets import load_target
+    from edge_deploy.targets.transports.local import LocalTransport
 
     config = config.model_copy(deep=True)
     target, model_path = resolve_inputs(config, home)
+    spec = PRECISIONS[config.precision]
     if config.data:
         data_yaml = Path(config.data)
     else:
@@ -108,53 +147,55 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         records.append(record)
         return record
 
+    # Which files are chosen does not depend on preprocessing; the input size is filled in once the model
+    # is loaded. Chosen before any stage runs, so an unusable source fails at once.
+    selection, report = choice_splits(data_yaml, Preprocess(imgsz=0), config.selection.size, config.selection.seed)
     calibration: ImageSet | None = None
-    if config.precision in target.calibrated_precisions:
-        # Chosen before any stage runs, so an unusable calibration source fails at once. Which files are
-        # chosen does not depend on preprocessing; the input size is filled in once the model is loaded.
+    if spec.calibrated:
         calibration = calibration_set(config.calibration.source or data_yaml, Preprocess(imgsz=0),
                                       config.calibration.size, config.calibration.seed, config.calibration.split,
-                                      frames_dir=Path(home) / "video-frames")
+                                      frames_dir=Path(home) / "video-frames",
+                                      exclude=frozenset(selection.file_hashes))
 
     load = run(LoadStage(home, config.imgsz, class_names(data_yaml)))
     info = json.loads(load.artifacts["model_info"].path.read_text())
     preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
-    val = labelled_split(data_yaml, "val", preprocess)
+    val = dataclasses.replace(report, preprocess=preprocess)
+    selection = dataclasses.replace(selection, preprocess=preprocess)
     if calibration is not None:
         calibration = dataclasses.replace(calibration, preprocess=preprocess)
         warn_if_sizes_differ(calibration, val)
     if config.prune.enabled:
         p = config.prune
         train = labelled_split(data_yaml, "train", preprocess)
-        taylor_images = list(calibration_set(data_yaml, preprocess, 32, 0, "train", min_recommended=1).files) \
+        taylor_images = list(calibration_set(data_yaml, preprocess, 32, 0, "train", min_recommended=1,
+                                             exclude=frozenset(selection.file_hashes)).files) \
             if p.criterion == "taylor" else []
-        pruned = run(PruneStage(home, val, data_yaml, train.fingerprint, p.ratio, p.target_params, p.target_macs,
-                                p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs, p.map_floor,
-                                taylor_images))
+        pruned = run(PruneStage(home, selection, data_yaml, train.fingerprint, p.ratio, p.target_params,
+                                p.target_macs, p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs,
+                                p.map_floor, taylor_images))
         info = json.loads(pruned.artifacts["model_info"].path.read_text())
 
     export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
+    run(ReferenceStage(selection, val))
     q = config.quantize
-    enforce_budget = q.on_budget_exceeded == "fail"
+    budget = q.budget(config.precision)
     try:
-        if calibration is not None and config.precision not in target.quantizes_itself:
-            run(QuantizeStage(config.precision, calibration, val, q.method, q.per_channel, q.symmetric,
-                              q.budget(config.precision), q.on_budget_exceeded, q.min_sqnr_db, q.int4_method,
-                              q.int4_group))
-        run(CompileStage(target, config.precision, calibration, q.method, val, q.budget(config.precision),
-                         q.min_sqnr_db))
-        run(VerifyStage(target, config.precision, val, q.budget(config.precision), enforce_budget))
+        if calibration is not None:
+            run(QuantizeStage(target, config.precision, calibration, selection, q.method, q.symmetric, budget,
+                              q.on_budget_exceeded, q.int4_method, q.int4_group))
+        run(CompileStage(target, config.precision, selection, q.min_sqnr_db))
+        run(VerifyStage(target, config.precision, val, budget, q.on_budget_exceeded == "fail"))
     except AccuracyGateError as exc:
         kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")
         raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
+    transport = LocalTransport()
     run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
-                   config.probe.threads))
+                   config.probe.threads, transport, load_target(REFERENCE_TARGET)(), transport))
     bundle_name = f"{info['family']}{'-pruned' if config.prune.enabled else ''}-{target.name}-{config.precision}"
     release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
-                               calibration.describe() if calibration else None, val.describe(),
-                               pruned=config.prune.enabled,
-                               quantize_report=calibration is not None
-                               and config.precision not in target.quantizes_itself))
+                               calibration.describe() if calibration else None, pruned=config.prune.enabled,
+                               quantize_report=calibration is not None))
     bundle, changed = publish(release.artifacts["bundle"].path, config.output)
     record_path = Path(config.output) / f"{bundle_name}.build.json"
     write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import DeployError
+from edge_deploy.pipeline.errors import DeployError
 
 DEFAULT_CONFIG = Path("deploy.yaml")
 
@@ -66,12 +66,12 @@ def main():
 @click.option("--prune", "prune_ratio", type=float, help="share of channels to prune, e.g. 0.5 (structured)")
 @click.option("--prune-criterion", help="l1, l2, bn_scale, taylor, fpgm, lamp or random")
 @click.option("--prune-steps", type=int, help="pruning steps, each followed by fine-tuning")
-@click.option("--prune-epochs", type=int, help="fine-tuning epochs after each pruning step (default 5)")
+@click.option("--prune-epochs", type=int, help="fine-tuning epochs after each pruning step (default 12)")
 @click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder, data YAML or video")
 @click.option("--calib-size", type=int, help="number of calibration images")
-@click.option("--quant-method", help="auto (default: try all, keep the best), minmax, entropy or percentile")
+@click.option("--quant-method", help="auto (default: try every method the target accepts, keep the best), minmax, entropy or percentile")
 @click.option("--symmetric", is_flag=True, default=None, help="symmetric INT8 activations (zero point 0)")
-@click.option("--max-map-drop", type=float, help="mAP50-95 points INT8 may lose against FP32 (default 0.5)")
+@click.option("--max-map-drop", type=float, help="mAP50-95 points the build may lose against FP32 (default: 0.5 for int8, 2.0 for w4a8/int4, 0.1 for fp16)")
 @click.option("--accept-drop", is_flag=True, default=None,
               help="ship the best INT8 model even when it misses --max-map-drop")
 @click.option("--runs", type=int, help="timed probe runs (at least 50)")
@@ -83,7 +83,7 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
           prune_epochs, calib, calib_size, quant_method, symmetric,
           max_map_drop, accept_drop, runs, threads, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
-    from pipeline.config import dump_config, load_config
+    from edge_deploy.pipeline.config import dump_config, load_config
 
     if config_path is None and DEFAULT_CONFIG.exists():
         config_path = DEFAULT_CONFIG
@@ -104,7 +104,7 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
         console.print(f"[yellow]warning:[/] {message}")
 
     warnings.showwarning = show_warning
-    from pipeline.build import run_build
+    from edge_deploy.pipeline.build import run_build
 
     status = None
 
@@ -129,26 +129,34 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
-        from pipeline.summary import render_summary
+        from edge_deploy.pipeline.summary import render_summary
 
         render_summary(result, result.config)
 
 
 @main.command()
-def targets():
+@click.option("--json", "as_json", is_flag=True, help="print the targets' declared capabilities as JSON")
+def targets(as_json):
     """List targets, their precisions and profiles (imports no toolchain)."""
     from rich.console import Console
     from rich.table import Table
 
-    from targets import TARGETS, load_target
+    from edge_deploy.targets import TARGETS, load_target
 
-    table = Table("target", "toolchain", "precisions", "calibrated", "layout", "profiles", "description")
+    if as_json:
+        click.echo(json.dumps({name: {**load_target(name).capabilities(), "profiles": [
+            {"name": p.name, "threads": p.threads, "imgsz": p.imgsz, "description": p.description}
+            for p in load_target(name).profiles]} for name in sorted(TARGETS)}, indent=1))
+        return
+    table = Table("target", "toolchain", "precisions", "INT8", "layout", "profiles", "description")
     for name in sorted(TARGETS):
         t = load_target(name)
         profiles = "\n".join(f"{p.name}: threads {p.threads or 'default'}, imgsz {p.imgsz or 'model'}"
                               for p in t.profiles)
-        table.add_row(name, ", ".join(t.toolchain), ", ".join(t.precisions), ", ".join(sorted(t.calibrated_precisions)),
-                      t.input_layout, profiles, t.description)
+        rules = t.quant_rules
+        int8 = f"{rules.name}: {', '.join(rules.methods)}" if rules else "none"
+        table.add_row(name, ", ".join(t.toolchain), ", ".join(t.precisions), int8, t.input_layout, profiles,
+                      t.description)
     Console().print(table)
 
 
@@ -156,7 +164,7 @@ def targets():
 @click.argument("bundle", type=click.Path(path_type=Path))
 def check(bundle):
     """Re-hash every file of a bundle against its manifest."""
-    from pipeline.stages.release import check_bundle
+    from edge_deploy.pipeline.stages.release import check_bundle
 
     manifest = check_bundle(bundle)
     click.echo(f"ok: {len(manifest['files'])} files match {bundle}/manifest.json")

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import ConfigError
+from edge_deploy.pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -20,6 +20,12 @@ class CalibrationConfig(Section):
     source: Optional[Path] = Field(None, description="image folder, data YAML or video; default: the build's data")
     split: Literal["train", "val"] = Field("train", description="which split of a data YAML to sample")
     size: int = Field(200, ge=1, le=100_000)
+    seed: int = 0
+
+
+class SelectionConfig(Section):
+    size: int = Field(100, ge=1, le=100_000, description="val images held out for the build's choices when the "
+                                                         "data YAML has no 'selection' split (at most half of val)")
     seed: int = 0
 
 
@@ -37,7 +43,7 @@ DEFAULT_MAP_DROP = {"fp32": 0.0, "fp16": 0.1, "int8": 0.5, "w4a8": 2.0, "int4": 
 
 class QuantizeConfig(Section):
     method: Literal["auto", "minmax", "entropy", "percentile"] = Field(
-        "auto", description="auto tries every method and keeps the best by validation mAP")
+        "auto", description="auto tries every method the target accepts and keeps the best on the selection split")
     per_channel: bool = True
     symmetric: bool = Field(False, description="zero-point-0 INT8 activations, as TensorRT requires")
     max_map_drop: Optional[float] = Field(
@@ -94,6 +100,7 @@ class BuildConfig(Section):
     imgsz: Optional[int] = Field(None, ge=32, le=4096)
     output: Path = Path("dist")
     calibration: CalibrationConfig = CalibrationConfig()
+    selection: SelectionConfig = SelectionConfig()
     export: ExportConfig = ExportConfig()
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()

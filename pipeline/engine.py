@@ -1,9 +1,10 @@
 """The stage engine: runs stages in order, caches them by meaning, records what happened.
 
 A stage is given its input artifacts and an empty folder, and returns the
-files it wrote there plus metrics. Its cache key is the hash of its name and
-version, its settings, its inputs' content hashes, any data fingerprints and
-the versions of the toolchain it uses. A failed stage leaves nothing behind.
+files it wrote there plus metrics. Its cache key is the hash of its name, the
+source of every project module it runs, its settings, its inputs' content
+hashes, any data fingerprints and the versions of the toolchain it uses (the
+device's, for work done on a device). A failed stage leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from pipeline.artifacts import Artifact, atomic_write_text, hash_json, sha256_tree
-from pipeline.errors import DeployError
+from edge_deploy.pipeline.codehash import source_hash
+from edge_deploy.pipeline.artifacts import Artifact, atomic_write_text, hash_json, sha256_tree
+from edge_deploy.pipeline.errors import DeployError
 
 
 def toolchain_versions(distributions: tuple[str, ...]) -> dict[str, str]:
@@ -37,10 +39,9 @@ class StageOutput:
 
 
 class Stage:
-    """Subclasses declare their name, version, toolchain and input names as class data."""
+    """Subclasses declare their name, toolchain and input names as class data."""
 
     name: ClassVar[str]
-    version: ClassVar[int] = 1
     toolchain: ClassVar[tuple[str, ...]] = ()
     inputs: ClassVar[tuple[str, ...]] = ()
 
@@ -51,6 +52,14 @@ class Stage:
     def fingerprints(self) -> dict:
         """Content fingerprints of data sets the stage reads (calibration, validation)."""
         return {}
+
+    def code_modules(self) -> tuple[str, ...]:
+        """Project modules whose source decides the result; their imports are followed."""
+        return (type(self).__module__,)
+
+    def toolchain_versions(self) -> dict:
+        """Versions of what the stage runs; a stage whose work happens on a device reports the device's."""
+        return toolchain_versions(self.toolchain)
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         raise NotImplementedError
@@ -80,9 +89,9 @@ class Engine:
 
     def key(self, stage: Stage, inputs: dict[str, Artifact]) -> str:
         return hash_json({
-            "stage": stage.name, "version": stage.version, "settings": stage.settings(),
+            "stage": stage.name, "code": source_hash(tuple(stage.code_modules())), "settings": stage.settings(),
             "inputs": {name: inputs[name].sha256 for name in stage.inputs},
-            "fingerprints": stage.fingerprints(), "toolchain": toolchain_versions(stage.toolchain),
+            "fingerprints": stage.fingerprints(), "toolchain": stage.toolchain_versions(),
         })
 
     def run(self, stage: Stage, available: dict[str, Artifact]) -> StageRecord:

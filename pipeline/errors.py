@@ -31,3 +31,15 @@ class AccuracyGateError(DeployError):
 
 class ToolchainMissing(DeployError):
     exit_code = 5
+
+
+class DeviceError(DeployError):
+    """A device job that could not run or did not finish: unreachable, runtime missing, runner failed."""
+
+    exit_code = 6
+
+
+class DeviceTimeout(DeviceError):
+    """The device job ran past its time limit; distinct from a failed measurement."""
+
+    exit_code = 7

@@ -9,10 +9,11 @@ from typing import Callable
 
 import numpy as np
 
-from calibration.preprocess import load_tensor, read_image
-from calibration.sets import ImageSet
-from pipeline.detect import postprocess
-from pipeline.errors import InputError
+from edge_deploy.calibration.preprocess import load_tensor, read_image
+from edge_deploy.calibration.sets import ImageSet
+from edge_deploy.pipeline.detect import postprocess
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.results import Accuracy, ImageSplit, ModelInfo
 
 # Ultralytics' validation settings, so that numbers compare with `yolo val`.
 EVAL_CONF = 0.001
@@ -84,3 +85,17 @@ def coco_map(val: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.n
         evaluator.summarize()
     return {"map50_95": round(float(evaluator.stats[0]), 4), "map50": round(float(evaluator.stats[1]), 4),
             "images": len(images), "objects": len(annotations)}
+
+
+def accuracy(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+             info: ModelInfo) -> Accuracy:
+    result = coco_map(split, infer, info.strides, len(info.names))
+    return Accuracy(result["map50"], result["map50_95"], result["images"], result["objects"])
+
+
+def describe_split(images: ImageSet, role: str) -> ImageSplit:
+    return ImageSplit(role, images.source, len(images.files), images.fingerprint)
+
+
+def drop_points(reference: Accuracy, candidate: Accuracy) -> float:
+    return round((reference.map50_95 - candidate.map50_95) * 100, 2)

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from pipeline.errors import InputError
+from edge_deploy.pipeline.errors import InputError
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "fpgm", "lamp", "random")
 SUPPORTED = "YOLOv8, YOLO11 and YOLOv5u detectors (Detect head; C2f, C3k2, C3, SPPF blocks)"

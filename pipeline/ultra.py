@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.errors import DeployError
+from edge_deploy.pipeline.errors import DeployError
 
 _prepared: Path | None = None
 

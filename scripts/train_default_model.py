@@ -14,8 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.embedded.shapes import ShapesSpec, generate
-from pipeline.ultra import ultralytics_offline
+from edge_deploy.pipeline.embedded.shapes import ShapesSpec, generate
+from edge_deploy.pipeline.ultra import ultralytics_offline
 
 
 def main() -> None:

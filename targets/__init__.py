@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from pipeline.errors import ConfigError
+from edge_deploy.pipeline.errors import ConfigError
 
 TARGETS: dict[str, str] = {
-    "cpu": "targets.cpu:OnnxRuntimeCpu",
-    "arm": "targets.arm:NcnnArm",
+    "cpu": "edge_deploy.targets.cpu:OnnxRuntimeCpu",
+    "arm": "edge_deploy.targets.arm:NcnnArm",
 }
 
 

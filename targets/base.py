@@ -1,12 +1,26 @@
-"""What every target declares as data, and the interface the stages call."""
+"""What every target declares as data, and the interface the stages call.
+
+A target is one folder under targets/ and one line in the registry. It
+declares its capabilities as class data (precisions, how it consumes INT8,
+input layout and dtypes, where its compile step runs, its device runner); the
+planner checks a build against them before any stage runs, and stages ask them
+instead of testing a target's name. Its private files (ncnn's metadata, ...)
+are read only by its own code.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
+
+from edge_deploy.calibration.rules import QuantRules
+from edge_deploy.pipeline.results import ModelInfo
+
+Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -19,41 +33,84 @@ class Profile:
     imgsz: int | None = None
 
 
-Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+@dataclass(frozen=True)
+class Converted:
+    """What a target's conversion wrote: role -> file in the artifact folder, and notes for the report."""
+
+    files: dict[str, Path]
+    notes: dict = field(default_factory=dict)
 
 
 class Target:
     name: ClassVar[str]
     description: ClassVar[str]
-    toolchain: ClassVar[tuple[str, ...]]
+    toolchain: ClassVar[tuple[str, ...]]  # host packages the compile step runs
+    runtime_packages: ClassVar[tuple[str, ...]]  # what the device runner imports; versions come from the device
     precisions: ClassVar[tuple[str, ...]]
     default_precision: ClassVar[str]
-    # Precisions whose artifact needs a calibration set.
-    calibrated_precisions: ClassVar[frozenset[str]] = frozenset()
-    # Calibrated precisions the target's own toolchain quantizes from the FP32 model (instead of
-    # starting from onnxruntime's QDQ model); compile then receives the calibration images.
-    quantizes_itself: ClassVar[frozenset[str]] = frozenset()
+    # How the target consumes INT8 (None: it takes no calibrated precision).
+    quant_rules: ClassVar[QuantRules | None] = None
     input_layout: ClassVar[str] = "NCHW"
+    input_dtype: ClassVar[str] = "float32"
+    output_dtypes: ClassVar[dict[str, str]] = {"box_dist": "float32", "cls_logit": "float32"}
     # Names of the artifact's input and of its two outputs, as the target's runtime knows them.
     io_names: ClassVar[dict[str, str]] = {"input": "images", "box_dist": "box_dist", "cls_logit": "cls_logit"}
-    # Largest relative difference from the parent ONNX that compile accepts, per precision.
-    parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "w4a8": 5e-2,
-                                                    "int4": 5e-2}
+    # Largest relative difference from the FP32 parent that compile accepts for float precisions;
+    # quantized ones are judged by output SQNR.
+    parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2}
+    # Precisions whose artifact is the FP32 ONNX itself run by ONNX Runtime: the reference, measured once.
+    reference_precisions: ClassVar[frozenset[str]] = frozenset()
+    compile_runs_on: ClassVar[str] = "host"  # or "device": the engine is built where it will run
+    runner: ClassVar[Path]  # the self-contained device-side probe script
     profiles: ClassVar[tuple[Profile, ...]] = ()
 
-    def compile(self, model: Path, precision: str, out_dir: Path, calibration: list[np.ndarray] | None = None,
-                method: str = "auto", score=None, budget: float | None = None) -> dict[str, Path]:
-        """Turns the precision's ONNX into the target's artifact folder; returns the files written.
+    @classmethod
+    def capabilities(cls) -> dict:
+        rules = cls.quant_rules
+        return {
+            "precisions": list(cls.precisions), "default_precision": cls.default_precision,
+            "int8": None if rules is None else {
+                "backend": rules.name, "methods": list(rules.methods),
+                "symmetric_activations": {True: "always", None: "optional"}[rules.symmetric_activations],
+                "per_channel_weights": rules.per_channel_weights, "quantized": rules.quantized_inputs},
+            "input": {"layout": cls.input_layout, "dtype": cls.input_dtype},
+            "outputs": dict(cls.output_dtypes), "compile_runs_on": cls.compile_runs_on,
+        }
 
-        Targets that quantize themselves get the calibration images, the method, and `score` (an artifact
-        folder -> its mAP50-95 drop in points on the validation split) with the budget it must meet.
-        """
+    def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):
+        """The backend the shared INT8 search builds this target's candidates with (calibration.search)."""
+        raise NotImplementedError(f"target {self.name} has no quantization backend")
+
+    def convert(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
+                out_dir: Path) -> Converted:
+        """Writes the artifact into out_dir from the FP32 ONNX, or from the quantize stage's chosen candidate."""
         raise NotImplementedError
+
+    def compile(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
+                out_dir: Path) -> Converted:
+        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir)
+        (out_dir / "runtime.json").write_text(json.dumps(self.runtime_description(precision, converted, info),
+                                                         indent=1))
+        return converted
+
+    def runtime_description(self, precision: str, converted: Converted, info: ModelInfo) -> dict:
+        return {
+            "target": self.name, "precision": precision,
+            "files": {k: p.name for k, p in converted.files.items()},
+            "input": {"name": self.io_names["input"], "layout": self.input_layout, "imgsz": info.imgsz,
+                      "dtype": self.input_dtype, "scale": "1/255", "colour": "RGB", "letterbox_pad": 114},
+            "outputs": {
+                self.io_names["box_dist"]: f"box_dist: (batch, 4*{info.reg_max}, anchors) DFL logits, "
+                                           f"{self.output_dtypes['box_dist']}",
+                self.io_names["cls_logit"]: f"cls_logit: (batch, {len(info.names)}, anchors) class logits "
+                                            f"(apply sigmoid), {self.output_dtypes['cls_logit']}"},
+            "strides": info.strides, "reg_max": info.reg_max, "names": info.names,
+        }
 
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
-        """A callable running one preprocessed batch in the target's own runtime on this machine."""
+        """A callable running one preprocessed batch (in the target's layout) in its runtime on this machine."""
         raise NotImplementedError
 
-    def probe(self, artifact_dir: Path, job: dict, work_dir: Path) -> dict:
-        """Measures the artifact (latency, load time, memory, power) and returns the result JSON."""
+    def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:
+        """Fills a device job folder: the artifact files, input.npy and job.json for `runner`."""
         raise NotImplementedError

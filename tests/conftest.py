@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from calibration.preprocess import Preprocess
-from pipeline.artifacts import Artifact
-from pipeline.engine import Engine
-from pipeline.stages.export import ExportStage
-from pipeline.stages.load import LoadStage
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Engine
+from edge_deploy.pipeline.stages.export import ExportStage
+from edge_deploy.pipeline.stages.load import LoadStage
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(sys.executable).parent / "deploy"
@@ -23,7 +23,7 @@ EMBEDDED_MODEL = REPO / "pipeline" / "embedded" / "yolov8n-shapes.pt"
 def deploy_home(tmp_path_factory) -> Path:
     """One DEPLOY_HOME for the session: the generated data set and stage cache are shared by tests."""
     home = tmp_path_factory.mktemp("deploy-home")
-    from pipeline.ultra import ultralytics_offline
+    from edge_deploy.pipeline.ultra import ultralytics_offline
 
     ultralytics_offline(home)
     return home
@@ -31,7 +31,7 @@ def deploy_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_yaml(deploy_home) -> Path:
-    from pipeline.build import embedded_data
+    from edge_deploy.pipeline.build import embedded_data
 
     return embedded_data(deploy_home)
 
@@ -39,7 +39,7 @@ def shapes_yaml(deploy_home) -> Path:
 @pytest.fixture(scope="session")
 def small_shapes_yaml(tmp_path_factory) -> Path:
     """A small copy of the shapes set for tests that need a data set but not its accuracy."""
-    from pipeline.embedded.shapes import ShapesSpec, generate
+    from edge_deploy.pipeline.embedded.shapes import ShapesSpec, generate
 
     return generate(tmp_path_factory.mktemp("small-shapes"), ShapesSpec(train_images=24, val_images=12))
 

@@ -34,6 +34,9 @@ MIN_INSIDE_FRACTION = 0.55
 class ShapesSpec:
     train_images: int = 1000
     val_images: int = 200
+    # Images the build makes its choices on (quantization method, float fallback, pruning floor): never
+    # trained on, never reported, so the reported val numbers stay unbiased.
+    selection_images: int = 200
     seed: int = 20261123
     min_size: tuple[int, int] = (160, 128)
     max_size: tuple[int, int] = (224, 176)
@@ -178,10 +181,12 @@ def generate(root: Path, spec: ShapesSpec = ShapesSpec()) -> Path:
     try:
         _write_split(tmp, "train", spec.train_images, 1, spec)
         _write_split(tmp, "val", spec.val_images, 2, spec)
+        _write_split(tmp, "selection", spec.selection_images, 3, spec)
         names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASS_NAMES))
         # No `path` key: Ultralytics then resolves splits against the yaml's own folder,
         # so the set can be moved.
-        (tmp / "data.yaml").write_text(f"train: images/train\nval: images/val\nnames:\n{names}\n")
+        (tmp / "data.yaml").write_text(f"train: images/train\nval: images/val\nselection: images/selection\n"
+                                       f"names:\n{names}\n")
         try:
             os.rename(tmp, final)
         except OSError:

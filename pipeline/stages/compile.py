@@ -1,4 +1,10 @@
-"""compile[target]: the precision's ONNX -> the target's artifact folder, with its runtime description."""
+"""compile[target]: the FP32 ONNX (or the quantize stage's candidate) -> the target's artifact folder.
+
+The target converts and writes its own `runtime.json`; this stage then checks
+the artifact, run in the target's runtime, against its FP32 parent in ONNX
+Runtime on real preprocessed images: float precisions within the target's
+tolerance, quantized ones by output SQNR.
+"""
 
 from __future__ import annotations
 
@@ -7,114 +13,76 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.errors import ConversionMismatch
-from pipeline.int8 import sqnr_db
-from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
+from edge_deploy.calibration.preprocess import load_tensor
+from edge_deploy.calibration.rules import PRECISIONS
+from edge_deploy.calibration.sets import ImageSet
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import ConversionMismatch
+from edge_deploy.pipeline.results import CompileReport, ModelInfo
+from edge_deploy.pipeline.stages.export import OUTPUT_NAMES, max_relative_error
 
-# Precisions whose parent is the quantize stage's QDQ model rather than the FP32 export.
-QUANTIZED = ("int8", "w4a8", "int4")
+CHECK_IMAGES = 8
 
 
 class CompileStage(Stage):
     name = "compile"
-    version = 7
 
-    def __init__(self, target, precision: str, calibration=None, method: str = "auto", val=None,
-                 budget: float | None = None, min_sqnr_db: float = 15.0):
-        self.target, self.precision = target, precision
-        self.toolchain = target.toolchain
-        self.quantizes_itself = precision in target.quantizes_itself
-        self.calibration = calibration if self.quantizes_itself else None
-        self.method = method if self.quantizes_itself else None
-        self.val = val if self.quantizes_itself else None
-        self.budget = budget if self.quantizes_itself else None
+    def __init__(self, target, precision: str, check_images: ImageSet, min_sqnr_db: float = 15.0):
+        self.target, self.precision, self.check_images = target, precision, check_images
         self.min_sqnr_db = min_sqnr_db
-        parent = "onnx_quantized" if precision in QUANTIZED and not self.quantizes_itself else "onnx"
-        self.inputs = ("model_info", parent)
+        self.toolchain = tuple(dict.fromkeys(("onnxruntime", *target.toolchain)))
+        self.quantized = PRECISIONS[precision].calibrated
+        self.inputs = ("model_info", "onnx", "quantized") if self.quantized else ("model_info", "onnx")
 
     def settings(self) -> dict:
-        return {"target": self.target.name, "precision": self.precision, "method": self.method,
-                "budget": self.budget, "min_sqnr_db": self.min_sqnr_db if self.quantizes_itself else None}
+        return {"target": self.target.name, "precision": self.precision,
+                "min_sqnr_db": self.min_sqnr_db if self.quantized else None}
 
     def fingerprints(self) -> dict:
-        if self.calibration is None:
-            return {}
-        return {"calibration": self.calibration.fingerprint,
-                "val": self.val.fingerprint if self.val is not None else None}
+        return {"check_images": self.check_images.fingerprint}
+
+    def code_modules(self) -> tuple[str, ...]:
+        return (type(self).__module__, type(self.target).__module__)
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
-        parent = inputs[self.inputs[1]].path
-        info = json.loads(inputs["model_info"].path.read_text())
+        info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         artifact_dir = out_dir / "artifact"
         artifact_dir.mkdir()
-        tensors = None
-        if self.calibration is not None:
-            from calibration.preprocess import load_tensor
+        quantized = inputs["quantized"].path if self.quantized else None
+        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir)
+        check, value, count = self._check_against_parent(inputs["onnx"].path, artifact_dir)
+        report = CompileReport(self.target.name, self.precision, {k: p.name for k, p in converted.files.items()},
+                               sum(p.stat().st_size for p in converted.files.values()), check, value, count,
+                               converted.notes)
+        return StageOutput({"artifact": artifact_dir}, report.to_json())
 
-            tensors = [load_tensor(p, self.calibration.preprocess)[0][0] for p in self.calibration.files]
-        score = None
-        if self.val is not None:
-            from pipeline.evaluate import coco_map
-            from targets.cpu import ort_infer
+    def _check_against_parent(self, parent: Path, artifact_dir: Path) -> tuple[str, float, int]:
+        from edge_deploy.calibration.onnxrt import ort_infer
 
-            def evaluate(infer):
-                return coco_map(self.val, infer, info["strides"], len(info["names"]))["map50_95"]
-
-            reference = evaluate(ort_infer(parent))
-
-            def score(folder: Path) -> float:
-                return round((reference - evaluate(self.target.runtime(folder))) * 100, 2)
-
-        files = self.target.compile(parent, self.precision, artifact_dir, tensors, self.method or "auto", score,
-                                    self.budget)
-        runtime = {
-            "target": self.target.name, "precision": self.precision, "files": {k: p.name for k, p in files.items()},
-            "input": {"name": self.target.io_names["input"], "layout": self.target.input_layout,
-                      "imgsz": info["imgsz"], "dtype": "float32", "scale": "1/255", "colour": "RGB",
-                      "letterbox_pad": 114},
-            "outputs": {self.target.io_names["box_dist"]: f"box_dist: (batch, 4*{info['reg_max']}, anchors) DFL logits",
-                        self.target.io_names["cls_logit"]: f"cls_logit: (batch, {len(info['names'])}, anchors) class "
-                                                           "logits (apply sigmoid)"},
-            "strides": info["strides"], "reg_max": info["reg_max"], "names": info["names"],
-        }
-        (artifact_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
-
-        errors = self._check_against_parent(parent, artifact_dir, info["imgsz"])
-        details = json.loads((artifact_dir / "ncnn.json").read_text()).get("int8") \
-            if (artifact_dir / "ncnn.json").exists() else None
-        return StageOutput({"artifact": artifact_dir},
-                           {"target": self.target.name, "precision": self.precision, "quantization": details,
-                            "max_rel_error_vs_parent": round(max(errors.values()), 6),
-                            "size_bytes": sum(p.stat().st_size for p in files.values())})
-
-    def _check_against_parent(self, parent: Path, artifact_dir: Path, imgsz: int) -> dict[str, float]:
-        import onnxruntime as ort
-
-        example = parity_inputs(imgsz)
-        if self.target.input_layout == "NHWC":
-            target_input = example.transpose(0, 2, 3, 1).copy()
-        else:
-            target_input = example
-        session = ort.InferenceSession(str(parent), providers=["CPUExecutionProvider"])
-        reference = session.run(list(OUTPUT_NAMES), {"images": example})
+        files = self.check_images.files[:CHECK_IMAGES]
+        nchw = np.concatenate([load_tensor(p, self.check_images.preprocess)[0] for p in files])
+        target_input = nchw.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else nchw
+        reference = ort_infer(parent)(nchw)
         infer = self.target.runtime(artifact_dir)
-        produced = [infer(target_input[i:i + 1]) for i in range(len(example))]
+        produced = [infer(target_input[i:i + 1]) for i in range(len(files))]
+        if self.quantized:
+            from edge_deploy.calibration.ranges import sqnr_db
+
+            values = {}
+            for index, name in enumerate(OUTPUT_NAMES):
+                values[name] = sqnr_db(reference[index], np.concatenate([p[index] for p in produced]))
+                if not values[name] >= self.min_sqnr_db:
+                    raise ConversionMismatch(
+                        f"compile[{self.target.name}]: {self.precision} output '{name}' has SQNR "
+                        f"{values[name]:.1f} dB against its FP32 parent on {len(files)} real images, below the "
+                        f"{self.min_sqnr_db:.1f} dB floor (quantize.min_sqnr_db)")
+            return "lowest output SQNR vs FP32 parent (dB)", round(min(values.values()), 2), len(files)
+        tolerance = self.target.parity_tolerance[self.precision]
         errors = {}
         for index, name in enumerate(OUTPUT_NAMES):
-            got = np.concatenate([p[index] for p in produced])
-            errors[name] = max_relative_error(reference[index], got)
-            if self.quantizes_itself:
-                # Quantized from the FP32 parent: a single worst element says little, the noise power does.
-                sqnr = sqnr_db(reference[index], got)
-                if not sqnr >= self.min_sqnr_db:
-                    raise ConversionMismatch(f"compile[{self.target.name}]: {self.precision} output '{name}' has "
-                                             f"SQNR {sqnr:.1f} dB against its FP32 parent, below the "
-                                             f"{self.min_sqnr_db:.1f} dB floor")
-                continue
-            tolerance = self.target.parity_tolerance[self.precision]
+            errors[name] = max_relative_error(reference[index], np.concatenate([p[index] for p in produced]))
             if not errors[name] <= tolerance:
                 raise ConversionMismatch(f"compile[{self.target.name}]: output '{name}' differs from its ONNX "
                                          f"parent by {errors[name]:.2e} (relative), tolerance {tolerance:.0e}")
-        return errors
+        return "max relative error vs FP32 parent", round(max(errors.values()), 8), len(files)

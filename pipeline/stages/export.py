@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.errors import ConversionMismatch, DeployError
-from pipeline.ultra import ultralytics_offline
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import ConversionMismatch, DeployError
+from edge_deploy.pipeline.ultra import ultralytics_offline
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("box_dist", "cls_logit")
@@ -33,7 +33,6 @@ def parity_inputs(imgsz: int, count: int = 4) -> np.ndarray:
 
 class ExportStage(Stage):
     name = "export"
-    version = 1
     toolchain = ("torch", "ultralytics", "onnx", "onnxslim", "onnxruntime")
     inputs = ("checkpoint",)
 

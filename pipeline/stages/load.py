@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.errors import InputError
-from pipeline.ultra import ultralytics_offline
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.ultra import ultralytics_offline
 
 SUPPORTED_SUFFIXES = (".pt", ".yaml", ".yml")
 
@@ -26,7 +26,6 @@ def check_model_path(path: Path) -> Path:
 
 class LoadStage(Stage):
     name = "load"
-    version = 1
     toolchain = ("torch", "ultralytics")
     inputs = ("source",)
 

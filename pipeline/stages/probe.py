@@ -1,4 +1,9 @@
-"""probe: latency percentiles, FPS, load time, memory and power of the artifact (and the FP32 reference)."""
+"""probe: latency percentiles, FPS, load time, memory and power of the artifact and of the FP32 reference.
+
+What runs is the target's device runner on a job folder the target fills;
+where it runs is the transport's business. The cache key records the device
+and the runtime versions the transport reports, not the host's packages.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +11,71 @@ import json
 import shutil
 from pathlib import Path
 
-from calibration.preprocess import Preprocess, load_tensor
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.stages.verify import is_reference
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.pipeline.artifacts import Artifact, sha256_file
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.results import ModelInfo, SpeedReport
+from edge_deploy.pipeline.stages.verify import artifact_label
 
 
 class ProbeStage(Stage):
     name = "probe"
-    version = 2
-    inputs = ("onnx", "artifact")
+    inputs = ("model_info", "onnx", "artifact")
 
     def __init__(self, target, precision: str, image: Path, preprocess: Preprocess, warmup: int, runs: int,
-                 threads: int | None):
+                 threads: int | None, transport, reference_target, reference_transport):
         self.target, self.precision, self.image, self.preprocess = target, precision, Path(image), preprocess
         self.warmup, self.runs, self.threads = warmup, runs, threads
-        self.toolchain = tuple(dict.fromkeys(("onnxruntime", *target.toolchain)))
+        self.transport, self.reference_target, self.reference_transport = \
+            transport, reference_target, reference_transport
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision, "warmup": self.warmup,
                 "runs": self.runs, "threads": self.threads, "preprocess": self.preprocess.params()}
 
     def fingerprints(self) -> dict:
-        from calibration.sets import sha256_file
-
         return {"probe_image": sha256_file(self.image)}
 
-    def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
-        from targets.cpu import OnnxRuntimeCpu
+    def toolchain_versions(self) -> dict:
+        return {"artifact": self.transport.describe(self.target.runtime_packages),
+                "reference": self.reference_transport.describe(self.reference_target.runtime_packages)}
 
+    def code_modules(self) -> tuple[str, ...]:
+        return (type(self).__module__, type(self.target).__module__, type(self.reference_target).__module__,
+                type(self.transport).__module__, "edge_deploy.targets.runners.measure",
+                *(runner_module(t) for t in (self.target, self.reference_target)))
+
+    def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
+        info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         tensor, _ = load_tensor(self.image, self.preprocess)
         job = {"warmup": self.warmup, "runs": self.runs, "threads": self.threads}
-        reference = OnnxRuntimeCpu()
         reference_dir = out_dir / "fp32_reference"
         reference_dir.mkdir()
-        reference.compile(inputs["onnx"].path, "fp32", reference_dir)
-        results = {"fp32_onnx": reference.probe(reference_dir, {**job, "input_tensor": tensor}, out_dir / "job-fp32")}
-        label = f"{self.precision}_{self.target.name}"
-        if not is_reference(inputs["artifact"].path, inputs["onnx"]):
+        self.reference_target.compile(inputs["onnx"].path, None, "fp32", info, reference_dir)
+        reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
+                                out_dir / "job-fp32")
+        artifact = None
+        if self.precision not in self.target.reference_precisions:
             target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
-            results[label] = self.target.probe(inputs["artifact"].path, {**job, "input_tensor": target_tensor},
-                                               out_dir / "job-artifact")
-        if label in results:
-            results["speedup_vs_fp32_p50"] = round(
-                results["fp32_onnx"]["latency_ms"]["p50"] / results[label]["latency_ms"]["p50"], 3)
-        report = out_dir / "probe.json"
-        report.write_text(json.dumps(results, indent=1))
+            artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
+                                   out_dir / "job-artifact")
+        speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3) if artifact else None
+        report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup)
+        path = out_dir / "probe.json"
+        path.write_text(json.dumps(report.to_json(), indent=1))
         # Job folders hold copies of the model; only the result is worth keeping.
-        for path in out_dir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-        return StageOutput({"probe_report": report}, results)
+        for folder in out_dir.iterdir():
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        return StageOutput({"probe_report": path}, report.to_json())
+
+    @staticmethod
+    def _probe(target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
+        job_dir.mkdir()
+        target.prepare_job(Path(artifact_dir), job, tensor, job_dir)
+        return transport.run(job_dir, target.runner, target.runtime_packages)
+
+
+def runner_module(target) -> str:
+    """The importable name of a target's runner script, so its source is part of the probe's key."""
+    return f"{type(target).__module__}.{Path(target.runner).stem}"

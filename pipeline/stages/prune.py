@@ -4,7 +4,8 @@ Each step removes a further share of channels (Torch-Pruning, dependency
 graph) and, when a data YAML is given and epochs > 0, fine-tunes with the
 Ultralytics trainer. After every step the model is exported to ONNX and
 measured: parameters, MACs, ONNX Runtime CPU latency and mAP50-95 on the
-validation split. A step whose mAP falls below the floor ends the schedule
+split it is given (the build's selection split: choices such as the floor are
+never made on the split that is reported). A step whose mAP falls below the floor ends the schedule
 and the previous step's model is kept.
 """
 
@@ -20,27 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.preprocess import load_tensor
-from calibration.sets import ImageSet
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.errors import InputError
-from pipeline.ultra import ultralytics_offline
+from edge_deploy.calibration.preprocess import load_tensor
+from edge_deploy.calibration.sets import ImageSet
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.ultra import ultralytics_offline
 
 LATENCY_RUNS = 40
 
 
 class PruneStage(Stage):
     name = "prune"
-    version = 1
     toolchain = ("torch", "ultralytics", "torch-pruning", "onnx", "onnxslim", "onnxruntime", "pycocotools")
     inputs = ("checkpoint", "model_info")
 
-    def __init__(self, home: Path, val: ImageSet, data_yaml: Path | None, data_fingerprint: str | None,
+    def __init__(self, home: Path, selection: ImageSet, data_yaml: Path | None, data_fingerprint: str | None,
                  ratio: float | None, target_params: int | None, target_macs: int | None, criterion: str,
                  global_ranking: bool, round_to: int, steps: int, epochs: int, map_floor: float | None,
                  taylor_images: list[Path], seed: int = 0):
-        self.home, self.val, self.data_yaml, self.data_fingerprint = home, val, data_yaml, data_fingerprint
+        self.home, self.selection, self.data_yaml, self.data_fingerprint = home, selection, data_yaml, data_fingerprint
         self.ratio, self.target_params, self.target_macs = ratio, target_params, target_macs
         self.criterion, self.global_ranking, self.round_to = criterion, global_ranking, round_to
         self.steps, self.epochs, self.map_floor, self.seed = steps, epochs, map_floor, seed
@@ -52,16 +52,16 @@ class PruneStage(Stage):
                 "steps": self.steps, "epochs": self.epochs, "map_floor": self.map_floor, "seed": self.seed}
 
     def fingerprints(self) -> dict:
-        from calibration.sets import sha256_file
+        from edge_deploy.pipeline.artifacts import sha256_file
 
-        return {"val": self.val.fingerprint, "train_data": self.data_fingerprint,
+        return {"selection": self.selection.fingerprint, "train_data": self.data_fingerprint,
                 "taylor_images": [sha256_file(p) for p in self.taylor_images]}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         ultralytics_offline(self.home)
         import torch
 
-        from pipeline.prune import check_no_empty_layer, check_supported, count_macs_params, make_pruner, \
+        from edge_deploy.pipeline.prune import check_no_empty_layer, check_supported, count_macs_params, make_pruner, \
             split_c2f_blocks
 
         checkpoint = torch.load(inputs["checkpoint"].path, map_location="cpu", weights_only=False)
@@ -141,21 +141,21 @@ class PruneStage(Stage):
                  tuned: bool) -> dict:
         import onnxruntime as ort
 
-        from pipeline.evaluate import coco_map
-        from pipeline.prune import count_macs_params
-        from pipeline.stages.export import export_onnx
-        from targets.cpu import ort_infer
+        from edge_deploy.pipeline.evaluate import coco_map
+        from edge_deploy.pipeline.prune import count_macs_params
+        from edge_deploy.pipeline.stages.export import export_onnx
+        from edge_deploy.calibration.onnxrt import ort_infer
 
         macs, params = count_macs_params(model, info["imgsz"])
         path = work / f"step{step}.onnx"
         copy_for_export = copy.deepcopy(model).eval()
         copy_for_export.model[-1].export = False
         export_onnx(copy_for_export, info, path)
-        accuracy = coco_map(self.val, ort_infer(path), info["strides"], len(info["names"]))
+        accuracy = coco_map(self.selection, ort_infer(path), info["strides"], len(info["names"]))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"images": load_tensor(self.val.files[0], self.val.preprocess)[0]}
+        feed = {"images": load_tensor(self.selection.files[0], self.selection.preprocess)[0]}
         for _ in range(5):
             session.run(None, feed)
         timings = []
@@ -181,7 +181,7 @@ class PruneStage(Stage):
         head.export = False
         model.zero_grad(set_to_none=True)
         for start in range(0, len(self.taylor_images), 8):
-            batch = detection_batch(self.taylor_images[start:start + 8], self.val.preprocess)
+            batch = detection_batch(self.taylor_images[start:start + 8], self.selection.preprocess)
             loss, _ = model.loss(batch)
             loss.sum().backward()
         head.export = True
@@ -215,8 +215,8 @@ def detection_batch(images: list[Path], preprocess) -> dict:
     """An Ultralytics training batch (letterboxed images, normalised xywh labels) from YOLO-format files."""
     import torch
 
-    from calibration.sets import label_path
-    from pipeline.evaluate import read_yolo_labels
+    from edge_deploy.calibration.sets import label_path
+    from edge_deploy.pipeline.evaluate import read_yolo_labels
 
     tensors, classes, boxes, index = [], [], [], []
     for i, path in enumerate(images):

@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import Artifact, sha256_tree
-from pipeline.engine import Stage, StageOutput, toolchain_versions
-from pipeline.errors import DeployError
+from edge_deploy.pipeline.artifacts import Artifact, sha256_tree
+from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
+from edge_deploy.pipeline.errors import DeployError
+from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, QuantizationReport, SpeedReport
 
 MANIFEST = "manifest.json"
 TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxruntime", "pycocotools", "numpy",
@@ -17,48 +18,47 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 
 class ReleaseStage(Stage):
     name = "release"
-    version = 5
     toolchain = TOOLCHAIN
     inputs = ("model_info", "artifact", "verify_report", "probe_report")
 
-    def __init__(self, bundle_name: str, config: dict, calibration: dict | None, validation: dict,
-                 pruned: bool = False, quantize_report: bool = False):
-        self.bundle_name, self.config, self.calibration, self.validation = bundle_name, config, calibration, validation
+    def __init__(self, bundle_name: str, config: dict, calibration: dict | None, pruned: bool = False,
+                 quantize_report: bool = False):
+        self.bundle_name, self.config, self.calibration = bundle_name, config, calibration
         if quantize_report:
             self.inputs = (*self.inputs, "quantize_report")
         if pruned:
             self.inputs = (*self.inputs, "prune_history", "prune_plot")
 
     def settings(self) -> dict:
-        return {"bundle": self.bundle_name, "config": self.config, "calibration": self.calibration,
-                "validation": self.validation}
+        return {"bundle": self.bundle_name, "config": self.config, "calibration": self.calibration}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         bundle = out_dir / self.bundle_name
         shutil.copytree(inputs["artifact"].path, bundle)
         shutil.copyfile(Path(__file__).parents[1] / "detect.py", bundle / "postprocess.py")
-        info = json.loads(inputs["model_info"].path.read_text())
-        verify = json.loads(inputs["verify_report"].path.read_text())
-        probe = json.loads(inputs["probe_report"].path.read_text())
+        info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
+        verify = AccuracyReport.from_json(json.loads(inputs["verify_report"].path.read_text()))
+        probe = SpeedReport.from_json(json.loads(inputs["probe_report"].path.read_text()))
         pruning = None
         if "prune_history" in inputs:
             pruning = json.loads(inputs["prune_history"].path.read_text())
             shutil.copyfile(inputs["prune_history"].path, bundle / "prune_history.json")
             shutil.copyfile(inputs["prune_plot"].path, bundle / "prune_history.png")
-        quantization = (json.loads(inputs["quantize_report"].path.read_text())
+        quantization = (QuantizationReport.from_json(json.loads(inputs["quantize_report"].path.read_text()))
                         if "quantize_report" in inputs else None)
-        metrics = {"accuracy": verify, "speed": probe}
+        metrics = {"accuracy": verify.to_json(), "speed": probe.to_json()}
         if quantization:
-            metrics["quantization"] = {k: quantization[k] for k in ("choice", "method", "drop_points", "float_nodes",
-                                                                    "selection_set", "trials")}
+            metrics["quantization"] = {k: v for k, v in quantization.to_json().items() if k != "sensitivity"}
         (bundle / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (bundle / "MODEL_CARD.md").write_text(model_card(self.bundle_name, info, self.config, self.calibration,
-                                                         self.validation, verify, probe, quantization, pruning))
+                                                         verify, probe, quantization, pruning))
         files = {p.relative_to(bundle).as_posix(): sha256_tree(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
         manifest = {
-            "bundle": self.bundle_name, "format": 1, "model": info, "target": self.config["target"],
+            "bundle": self.bundle_name, "format": 2, "model": info.to_json(), "target": self.config["target"],
             "precision": self.config["precision"], "files": files, "toolchain": toolchain_versions(TOOLCHAIN),
-            "config": self.config, "calibration": self.calibration, "validation": self.validation,
+            "config": self.config, "calibration": self.calibration, "splits": {
+                "selection": quantization.selection.to_json() if quantization else None,
+                "report": verify.split.to_json()},
             "metrics": metrics,
         }
         (bundle / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -83,53 +83,51 @@ def check_bundle(bundle: Path) -> dict:
     return manifest
 
 
-def model_card(name: str, info: dict, config: dict, calibration: dict | None, validation: dict, verify: dict,
-               probe: dict, quantization: dict | None = None, pruning: dict | None = None) -> str:
+def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | None, verify: AccuracyReport,
+               probe: SpeedReport, quantization: QuantizationReport | None = None, pruning: dict | None = None) -> str:
     precision, target = config["precision"], config["target"]
-    label = f"{precision}_{target}"
+    split = verify.split
     lines = [
         f"# {name}",
         "",
-        f"{info['family']} detector ({info['params']:,} parameters, {len(info['names'])} classes: "
-        f"{', '.join(info['names'])}), input {info['imgsz']}x{info['imgsz']} RGB, "
+        f"{info.family} detector ({info.params:,} parameters, {len(info.names)} classes: "
+        f"{', '.join(info.names)}), input {info.imgsz}x{info.imgsz} RGB, "
         f"built for target `{target}` at {precision.upper()}.",
         "",
-        "## Accuracy (COCO mAP by pycocotools on the validation split)",
+        "## Accuracy (COCO mAP by pycocotools on the report split)",
         "",
-        f"Validation set: {validation['images']} images from `{validation['source']}` "
-        f"(fingerprint {validation['fingerprint'][:16]}).",
+        f"Report split: {split.images} images from `{split.source}` (fingerprint {split.fingerprint[:16]}). "
+        "No choice of the build was made on these images.",
         "",
         "| model | mAP50 | mAP50-95 |",
         "|---|---|---|",
+        f"| FP32 ONNX (ONNX Runtime) | {verify.reference.map50:.4f} | {verify.reference.map50_95:.4f} |",
     ]
-    for key in ("fp32_onnx", label):
-        if key in verify:
-            lines.append(f"| {key} | {verify[key]['map50']:.4f} | {verify[key]['map50_95']:.4f} |")
-    if label in verify:
-        lines += ["", f"mAP50-95 drop against FP32: {verify['map50_95_drop_points']:.2f} points.", ""]
+    if verify.artifact is not None:
+        lines.append(f"| {verify.artifact_label} | {verify.artifact.map50:.4f} | {verify.artifact.map50_95:.4f} |")
+        lines += ["", f"mAP50-95 drop against FP32: {verify.drop_points:.2f} points "
+                  f"(budget {verify.budget_points:.2f}{'' if verify.within_budget else ', missed'}).", ""]
         if precision in ("int4", "w4a8"):
             lines += ["INT4 weights are stored packed (half the bytes of INT8) and dequantized to float by the "
                       "runtime on every run: the saving is size on disk and in memory, not arithmetic. On "
                       "ONNX Runtime's CPU provider this model is slower than FP32; the probe below measures it.", ""]
     else:
         lines += ["", "The artifact is the FP32 ONNX model itself.", ""]
-    lines += ["## Speed (measured on the build host, model inference only, batch 1)", "",
-              "| model | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
-              "|---|---|---|---|---|---|---|---|"]
-    for key in ("fp32_onnx", label):
-        if key in probe:
-            r = probe[key]
-            power = (f"{r['power']['average_watts']} W" if r["power"]["status"] == "measured"
-                     else "unavailable")
-            lines.append(f"| {key} | {r['latency_ms']['p50']} | {r['latency_ms']['p90']} | {r['latency_ms']['p99']}"
-                         f" | {r['fps']} | {r['load_ms']} | {r['memory_mb']['peak_rss']} | {power} |")
-    host = probe["fp32_onnx"]["host"]
-    lines += ["", f"Host: {host['processor']} ({host['cpus']} CPUs). Numbers from another machine will differ;"
-              " run the probe on the device.", ""]
+    lines += ["## Speed (model inference only, batch 1, on the device named below each row)", "",
+              "| model | runtime | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("FP32 ONNX", probe.reference)] + ([(probe.artifact_label, probe.artifact)] if probe.artifact else [])
+    for label, r in rows:
+        lines.append(f"| {label} | {r.runtime} | {r.latency_ms['p50']} | {r.latency_ms['p90']} | "
+                     f"{r.latency_ms['p99']} | {r.fps} | {r.load_ms} | {r.memory_mb['peak_rss']} | {r.power_text()} |")
+    device = probe.reference.device
+    lines += ["", f"Device: {device.get('processor', 'unknown')} ({device.get('cpus', '?')} CPUs, "
+              f"{device.get('machine', '?')}), reached through the `{device['transport']['transport']}` transport. "
+              "Numbers from another machine will differ; run the probe on the device.", ""]
     if pruning:
         lines += ["## Pruning", "",
                   f"Structured channel pruning ({pruning['criterion']}), {pruning['stop']}. Each step is measured "
-                  "after its fine-tuning: ONNX Runtime CPU p50 latency at 1 thread, mAP on the validation split.", "",
+                  "after its fine-tuning: ONNX Runtime CPU p50 latency at 1 thread, mAP on the selection split.", "",
                   "| step | params | MACs | MACs ratio | p50 ms | mAP50-95 | fine-tuned |", "|---|---|---|---|---|---|---|"]
         for row in pruning["steps"]:
             lines.append(f"| {row['step']} | {row['params']:,} | {row['macs']:,} | {row['macs_ratio']}x | "
@@ -140,10 +138,13 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
                   f"Calibration: {calibration['images']} images from `{calibration['source']}`, fingerprint "
                   f"{calibration['fingerprint'][:16]}.", ""]
     if quantization:
-        lines += [f"Choice: {quantization['choice']}. Candidates were scored on {quantization['selection_set']},"
-                  " the split the accuracy table reports.", ""]
-        if quantization["float_nodes"]:
-            lines += [f"Nodes kept float: {', '.join(quantization['float_nodes'])}.", ""]
+        selection = quantization.selection
+        lines += [f"Choice: {quantization.choice}. Candidates were scored on the selection split "
+                  f"({selection.images} images from `{selection.source}`), held out of calibration and never "
+                  "reported.", ""]
+        if quantization.float_units:
+            lines += [f"{quantization.unit_kind.capitalize()}s kept float ({len(quantization.float_units)} of "
+                      f"{quantization.units}): {', '.join(quantization.float_units)}.", ""]
     lines += ["## Using it", "",
               "`runtime.json` describes the input (letterboxed, RGB, scaled 1/255) and the two raw outputs. "
               "`postprocess.py` (numpy only) decodes them and runs NMS: "
@@ -154,7 +155,7 @@ def model_card(name: str, info: dict, config: dict, calibration: dict | None, va
 
 def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:
     """Copies a released bundle to the output folder atomically; returns (path, changed)."""
-    from pipeline.artifacts import atomic_dir
+    from edge_deploy.pipeline.artifacts import atomic_dir
 
     final = Path(output_dir) / bundle.name
     existing = final / MANIFEST

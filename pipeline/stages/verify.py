@@ -1,32 +1,30 @@
-"""verify: mAP of the FP32 reference and of the target artifact in its own runtime, on the val split."""
+"""verify: mAP of the target artifact in its own runtime on the report split, against the FP32 reference."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from calibration.sets import ImageSet, sha256_file
-from pipeline.artifacts import Artifact
-from pipeline.engine import Stage, StageOutput
-from pipeline.errors import AccuracyGateError
-from pipeline.evaluate import coco_map
+from edge_deploy.calibration.sets import ImageSet
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import AccuracyGateError
+from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, ReferenceAccuracy
+from edge_deploy.pipeline.stages.quantize import in_layout
 
 
-def is_reference(artifact_dir: Path, fp32_onnx: Artifact) -> bool:
-    """True when the target artifact is the FP32 ONNX itself, run by ONNX Runtime: measure it once."""
-    model = Path(artifact_dir) / "model.onnx"
-    runtime = json.loads((Path(artifact_dir) / "runtime.json").read_text())
-    return runtime["target"] == "cpu" and model.exists() and sha256_file(model) == fp32_onnx.sha256
+def artifact_label(target, precision: str) -> str:
+    return f"{precision.upper()} on {target.name}"
 
 
 class VerifyStage(Stage):
     name = "verify"
-    version = 3
     toolchain = ("onnxruntime", "pycocotools")
-    inputs = ("model_info", "onnx", "artifact")
+    inputs = ("model_info", "reference", "artifact")
 
-    def __init__(self, target, precision: str, val: ImageSet, max_map_drop: float, enforce_budget: bool = True):
-        self.target, self.precision, self.val, self.max_map_drop = target, precision, val, max_map_drop
+    def __init__(self, target, precision: str, report: ImageSet, max_map_drop: float, enforce_budget: bool = True):
+        self.target, self.precision, self.max_map_drop = target, precision, max_map_drop
+        self.report = in_layout(report, target.input_layout)
         self.enforce_budget = enforce_budget
         self.toolchain = tuple(dict.fromkeys(self.toolchain + target.toolchain))
 
@@ -35,28 +33,28 @@ class VerifyStage(Stage):
                 "enforce_budget": self.enforce_budget}
 
     def fingerprints(self) -> dict:
-        return {"val": self.val.fingerprint}
+        return {"report": self.report.fingerprint}
+
+    def code_modules(self) -> tuple[str, ...]:
+        return (type(self).__module__, type(self.target).__module__)
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
-        from targets.cpu import ort_infer
+        from edge_deploy.pipeline.evaluate import accuracy, drop_points
 
-        info = json.loads(inputs["model_info"].path.read_text())
-        evaluate = lambda infer: coco_map(self.val, infer, info["strides"], len(info["names"]))  # noqa: E731
-        # The reference is the FP32 ONNX in ONNX Runtime, whatever the target.
-        metrics = {"fp32_onnx": evaluate(ort_infer(inputs["onnx"].path))}
-        label = "fp32_onnx"
-        if not is_reference(inputs["artifact"].path, inputs["onnx"]):
-            label = f"{self.precision}_{self.target.name}"
-            metrics[label] = evaluate(self.target.runtime(inputs["artifact"].path))
-        drop = round((metrics["fp32_onnx"]["map50_95"] - metrics[label]["map50_95"]) * 100, 2)
-        metrics["map50_95_drop_points"] = drop
-        report = out_dir / "verify.json"
-        metrics["within_budget"] = drop <= self.max_map_drop
-        if not metrics["within_budget"] and self.enforce_budget:
+        info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
+        reference = ReferenceAccuracy.from_json(json.loads(inputs["reference"].path.read_text()))
+        measured = None
+        if self.precision not in self.target.reference_precisions:
+            measured = accuracy(self.report, self.target.runtime(inputs["artifact"].path), info)
+        drop = drop_points(reference.report, measured) if measured is not None else 0.0
+        label = artifact_label(self.target, self.precision)
+        result = AccuracyReport(label, reference.report, measured, drop, self.max_map_drop,
+                                drop <= self.max_map_drop, reference.report_split)
+        if not result.within_budget and self.enforce_budget:
             raise AccuracyGateError(
-                f"verify: {self.precision} on {self.target.name} loses {drop:.2f} mAP50-95 points against FP32 "
-                f"({metrics[label]['map50_95']:.4f} vs {metrics['fp32_onnx']['map50_95']:.4f}); "
-                f"the budget is {self.max_map_drop:.2f} (quantize.max_map_drop)")
-        report.write_text(json.dumps(metrics, indent=1))
-        return StageOutput({"verify_report": report}, metrics)
-
+                f"verify: {label} loses {drop:.2f} mAP50-95 points against FP32 on the report split "
+                f"({measured.map50_95:.4f} vs {reference.report.map50_95:.4f}); the budget is "
+                f"{self.max_map_drop:.2f} (quantize.max_map_drop)")
+        path = out_dir / "verify.json"
+        path.write_text(json.dumps(result.to_json(), indent=1))
+        return StageOutput({"verify_report": path}, result.to_json())

@@ -1,8 +1,8 @@
 import pytest
 
-from calibration.formats import (read_ncnn_table, read_trt_cache, trt_version_number, write_ncnn_table,
+from edge_deploy.calibration.formats import (read_ncnn_table, read_trt_cache, trt_version_number, write_ncnn_table,
                                  write_trt_cache)
-from pipeline.errors import InputError
+from edge_deploy.pipeline.errors import InputError
 
 
 def test_trt_cache_encodes_scale_as_big_endian_float_hex(tmp_path):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from calibration.preprocess import Preprocess, letterbox, to_tensor
-from pipeline.errors import InputError
+from edge_deploy.calibration.preprocess import Preprocess, letterbox, to_tensor
+from edge_deploy.pipeline.errors import InputError
 
 
 def test_letterbox_matches_ultralytics(deploy_home, shapes_yaml):

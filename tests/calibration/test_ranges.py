@@ -2,8 +2,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from calibration.ranges import (BINS, TensorStats, collect_statistics, entropy_range, kl_threshold,
-                                percentile_range, ranges_for)
+from edge_deploy.calibration.onnxrt import onnx_activation_tap
+from edge_deploy.calibration.ranges import (BINS, TensorStats, collect_statistics, entropy_range, kl_threshold,
+                                            percentile_range, ranges_for, sqnr_db)
 
 
 def _stats(values: np.ndarray) -> TensorStats:
@@ -53,8 +54,25 @@ def test_collect_statistics_sees_every_intermediate_tensor(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     batches = [np.array([[-1, 0, 1, 2]], np.float32), np.array([[3, -4, 0, 0]], np.float32)]
-    stats = collect_statistics(path, batches)
+    stats = collect_statistics(onnx_activation_tap(path), batches)
     assert (stats["x"].lowest, stats["x"].highest) == (-4, 3)
     assert (stats["doubled"].lowest, stats["doubled"].highest) == (-8, 6)
     assert (stats["y"].lowest, stats["y"].highest) == (0, 6)
     assert stats["y"].hist.sum() == 8
+
+
+def test_any_runtime_can_feed_statistics_through_a_tap():
+    """The collector only sees name -> values: ncnn's extractor, a device dump or onnxruntime all fit."""
+    def tap(batch):
+        return {"in": batch, "relu": np.maximum(batch, 0), "index": np.arange(3)}
+
+    stats = collect_statistics(tap, [np.array([-2.0, 1.0], np.float32), np.array([0.5, 3.0], np.float32)])
+    assert set(stats) == {"in", "relu"}  # integer tensors are not quantized
+    assert (stats["in"].lowest, stats["in"].highest, stats["relu"].lowest) == (-2.0, 3.0, 0.0)
+    assert stats["in"].abs_hist.sum() == 4
+
+
+def test_sqnr():
+    signal = np.ones(100)
+    assert sqnr_db(signal, signal) == float("inf")
+    assert abs(sqnr_db(signal, signal * 1.1) - 20.0) < 1e-9

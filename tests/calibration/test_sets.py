@@ -2,9 +2,9 @@ import shutil
 
 import pytest
 
-from calibration.preprocess import Preprocess
-from calibration.sets import calibration_set, labelled_split, resolve_split, warn_if_sizes_differ
-from pipeline.errors import InputError
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.calibration.sets import calibration_set, labelled_split, resolve_split, warn_if_sizes_differ
+from edge_deploy.pipeline.errors import InputError
 
 PRE = Preprocess(64)
 

@@ -20,13 +20,14 @@ def built(deploy_home, tmp_path_factory):
 
 def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out(built, deploy_home):
     cwd, done = built
-    for stage in ("load", "export", "quantize", "compile", "verify", "probe", "release"):
+    for stage in ("load", "export", "reference", "quantize", "compile", "verify", "probe", "release"):
         assert stage in done.stdout
-    assert "fp32_onnx: mAP50" in done.stdout and "int8_cpu: mAP50" in done.stdout
+    assert "FP32 ONNX: mAP50" in done.stdout and "INT8 on cpu: mAP50" in done.stdout
+    assert "accuracy on the report split: 200 images" in done.stdout
     assert "latency p50/p90/p99" in done.stdout
     bundle = cwd / "dist" / "yolov8n-cpu-int8"
     manifest = json.loads((bundle / "manifest.json").read_text())
-    power = manifest["metrics"]["speed"]["int8_cpu"]["power"]
+    power = manifest["metrics"]["speed"]["artifact"]["power"]
     assert ("power unavailable" in done.stdout) == (power["status"] == "unavailable")
     assert set(manifest["files"]) == {"model.onnx", "runtime.json", "postprocess.py", "metrics.json",
                                       "MODEL_CARD.md"}
@@ -35,13 +36,16 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     assert manifest["config"]["precision"] == "int8"
     accuracy = manifest["metrics"]["accuracy"]
     # The embedded model is trained to well above chance; INT8 stays within the default budget.
-    assert accuracy["fp32_onnx"]["map50_95"] > 0.6
-    assert accuracy["map50_95_drop_points"] <= 1.0
+    assert accuracy["reference"]["map50_95"] > 0.6 and accuracy["split"]["role"] == "report"
+    assert accuracy["drop_points"] <= 1.0
+    # Choices were made on other images than the ones reported, and the bundle says which.
+    assert manifest["splits"]["selection"]["fingerprint"] != manifest["splits"]["report"]["fingerprint"]
+    assert manifest["splits"]["selection"]["source"].endswith("images/selection")
     check = run_deploy(["check", str(bundle)], cwd, deploy_home)
     assert check.returncode == 0 and check.stdout.startswith("ok: 5 files")
     record = json.loads((cwd / "dist" / "yolov8n-cpu-int8.build.json").read_text())
-    assert [s["stage"] for s in record["stages"]] == ["load", "export", "quantize", "compile", "verify", "probe",
-                                                      "release"]
+    assert [s["stage"] for s in record["stages"]] == ["load", "export", "reference", "quantize", "compile", "verify",
+                                                      "probe", "release"]
 
 
 def test_second_build_is_all_cache_hits(built, deploy_home):
@@ -183,10 +187,14 @@ def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, pre
     cwd, _ = built
     summary = build_json(["--target", "arm", "--precision", precision], cwd, deploy_home)
     verify = next(s for s in summary["stages"] if s["stage"] == "verify")["metrics"]
-    assert verify[f"{precision}_arm"]["map50_95"] > 0.6 and verify["within_budget"]
+    assert verify["artifact"]["map50_95"] > 0.6 and verify["within_budget"]
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
-    assert probe[f"{precision}_arm"]["runtime"].startswith("ncnn")
-    assert "quantize" not in [s["stage"] for s in summary["stages"]]  # ncnn INT8 is written from the FP32 model
+    assert probe["artifact"]["runtime"].startswith("ncnn")
+    # INT8 goes through the same quantize stage as every target, with the target's own backend.
+    stages = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    assert ("quantize" in stages) == (precision == "int8")
+    if precision == "int8":
+        assert stages["quantize"]["unit_kind"] == "layer" and stages["quantize"]["method"] in ("minmax", "entropy")
     bundle = cwd / "dist" / f"yolov8n-arm-{precision}"
     assert {"model.ncnn.param", "model.ncnn.bin", "runtime.json"} <= {p.name for p in bundle.iterdir()}
     assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0
@@ -195,6 +203,6 @@ def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, pre
 def test_profile_sets_the_probe_threads(built, deploy_home, tmp_path):
     summary = build_json(["--profile", "host-1-thread", "--output", str(tmp_path / "out")], built[0], deploy_home)
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
-    assert probe["int8_cpu"]["threads"] == 1 and probe["fp32_onnx"]["threads"] == 1
+    assert probe["artifact"]["threads"] == 1 and probe["reference"]["threads"] == 1
     manifest = json.loads((tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").read_text())
     assert manifest["config"]["profile"] == "host-1-thread"

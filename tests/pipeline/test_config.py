@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import dump_config, load_config, validate
-from pipeline.errors import ConfigError
+from edge_deploy.pipeline.config import dump_config, load_config, validate
+from edge_deploy.pipeline.errors import ConfigError
 
 
 def test_unknown_keys_are_named_with_a_suggestion(tmp_path):

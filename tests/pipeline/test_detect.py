@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.detect import decode, make_anchors, nms, postprocess
+from edge_deploy.pipeline.detect import decode, make_anchors, nms, postprocess
 from tests.conftest import EMBEDDED_MODEL
 
 

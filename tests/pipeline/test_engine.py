@@ -1,9 +1,9 @@
 
 import pytest
 
-from pipeline.artifacts import Artifact, atomic_dir
-from pipeline.engine import Engine, Stage, StageOutput
-from pipeline.errors import DeployError
+from edge_deploy.pipeline.artifacts import Artifact, atomic_dir
+from edge_deploy.pipeline.engine import Engine, Stage, StageOutput
+from edge_deploy.pipeline.errors import DeployError
 
 
 class Upper(Stage):
@@ -58,10 +58,11 @@ def test_key_follows_meaning_not_file_names(tmp_path, text):
     assert engine.key(Upper(suffix="!"), text) != base
     assert engine.key(Upper(fingerprint="other"), text) != base
 
-    class Versioned(Upper):
-        version = 2
+    class OtherCode(Upper):
+        def code_modules(self):
+            return ("edge_deploy.pipeline.detect",)
 
-    assert engine.key(Versioned(), text) != base
+    assert engine.key(OtherCode(), text) != base
 
     class WithToolchain(Upper):
         toolchain = ("numpy",)

@@ -1,9 +1,9 @@
 import numpy as np
 
-from calibration.preprocess import Preprocess, load_tensor
-from calibration.sets import labelled_split
-from pipeline.detect import make_anchors
-from pipeline.evaluate import coco_map, read_yolo_labels
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.sets import labelled_split
+from edge_deploy.pipeline.detect import make_anchors
+from edge_deploy.pipeline.evaluate import coco_map, read_yolo_labels
 
 
 def _oracle(val, shift_px: float = 0.0):

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.errors import InputError
-from pipeline.prune import CRITERIA, check_no_empty_layer, check_supported, count_macs_params, make_pruner, \
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.prune import CRITERIA, check_no_empty_layer, check_supported, count_macs_params, make_pruner, \
     split_c2f_blocks
 from tests.conftest import EMBEDDED_MODEL
 

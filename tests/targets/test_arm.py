@@ -3,27 +3,46 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.errors import DeployError
-from pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
-from targets.arm import NcnnArm
+from edge_deploy.pipeline.errors import DeployError
+from edge_deploy.pipeline.stages.export import OUTPUT_NAMES, max_relative_error, parity_inputs
+from edge_deploy.pipeline.results import ModelInfo
+from edge_deploy.targets.arm import NcnnArm
 
 
 @pytest.fixture(scope="module")
 def calibration_images(shapes_yaml, preprocess):
-    from calibration.preprocess import load_tensor
-    from calibration.sets import calibration_set
+    from edge_deploy.calibration.preprocess import load_tensor
+    from edge_deploy.calibration.sets import calibration_set
 
     chosen = calibration_set(shapes_yaml, preprocess, size=32, seed=0, min_recommended=1)
     return [load_tensor(p, preprocess)[0][0] for p in chosen.files]
 
 
 @pytest.fixture(scope="module")
-def compiled(exported, tmp_path_factory, calibration_images):
+def info(model_info):
+    return ModelInfo.from_json(model_info)
+
+
+def int8_model(exported, info, calibration_images, work, method="entropy", float_layers=()):
+    """The arm target's INT8 backend as the quantize stage drives it: statistics through ncnn, then a build."""
+    from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, work / "backend", {})
+    stats = collect_statistics(backend.tap(), [np.stack(calibration_images)])
+    return backend, backend.build(ranges_for(stats, method, symmetric=True), list(float_layers), work / "int8")
+
+
+@pytest.fixture(scope="module")
+def compiled(exported, info, tmp_path_factory, calibration_images):
     artifacts = {}
-    for precision in ("fp32", "fp16", "int8"):
+    for precision in ("fp32", "fp16"):
         folder = tmp_path_factory.mktemp(f"ncnn-{precision}")
-        NcnnArm().compile(exported["onnx"].path, precision, folder, calibration_images)
+        NcnnArm().compile(exported["onnx"].path, None, precision, info, folder)
         artifacts[precision] = folder
+    _, candidate = int8_model(exported, info, calibration_images, tmp_path_factory.mktemp("ncnn-int8-work"))
+    folder = tmp_path_factory.mktemp("ncnn-int8")
+    NcnnArm().compile(exported["onnx"].path, candidate, "int8", info, folder)
+    artifacts["int8"] = folder
     return artifacts
 
 
@@ -34,6 +53,9 @@ def test_pnnx_writes_a_param_bin_pair_stock_ncnn_loads(compiled):
     layer_types = {line.split()[0] for line in param[2:]}
     assert {"Input", "Convolution", "Swish", "Concat"} <= layer_types
     assert json.loads((folder / "ncnn.json").read_text())["imgsz"] == 160
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert runtime["input"] == {"name": "in0", "layout": "NCHW", "imgsz": 160, "dtype": "float32", "scale": "1/255",
+                                "colour": "RGB", "letterbox_pad": 114}
     assert (compiled["fp16"] / "model.ncnn.bin").stat().st_size < (folder / "model.ncnn.bin").stat().st_size * 0.6
 
 
@@ -53,7 +75,7 @@ def test_ncnn_outputs_match_onnxruntime(compiled, exported, precision, tolerance
 def test_int8_outputs_stay_close_to_fp32(compiled, exported):
     import onnxruntime as ort
 
-    from pipeline.int8 import sqnr_db
+    from edge_deploy.calibration.ranges import sqnr_db
 
     batch = parity_inputs(160, count=2)
     session = ort.InferenceSession(str(exported["onnx"].path), providers=["CPUExecutionProvider"])
@@ -67,53 +89,57 @@ def test_wrong_input_size_is_a_clear_error(compiled):
         NcnnArm().runtime(compiled["fp32"])(np.zeros((1, 3, 96, 96), np.float32))
 
 
-def test_probe_runner_measures_ncnn(compiled, tmp_path):
-    result = NcnnArm().probe(compiled["fp16"], {"warmup": 2, "runs": 50, "threads": 1,
-                                               "input_tensor": parity_inputs(160, count=1)}, tmp_path / "job")
-    assert result["runtime"].startswith("ncnn ") and result["runs"] == 50 and result["threads"] == 1
-    latency = result["latency_ms"]
+def test_probe_runner_measures_ncnn_through_the_local_transport(compiled, tmp_path):
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    target = NcnnArm()
+    job = tmp_path / "job"
+    job.mkdir()
+    target.prepare_job(compiled["fp16"], {"warmup": 2, "runs": 50, "threads": 1}, parity_inputs(160, count=1), job)
+    result = LocalTransport().run(job, target.runner, target.runtime_packages)
+    assert result.runtime.startswith("ncnn ") and result.runs == 50 and result.threads == 1
+    assert result.device["transport"]["packages"]["ncnn"] == result.runtime.split()[1]
+    latency = result.latency_ms
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
-    assert result["power"]["status"] == "unavailable"
+    assert result.power["status"] == "unavailable"
 
 
 def test_int8_is_written_as_ncnn2int8_would(compiled):
-    from targets.ncnn_int8 import TAG_INT8, read_param
+    from edge_deploy.targets.arm.ncnn_int8 import TAG_INT8, read_param
 
     folder = compiled["int8"]
     _, layers = read_param(folder / "model.ncnn.param")
     convs = [layer for layer in layers if layer.kind == "Convolution"]
     assert convs and all(layer.param("8") == "2" for layer in convs)
     assert int.from_bytes((folder / "model.ncnn.bin").read_bytes()[:4], "little") == TAG_INT8
-    meta = json.loads((folder / "ncnn.json").read_text())["int8"]
-    assert meta["method"] in ("minmax", "kl") and meta["layers"] == len(convs)
     assert (folder / "model.ncnn.bin").stat().st_size < (compiled["fp32"] / "model.ncnn.bin").stat().st_size / 3
-    from calibration.formats import read_ncnn_table
+    from edge_deploy.calibration.formats import read_ncnn_table
 
     weights, activations = read_ncnn_table(folder / "model.table")
     assert set(weights) == set(activations) == {layer.name for layer in convs}
 
 
 def test_int8_writer_round_trips_an_unquantized_model(compiled, tmp_path):
-    from targets.ncnn_int8 import write_int8
+    from edge_deploy.targets.arm.ncnn_int8 import write_int8
 
     source = compiled["fp32"]
     write_int8(source / "model.ncnn.param", source / "model.ncnn.bin", tmp_path, {})
     assert (tmp_path / "model.ncnn.bin").read_bytes() == (source / "model.ncnn.bin").read_bytes()
 
 
-def test_calibration_that_gives_zero_scales_is_refused(exported, tmp_path):
-    from pipeline.errors import InputError
+def test_calibration_that_gives_zero_scales_is_refused(exported, info, tmp_path):
+    from edge_deploy.pipeline.errors import InputError
 
     black = [np.zeros((3, 160, 160), np.float32)] * 2
     with pytest.raises(InputError, match="all-zero input, so no INT8 scale exists"):
-        NcnnArm().compile(exported["onnx"].path, "int8", tmp_path, black, method="minmax")
+        int8_model(exported, info, black, tmp_path, method="minmax")
 
 
 def test_operators_ncnn_cannot_run_are_named(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from pipeline.errors import ConversionMismatch
+    from edge_deploy.pipeline.errors import ConversionMismatch
 
     graph = helper.make_graph(
         [helper.make_node("Conv", ["images", "w"], ["c"]), helper.make_node("Hardmax", ["c"], ["box_dist"], axis=1),
@@ -123,39 +149,37 @@ def test_operators_ncnn_cannot_run_are_named(tmp_path):
          helper.make_tensor_value_info("cls_logit", TensorProto.FLOAT, None)],
         [helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], [0.1] * 12)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "imgsz", "32"
     onnx.save(model, str(tmp_path / "hardmax.onnx"))
     out = tmp_path / "out"
     out.mkdir()
+    small = ModelInfo("hardmax.onnx", "test", "detect", ["a"], 32, [8, 16, 32], 16, 12)
     with pytest.raises(ConversionMismatch, match="ncnn has no layer for Hardmax"):
-        NcnnArm().compile(tmp_path / "hardmax.onnx", "fp32", out)
+        NcnnArm().compile(tmp_path / "hardmax.onnx", None, "fp32", small, out)
     assert not (out / "model.ncnn.param").exists()
 
 
-def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, small_shapes_yaml, preprocess,
+def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, info, small_shapes_yaml, preprocess,
                                                                    calibration_images, tmp_path):
-    from calibration.sets import labelled_split
-    from pipeline.evaluate import coco_map
-    from targets.cpu import ort_infer
+    """The shared search drives the ncnn backend: layers that hurt most alone stay FP32, 1, 2, 4, ... of them."""
+    from edge_deploy.calibration.onnxrt import ort_infer
+    from edge_deploy.calibration.ranges import collect_statistics
+    from edge_deploy.calibration.search import search
+    from edge_deploy.calibration.sets import labelled_split
+    from edge_deploy.pipeline.evaluate import coco_map
+    from edge_deploy.targets.arm.ncnn_int8 import read_param
 
     val = labelled_split(small_shapes_yaml, "val", preprocess)
     evaluate = lambda infer: coco_map(val, infer, [8, 16, 32], 4)["map50_95"]  # noqa: E731
     reference = evaluate(ort_infer(exported["onnx"].path))
-    target = NcnnArm()
-
-    def score(folder):
-        return round((reference - evaluate(target.runtime(folder))) * 100, 2)
-
-    target.compile(exported["onnx"].path, "int8", tmp_path, calibration_images, "entropy", score, budget=0.0)
-    meta = json.loads((tmp_path / "ncnn.json").read_text())["int8"]
-    trials = meta["trials"]
-    assert meta["chosen_by"] == "validation mAP" and len(trials) > 1
-    assert [len(t["float_layers"]) for t in trials[1:]] == [2 ** i for i in range(len(trials) - 1)]
-    chosen = next(t for t in trials if t["float_layers"] == meta["float_layers"])
-    assert chosen["drop_points"] <= 0.0 or chosen["drop_points"] == min(t["drop_points"] for t in trials)
-    from targets.ncnn_int8 import read_param
-
-    _, layers = read_param(tmp_path / "model.ncnn.param")
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend", {})
+    stats = collect_statistics(backend.tap(), [np.stack(calibration_images)])
+    outcome = search(backend, stats, ("entropy",), True,
+                     lambda built: round((reference - evaluate(backend.runtime(built))) * 100, 2), 0.0,
+                     [np.stack(calibration_images[:8])], tmp_path / "candidates")
+    trials = outcome.candidates
+    assert len(trials) > 1 and len(outcome.sensitivity) == backend.units()
+    assert [len(t.float_units) for t in trials[1:]] == [2 ** i for i in range(len(trials) - 1)]
+    assert outcome.within_budget or outcome.best.drop_points == min(t.drop_points for t in trials)
+    _, layers = read_param(outcome.best.built / "model.ncnn.param")
     kept = {layer.name for layer in layers if layer.kind == "Convolution" and layer.param("8") is None}
-    assert kept == set(meta["float_layers"])
+    assert kept == set(outcome.best.float_units)

@@ -4,39 +4,48 @@ import sys
 
 import numpy as np
 
-from calibration.preprocess import load_tensor
-from targets import TARGETS, load_target
-from targets.cpu import OnnxRuntimeCpu
-from targets.runners.measure import RAPL_ENERGY, percentile
+from edge_deploy.calibration.preprocess import load_tensor
+from edge_deploy.pipeline.results import ModelInfo
+from edge_deploy.targets import TARGETS, load_target
+from edge_deploy.targets.cpu import OnnxRuntimeCpu
+from edge_deploy.targets.runners.measure import RAPL_ENERGY, percentile
 
 
-def test_probe_measures_real_runs_and_never_invents_power(exported, preprocess, shapes_yaml, tmp_path):
+def test_probe_measures_real_runs_and_never_invents_power(exported, model_info, preprocess, shapes_yaml, tmp_path):
+    from edge_deploy.targets.transports.local import LocalTransport
+
     target = OnnxRuntimeCpu()
     artifact = tmp_path / "artifact"
     artifact.mkdir()
-    target.compile(exported["onnx"].path, "fp32", artifact)
+    target.compile(exported["onnx"].path, None, "fp32", ModelInfo.from_json(model_info), artifact)
     image = sorted((shapes_yaml.parent / "images" / "val").iterdir())[0]
     tensor, _ = load_tensor(image, preprocess)
-    result = target.probe(artifact, {"warmup": 3, "runs": 50, "threads": 1, "input_tensor": tensor},
-                          tmp_path / "job")
-    latency = result["latency_ms"]
-    assert result["runs"] == 50 and result["threads"] == 1
+    job = tmp_path / "job"
+    job.mkdir()
+    target.prepare_job(artifact, {"warmup": 3, "runs": 50, "threads": 1}, tensor, job)
+    result = LocalTransport().run(job, target.runner, target.runtime_packages)
+    latency = result.latency_ms
+    assert result.runs == 50 and result.threads == 1
     assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
-    assert result["fps"] > 0 and result["load_ms"] > 0
-    assert result["memory_mb"]["peak_rss"] >= result["memory_mb"]["rss_before_load"] > 0
+    assert result.fps > 0 and result.load_ms > 0
+    assert result.memory_mb["peak_rss"] >= result.memory_mb["rss_before_load"] > 0
     if RAPL_ENERGY.exists():
-        assert result["power"]["status"] == "measured" and result["power"]["average_watts"] > 0
+        assert result.power["status"] == "measured" and result.power["average_watts"] > 0
     else:
-        assert result["power"] == {"status": "unavailable", "reason": result["power"]["reason"]}
-        assert "average_watts" not in result["power"]
-    assert json.loads((tmp_path / "job" / "result.json").read_text()) == result
+        assert result.power == {"status": "unavailable", "reason": result.power["reason"]}
+        assert "average_watts" not in result.power
+    # What the device wrote is what the host returns, plus the transport's description of the device.
+    written = json.loads((job / "result.json").read_text())
+    assert result.latency_ms == written["latency_ms"] and result.device["processor"] == written["host"]["processor"]
+    assert result.device["transport"]["transport"] == "local"
+    assert result.device["transport"]["packages"]["onnxruntime"] == result.runtime.split()[1]
 
 
-def test_runtime_matches_plain_onnxruntime(exported, preprocess, tmp_path):
+def test_runtime_matches_plain_onnxruntime(exported, model_info, tmp_path):
     import onnxruntime as ort
 
     target = OnnxRuntimeCpu()
-    target.compile(exported["onnx"].path, "fp32", tmp_path)
+    target.compile(exported["onnx"].path, None, "fp32", ModelInfo.from_json(model_info), tmp_path)
     batch = np.random.default_rng(0).uniform(0, 1, (1, 3, 160, 160)).astype(np.float32)
     ours = target.runtime(tmp_path)(batch)
     session = ort.InferenceSession(str(exported["onnx"].path), providers=["CPUExecutionProvider"])
@@ -50,7 +59,7 @@ def test_percentile_interpolates():
 
 
 def test_listing_targets_imports_no_toolchain():
-    code = ("import sys; from click.testing import CliRunner; from pipeline.cli import main; "
+    code = ("import sys; from click.testing import CliRunner; from edge_deploy.pipeline.cli import main; "
             "r = CliRunner().invoke(main, ['targets']); assert r.exit_code == 0, r.output; "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'tensorrt', 'tensorflow', 'ncnn', 'ultralytics') "
             "if m in sys.modules))")

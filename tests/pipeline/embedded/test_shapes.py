@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.embedded.shapes import CLASS_NAMES, ShapesSpec, generate, render_image
+from edge_deploy.pipeline.embedded.shapes import CLASS_NAMES, ShapesSpec, generate, render_image
 
 
 def test_same_spec_renders_the_same_image_and_labels():

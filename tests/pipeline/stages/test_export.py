@@ -1,8 +1,8 @@
 import onnx
 import pytest
 
-from pipeline.errors import ConversionMismatch
-from pipeline.stages.export import ExportStage, OUTPUT_NAMES
+from edge_deploy.pipeline.errors import ConversionMismatch
+from edge_deploy.pipeline.stages.export import ExportStage, OUTPUT_NAMES
 
 
 def test_onnx_ends_at_raw_maps_and_matches_pytorch(exported, engine, model_info):
@@ -15,7 +15,7 @@ def test_onnx_ends_at_raw_maps_and_matches_pytorch(exported, engine, model_info)
 
 
 def test_drift_beyond_tolerance_is_a_typed_error(exported, deploy_home, tmp_path):
-    from pipeline.engine import Engine
+    from edge_deploy.pipeline.engine import Engine
 
     with pytest.raises(ConversionMismatch, match="differs from its parent"):
         Engine(tmp_path / "cache").run(ExportStage(deploy_home, 17, True, 1e-12), exported)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.artifacts import Artifact
-from pipeline.errors import InputError
-from pipeline.stages.load import LoadStage, check_model_path
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.stages.load import LoadStage, check_model_path
 
 
 def _load(engine, home, path):
@@ -67,7 +67,7 @@ def test_detector_from_yaml_builds_the_same_model_every_time(engine, deploy_home
     local_yaml.write_text(source.read_text())
     first = _load(engine, deploy_home, local_yaml)
     assert first.metrics["family"] == "yolov8n" and first.metrics["imgsz"] == 640
-    from pipeline.engine import Engine
+    from edge_deploy.pipeline.engine import Engine
 
     fresh = Engine(tmp_path / "cache2").run(LoadStage(deploy_home, None), {"source": Artifact.of(local_yaml)})
     a = torch.load(first.artifacts["checkpoint"].path, weights_only=False)["model"].state_dict()

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from calibration.preprocess import Preprocess
-from calibration.sets import calibration_set, labelled_split
-from pipeline.artifacts import Artifact
-from pipeline.engine import Engine
-from pipeline.stages.load import LoadStage
-from pipeline.stages.prune import PruneStage, detection_batch
+from edge_deploy.calibration.preprocess import Preprocess
+from edge_deploy.calibration.sets import calibration_set, labelled_split
+from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.engine import Engine
+from edge_deploy.pipeline.stages.load import LoadStage
+from edge_deploy.pipeline.stages.prune import PruneStage, detection_batch
 from tests.conftest import EMBEDDED_MODEL
 
 

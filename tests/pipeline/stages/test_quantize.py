@@ -1,53 +1,81 @@
-import json
 
 import numpy as np
 import onnx
 import pytest
 
-from calibration.formats import read_trt_cache
-from calibration.preprocess import load_tensor
-from calibration.sets import calibration_set, labelled_split
-from pipeline.engine import Engine
-from pipeline.errors import AccuracyGateError, ConversionMismatch
-from pipeline.int8 import fake_quant_activation, fake_quant_weight, sqnr_db
-from pipeline.stages.quantize import QuantizeStage
+from edge_deploy.calibration.formats import read_trt_cache
+from edge_deploy.calibration.preprocess import load_tensor
+from edge_deploy.calibration.qdq import fake_quant_activation, fake_quant_weight
+from edge_deploy.calibration.ranges import sqnr_db
+from edge_deploy.calibration.sets import calibration_set, choice_splits
+from edge_deploy.pipeline.engine import Engine
+from edge_deploy.pipeline.errors import AccuracyGateError
+from edge_deploy.pipeline.results import QuantizationReport
+from edge_deploy.pipeline.stages.quantize import QuantizeStage
+from edge_deploy.pipeline.stages.reference import ReferenceStage
+from edge_deploy.targets.cpu import OnnxRuntimeCpu
 
 
 @pytest.fixture(scope="module")
 def sets(shapes_yaml, preprocess):
-    calibration = calibration_set(shapes_yaml, preprocess, size=48, seed=0)
-    val = labelled_split(shapes_yaml, "val", preprocess)
-    return calibration, val
+    selection = choice_splits(shapes_yaml, preprocess, 100, 0)[0].head(48)
+    calibration = calibration_set(shapes_yaml, preprocess, size=48, seed=0, exclude=frozenset(selection.file_hashes))
+    return calibration, selection
+
+
+@pytest.fixture(scope="module")
+def referenced(exported, engine, sets, shapes_yaml, preprocess) -> dict:
+    """load + export + the FP32 reference on the selection and report splits."""
+    available = dict(exported)
+    val = choice_splits(shapes_yaml, preprocess, 100, 0)[1]
+    available.update(engine.run(ReferenceStage(sets[1], val), available).artifacts)
+    return available
 
 
 def stage(sets, **overrides):
-    settings = dict(method="minmax", per_channel=True, symmetric=False, max_map_drop=0.5,
-                    on_budget_exceeded="fail", min_sqnr_db=15.0)
+    settings = dict(method="minmax", symmetric=False, max_map_drop=2.0, on_budget_exceeded="fail")
     settings.update(overrides)
-    return QuantizeStage(settings.pop("precision", "int8"), *sets, **settings)
+    return QuantizeStage(OnnxRuntimeCpu(), settings.pop("precision", "int8"), *sets, **settings)
 
 
-def test_int8_keeps_accuracy_and_writes_calibration_files(exported, engine, sets):
-    record = engine.run(stage(sets), exported)
-    ops = {node.op_type for node in onnx.load(str(record.artifacts["onnx_quantized"].path)).graph.node}
+def test_int8_keeps_accuracy_and_writes_calibration_files(referenced, engine, sets):
+    record = engine.run(stage(sets), referenced)
+    ops = {node.op_type for node in onnx.load(str(record.artifacts["quantized"].path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    assert record.metrics["drop_points"] <= 0.5 and record.metrics["float_nodes"] == 0
-    assert min(record.metrics["sqnr_db"].values()) >= 15.0
-    assert record.metrics["size_bytes"] < exported["onnx"].path.stat().st_size / 2
+    report = QuantizationReport.from_json(record.metrics)
+    assert report.drop_points <= 2.0 and report.float_units == [] and report.within_budget
+    assert record.artifacts["quantized"].path.stat().st_size < referenced["onnx"].path.stat().st_size / 2
     header, scales = read_trt_cache(record.artifacts["trt_calibration_cache"].path)
     assert header == "TRT-8601-EntropyCalibration2" and scales["images"] == pytest.approx(1 / 127)
-    report = json.loads(record.artifacts["quantize_report"].path.read_text())
-    assert report["method"] == "minmax" and report["selection_set"].startswith("val")
+    assert report.method == "minmax" and report.selection.role == "selection"
+    assert report.selection.images == 48 and report.selection.source.endswith("images/selection")
 
 
-def test_calibration_set_is_part_of_the_key(exported, engine, sets, shapes_yaml, preprocess):
-    other = calibration_set(shapes_yaml, preprocess, size=48, seed=1)
-    assert engine.key(stage(sets), exported) != engine.key(stage((other, sets[1])), exported)
+def test_selection_images_are_never_calibrated_on(sets):
+    calibration, selection = sets
+    assert not set(calibration.file_hashes) & set(selection.file_hashes)
+    assert len(calibration.files) == 48
+
+
+def test_calibration_set_is_part_of_the_key(referenced, engine, sets, shapes_yaml, preprocess):
+    other = calibration_set(shapes_yaml, preprocess, size=48, seed=1, exclude=frozenset(sets[1].file_hashes))
+    assert engine.key(stage(sets), referenced) != engine.key(stage((other, sets[1])), referenced)
+
+
+def test_methods_a_target_does_not_accept_are_refused_before_any_stage():
+    from edge_deploy.pipeline.build import check_against_target
+    from edge_deploy.pipeline.config import BuildConfig
+    from edge_deploy.pipeline.errors import ConfigError
+    from edge_deploy.targets.arm import NcnnArm
+
+    config = BuildConfig(target="arm", precision="int8", quantize={"method": "percentile"})
+    with pytest.raises(ConfigError, match="ncnn INT8.*accepts quantize.method auto, minmax, entropy"):
+        check_against_target(config, NcnnArm())
 
 
 def test_calibration_tensors_are_what_inference_is_fed(sets):
     """The quantizer and every runtime read images through the one preprocessing function."""
-    from calibration.preprocess import letterbox, read_image
+    from edge_deploy.calibration.preprocess import letterbox, read_image
 
     calibration, _ = sets
     path = calibration.files[0]
@@ -57,15 +85,10 @@ def test_calibration_tensors_are_what_inference_is_fed(sets):
     assert np.allclose(tensor, expected, atol=1e-7)
 
 
-def test_budget_nothing_meets_reports_the_best_and_fails(exported, sets, tmp_path):
-    with pytest.raises(AccuracyGateError, match="at best"):
-        Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=0.0), exported)
+def test_budget_nothing_meets_reports_the_best_and_fails(referenced, sets, tmp_path):
+    with pytest.raises(AccuracyGateError, match="at best on the selection split"):
+        Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=0.0), referenced)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-
-
-def test_sqnr_floor_rejects_the_conversion(exported, sets, tmp_path):
-    with pytest.raises(ConversionMismatch, match="SQNR"):
-        Engine(tmp_path / "cache").run(stage(sets, min_sqnr_db=90.0), exported)
 
 
 def test_fake_quant_helpers():
@@ -79,29 +102,23 @@ def test_fake_quant_helpers():
     assert sqnr_db(w, q) > 35
 
 
-def test_sqnr():
-    signal = np.ones(100)
-    assert sqnr_db(signal, signal) == float("inf")
-    assert abs(sqnr_db(signal, signal * 1.1) - 20.0) < 1e-9
-
-
-def test_int4_gptq_loses_less_than_round_to_nearest(exported, engine, sets):
+def test_int4_gptq_loses_less_than_round_to_nearest(referenced, engine, sets):
     results = {}
     for method in ("rtn", "gptq"):
         record = engine.run(stage(sets, precision="int4", int4_method=method, max_map_drop=5.0,
-                                  on_budget_exceeded="continue"), exported)
-        model = onnx.load(str(record.artifacts["onnx_quantized"].path))
+                                  on_budget_exceeded="continue"), referenced)
+        model = onnx.load(str(record.artifacts["quantized"].path))
         int4 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT4]
         assert len(int4) == 63 and model.opset_import[0].version == 21
         results[method] = record.metrics["drop_points"]
-        assert record.metrics["size_bytes"] < exported["onnx"].path.stat().st_size / 4
+        assert record.artifacts["quantized"].path.stat().st_size < referenced["onnx"].path.stat().st_size / 4
     assert results["gptq"] < results["rtn"]
     assert results["gptq"] <= 2.0
 
 
-def test_w4a8_quantizes_activations_and_stores_int4_weights(exported, engine, sets):
-    record = engine.run(stage(sets, precision="w4a8", max_map_drop=2.0), exported)
-    model = onnx.load(str(record.artifacts["onnx_quantized"].path))
+def test_w4a8_quantizes_activations_and_stores_int4_weights(referenced, engine, sets):
+    record = engine.run(stage(sets, precision="w4a8", max_map_drop=2.0, on_budget_exceeded="continue"), referenced)
+    model = onnx.load(str(record.artifacts["quantized"].path))
     types = {i.data_type for i in model.graph.initializer}
     assert onnx.TensorProto.INT4 in types
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
-from targets.benchncnn import parse_benchncnn
+from edge_deploy.pipeline.errors import InputError
+from edge_deploy.targets.arm.benchncnn import parse_benchncnn
 
 SAMPLES = Path(__file__).parents[1] / "samples" / "benchncnn"
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 try:  # inside the package here; beside the script on a device
-    from . import measure
+    from edge_deploy.targets.runners import measure
 except ImportError:
     import measure
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DeployError
+from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ, QuantRules
+from edge_deploy.calibration.search import UnitSensitivity
+from edge_deploy.pipeline.errors import DeployError
 
 
 @contextlib.contextmanager
@@ -69,12 +70,6 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
     return out_path
 
 
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
-
-
 def fake_quant_activation(x: np.ndarray, low: float, high: float, symmetric: bool) -> np.ndarray:
     """Quantize and dequantize as a QDQ pair with this range would (8 bits)."""
     if symmetric:
@@ -96,18 +91,11 @@ def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True) ->
     return (np.clip(np.round(w / scale), -limit, limit) * scale).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class NodeSensitivity:
-    node: str
-    op_type: str
-    sqnr_db: float
-
-
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
-                     symmetric: bool, per_channel: bool = True) -> list[NodeSensitivity]:
+                     symmetric: bool, per_channel: bool = True) -> list[UnitSensitivity]:
     """SQNR of each quantizable node's output with only that node's inputs quantized, least first.
 
     Every node is run alone (a one-node graph in onnxruntime) on the inputs it
@@ -118,7 +106,8 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from calibration.ranges import session_with_all_outputs, tensor_types
+    from edge_deploy.calibration.onnxrt import session_with_all_outputs, tensor_types
+    from edge_deploy.calibration.ranges import sqnr_db
 
     model = onnx.load(str(prepared))
     types = tensor_types(model)
@@ -168,23 +157,63 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
             quant_feed = {i: (fake_quant_activation(v, *ranges[i], symmetric)
                               if i in ranges and v.dtype == np.float32 else v) for i, v in feed.items()}
             candidate.append(quant_session.run(None, quant_feed)[0])
-        results.append(NodeSensitivity(node.name, node.op_type,
+        results.append(UnitSensitivity(node.name, node.op_type,
                                        round(sqnr_db(np.concatenate(reference), np.concatenate(candidate)), 2)))
     return sorted(results, key=lambda r: r.sqnr_db)
 
 
-def keep_sensitive_float(trial, sensitivity: list[NodeSensitivity], budget: float) -> tuple[dict | None, list[dict]]:
-    """Keeps the 1, 2, 4, ... most sensitive nodes float until `trial(exclude)` meets the budget.
+class OnnxQdqBackend:
+    """Candidates as QDQ ONNX files built by onnxruntime's quantizer with this project's ranges.
 
-    Returns the first attempt within budget (None if none was) and every attempt.
-    Keeping every node float would leave no INT8 model, so the search stops short of it.
+    Serves every target that consumes a QDQ ONNX (ONNX Runtime, TensorRT's
+    explicit quantization); the rules say what the consumer can represent.
+    With 4-bit weights (W4A8, INT4), the weights are rounded once (RTN or GPTQ)
+    and activation statistics are taken on the model with those weights.
     """
-    attempts = []
-    count = 1
-    while count < len(sensitivity):
-        attempt = trial([s.node for s in sensitivity[:count]])
-        attempts.append(attempt)
-        if attempt["drop_points"] <= budget:
-            return attempt, attempts
-        count *= 2
-    return None, attempts
+
+    def __init__(self, fp32_onnx: Path, work: Path, rules: QuantRules = ONNXRUNTIME_QDQ,
+                 activation_bits: int | None = 8, weight_bits: int = 8, int4_method: str = "gptq",
+                 int4_group: int = 0, calibration_batches: list[np.ndarray] | None = None, symmetric: bool = False):
+        self.rules = rules
+        self.symmetric = rules.symmetric(symmetric)
+        self.activation_bits, self.weight_bits = activation_bits, weight_bits
+        work.mkdir(parents=True, exist_ok=True)
+        self.prepared = prepare(fp32_onnx, work / "prepared.onnx")
+        self.weights = None
+        self.source = self.prepared
+        if weight_bits == 4:
+            from edge_deploy.calibration.int4 import quantize_weights, with_int4_grid
+
+            self.weights = quantize_weights(self.prepared, int4_method, int4_group, calibration_batches)
+            # Activation ranges are measured on the model the activations will flow through.
+            self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
+
+    def tap(self):
+        from edge_deploy.calibration.onnxrt import onnx_activation_tap
+
+        return onnx_activation_tap(self.source)
+
+    def build(self, ranges, float_units: list[str], out: Path) -> Path:
+        from edge_deploy.calibration.int4 import replace_int8_weights, write_weight_only
+
+        path = out.with_suffix(".onnx")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.activation_bits is None:
+            return write_weight_only(self.prepared, self.weights, path)
+        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, float_units)
+        if self.weights is not None:
+            replace_int8_weights(path, self.weights, path)
+        return path
+
+    def runtime(self, built: Path):
+        from edge_deploy.calibration.onnxrt import ort_infer
+
+        return ort_infer(built)
+
+    def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
+        return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights)
+
+    def units(self) -> int:
+        import onnx
+
+        return len(onnx.load(str(self.prepared), load_external_data=False).graph.node)

@@ -2,8 +2,8 @@
 
 The FP32 `.param`/`.bin` from pnnx is read layer by layer; every Convolution
 gets per-output-channel weight scales (127 / |w|max) and a scale for its input
-blob (127 / threshold, the threshold from KL divergence or the blob's |x|max
-over the calibration set). The layer is then written as ncnn2int8 would:
+blob (127 / threshold, the threshold from the shared range methods over the
+calibration set). The layer is then written as ncnn2int8 would:
 `8=2` (int8_scale_term) in the param line, and in the bin the INT8 weights
 behind the 0x000D4B38 tag, the bias, the weight scales and the input scale.
 Layers named in `keep_float` are copied unchanged and run in FP32.
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.formats import write_ncnn_table
-from calibration.ranges import BINS, kl_threshold
-from pipeline.errors import InputError
+from edge_deploy.calibration.formats import write_ncnn_table
+from edge_deploy.pipeline.errors import InputError
 
 TAG_FP32, TAG_FP16, TAG_INT8 = 0, 0x01306B47, 0x000D4B38
-METHODS = ("kl", "minmax")
 
 
 @dataclass
@@ -97,39 +95,6 @@ def weight_scales(weight: np.ndarray) -> np.ndarray:
     bound = np.abs(weight).max(axis=1)
     # An all-zero channel quantizes to zeros whatever its scale; 1 keeps the runtime's dequantization finite.
     return np.where(bound > 0, 127.0 / np.maximum(bound, 1e-30), 1.0).astype(np.float32)
-
-
-def blob_scales(net_factory, layers: list[Layer], images: list[np.ndarray], method: str) -> dict[str, float]:
-    """127 / threshold of each quantized layer's input blob over the calibration images."""
-    if method not in METHODS:
-        raise InputError(f"unknown ncnn calibration method '{method}'; choose from {', '.join(METHODS)}")
-    blobs = {layer.name: layer.bottoms[0] for layer in layers}
-    absmax = {name: 0.0 for name in blobs}
-    hists = {name: np.zeros(BINS, np.int64) for name in blobs}
-    for pass_number in (1, 2):
-        if pass_number == 2 and method == "minmax":
-            break
-        for image in images:
-            extractor = net_factory()
-            data = np.ascontiguousarray(image, dtype=np.float32)
-            import ncnn
-
-            extractor.input("in0", ncnn.Mat(data).clone())
-            for name, blob in blobs.items():
-                ret, mat = extractor.extract(blob)
-                values = np.abs(np.array(mat)).ravel()
-                if pass_number == 1:
-                    absmax[name] = max(absmax[name], float(values.max()) if values.size else 0.0)
-                elif absmax[name] > 0:
-                    index = np.minimum((values / absmax[name] * BINS).astype(np.int64), BINS - 1)
-                    hists[name] += np.bincount(index, minlength=BINS)
-    thresholds = {name: (kl_threshold(hists[name], absmax[name]) if method == "kl" else absmax[name])
-                  for name in blobs}
-    zero = sorted(name for name, t in thresholds.items() if not t > 0)
-    if zero:
-        raise InputError(f"the calibration set gives layer{'s' * (len(zero) > 1)} {', '.join(zero[:5])} an "
-                         "all-zero input, so no INT8 scale exists; use calibration images like the real input")
-    return {name: 127.0 / t for name, t in thresholds.items()}
 
 
 def write_int8(src_param: Path, src_bin: Path, out_dir: Path, activation: dict[str, float],

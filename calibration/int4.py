@@ -91,7 +91,7 @@ def conv_hessians(model_path: Path, batches: list[np.ndarray]) -> dict[str, np.n
     import onnx
     import torch
 
-    from calibration.ranges import session_with_all_outputs
+    from edge_deploy.calibration.onnxrt import session_with_all_outputs
 
     model = onnx.load(str(model_path))
     convs = [n for n in model.graph.node if n.op_type == "Conv" and _attr(n, "group", 1) == 1]
@@ -228,5 +228,18 @@ def replace_int8_weights(qdq_path: Path, weights: dict[str, Int4Weight], out_pat
         model.graph.initializer.extend(_int4_initializers(original, weights[original]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+def with_int4_grid(model_path: Path, weights: dict[str, Int4Weight], out_path: Path) -> Path:
+    """The float model with its Conv weights moved onto their INT4 grid (dequantized values)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    for init in model.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name].dequantized(), init.name))
     onnx.save(model, str(out_path))
     return out_path

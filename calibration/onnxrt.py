@@ -1,0 +1,82 @@
+"""ONNX Runtime as the reference runtime: an FP32 (or QDQ) ONNX file as a callable, and its activation tap.
+
+The FP32 ONNX model run by ONNX Runtime is the reference every artifact is
+judged against, whatever the target; the quantization code reads intermediate
+tensors through the same sessions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def ort_infer(model: Path, threads: int | None = None) -> Infer:
+    """One ONNX file in an ONNX Runtime CPU session, as a batch -> (box_dist, cls_logit) callable."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def infer(batch: np.ndarray):
+        box_dist, cls_logit = session.run(None, {input_name: batch})
+        return box_dist, cls_logit
+
+    return infer
+
+
+def tensor_types(model) -> dict[str, int]:
+    """ONNX element type of every tensor the graph names (inputs, node outputs, initializers)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
+def session_with_all_outputs(model_path: Path, float_only: bool = True):
+    """An onnxruntime session that also returns every intermediate tensor; and those tensors' names."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    types = tensor_types(model)
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    names = list(graph_inputs)
+    for node in model.graph.node:
+        names += [o for o in node.output if o and o in types and
+                  (types[o] == onnx.TensorProto.FLOAT or not float_only)]
+    names = list(dict.fromkeys(names))
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing and name not in graph_inputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    options = ort.SessionOptions()
+    # Optimisations would fuse nodes away and hide their outputs.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, names
+
+
+def onnx_activation_tap(model_path: Path):
+    """An activation tap over every float tensor of an ONNX model: batch -> {tensor name: values}."""
+    session, _ = session_with_all_outputs(model_path)
+    input_name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+
+    def tap(batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = dict(zip(outputs, session.run(outputs, {input_name: batch})))
+        values[input_name] = batch
+        return values
+
+    return tap

@@ -1,0 +1,59 @@
+"""Precisions and backends' quantization rules, as data the pipeline asks instead of branching on names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    # None: that part stays float. INT4 weight-only still calibrates (GPTQ reads activations).
+    activation_bits: int | None
+    weight_bits: int | None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.weight_bits is not None
+
+    @property
+    def float_fallback(self) -> bool:
+        """Whether sensitive units may be kept float to meet the budget (INT8 weights and activations)."""
+        return self.activation_bits == 8 and self.weight_bits == 8
+
+
+PRECISIONS = {
+    "fp32": PrecisionSpec("fp32", None, None),
+    "fp16": PrecisionSpec("fp16", None, None),
+    "int8": PrecisionSpec("int8", 8, 8),
+    "w4a8": PrecisionSpec("w4a8", 8, 4),
+    "int4": PrecisionSpec("int4", None, 4),
+}
+
+RANGE_METHODS = ("minmax", "percentile", "entropy")  # ties go to the simplest
+
+
+@dataclass(frozen=True)
+class QuantRules:
+    """How one backend consumes INT8: what it can represent and what the search may change."""
+
+    name: str
+    methods: tuple[str, ...]  # range methods it accepts, in the order `auto` tries them
+    # True: zero-point-0 activations only; None: the build's `quantize.symmetric` decides.
+    symmetric_activations: bool | None
+    per_channel_weights: bool
+    unit_kind: str  # what the float fallback keeps float: ONNX nodes, ncnn layers, ...
+    quantized_inputs: str  # which tensors get Q/DQ or a scale, in words, for reports
+    # Calibration files written from the chosen ranges for other toolchains; only where the backend's
+    # tensors are the ONNX graph's own, whose names those toolchains know.
+    calibration_files: tuple[str, ...] = ()
+
+    def symmetric(self, requested: bool) -> bool:
+        return requested if self.symmetric_activations is None else self.symmetric_activations
+
+
+ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node",
+                             "every float input of every node onnxruntime's quantizer supports",
+                             calibration_files=("tensorrt-cache",))
+NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
+                       "the input blob of every Convolution (ncnn's int8_scale_term)")

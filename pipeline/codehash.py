@@ -1,0 +1,79 @@
+"""The source a stage runs, as one hash, so that a change of behaviour anywhere in it misses the cache.
+
+A stage names the modules it runs (its own, its target's, its device runner);
+their project-internal imports are followed transitively, including imports
+inside functions, which is where this project keeps its heavy ones. The hash
+covers each module's name and bytes, so editing a helper two imports away from
+a stage changes that stage's key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "edge_deploy"
+
+
+@lru_cache(maxsize=None)
+def module_file(name: str) -> Path | None:
+    """The source file of a project module, without importing it (None for a name that is not a module)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def imported_modules(name: str, path: Path, package_name: str = PACKAGE) -> set[str]:
+    """Project modules `name` imports anywhere in its body (relative imports resolved)."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            # `from package import module` names a module, not an attribute, as often as not.
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m == package_name or m.startswith(package_name + ".")}
+
+
+@lru_cache(maxsize=None)
+def closure(roots: tuple[str, ...], package_name: str = PACKAGE) -> tuple[str, ...]:
+    """Every project module reachable from `roots` through imports, sorted."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = module_file(name)
+        if path is None:
+            continue
+        seen.add(name)
+        # A module's parent packages run first when it is imported.
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(imported_modules(name, path, package_name) - seen)
+    return tuple(sorted(seen))
+
+
+@lru_cache(maxsize=None)
+def source_hash(roots: tuple[str, ...], package_name: str = PACKAGE) -> str:
+    digest = hashlib.sha256()
+    for name in closure(tuple(sorted(set(roots))), package_name):
+        digest.update(name.encode() + b"\0" + module_file(name).read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -1,0 +1,183 @@
+"""Typed results that stages return and the summary, model card and release render.
+
+Each travels through the stage cache as JSON (`to_json` / `from_json`), so a
+cached build renders exactly like a fresh one. No result is keyed by a string
+built from a precision and a target name: a report names its reference and its
+artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JsonResult:
+    """Dataclasses that nest other JsonResults, turned into plain JSON and back."""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value, kind = data[f.name], hints[f.name]
+            nested = _json_result_type(kind)
+            if nested is not None and isinstance(value, dict):
+                value = nested.from_json(value)
+            values[f.name] = value
+        return cls(**values)
+
+
+def _json_result_type(kind) -> type | None:
+    import typing
+
+    candidates = typing.get_args(kind) or (kind,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, JsonResult):
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class ImageSplit(JsonResult):
+    """Which images a number comes from."""
+
+    role: str  # "selection" (choices are made on it) or "report" (numbers are reported on it)
+    source: str
+    images: int
+    fingerprint: str
+
+    def describe(self) -> str:
+        return f"{self.role} split: {self.images} images from {self.source}"
+
+
+@dataclass(frozen=True)
+class Accuracy(JsonResult):
+    map50: float
+    map50_95: float
+    images: int
+    objects: int
+
+
+@dataclass(frozen=True)
+class ReferenceAccuracy(JsonResult):
+    """The FP32 ONNX model in ONNX Runtime, measured once per build on both splits."""
+
+    selection: Accuracy
+    report: Accuracy
+    selection_split: ImageSplit
+    report_split: ImageSplit
+
+
+@dataclass(frozen=True)
+class AccuracyReport(JsonResult):
+    """verify: the artifact in its own runtime against the FP32 reference, on the report split."""
+
+    artifact_label: str
+    reference: Accuracy
+    # None when the artifact is the FP32 ONNX run by ONNX Runtime, i.e. the reference itself.
+    artifact: Accuracy | None
+    drop_points: float
+    budget_points: float
+    within_budget: bool
+    split: ImageSplit
+
+    @property
+    def artifact_or_reference(self) -> Accuracy:
+        return self.artifact if self.artifact is not None else self.reference
+
+
+@dataclass(frozen=True)
+class ProbeResult(JsonResult):
+    """One device job's measurement, the same schema for every runtime and transport."""
+
+    runner: str
+    runner_version: int
+    runtime: str  # name and version of the runtime that ran the model, as the device reports it
+    device: dict  # machine, processor, cpus as the device reports them; and the transport that reached it
+    threads: Any
+    batch: int
+    warmup: int
+    runs: int
+    load_ms: float
+    latency_ms: dict
+    fps: float
+    memory_mb: dict
+    power: dict
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_runner(cls, data: dict, transport: dict) -> "ProbeResult":
+        known = {f.name for f in dataclasses.fields(cls)}
+        device = {**data.get("host", {}), "transport": transport}
+        values = {k: v for k, v in data.items() if k in known and k not in ("device", "extra")}
+        extra = {k: v for k, v in data.items() if k not in known and k != "host"}
+        return cls(device=device, extra=extra, **values)
+
+    def power_text(self) -> str:
+        if self.power.get("status") == "measured":
+            return f"{self.power['average_watts']} W"
+        return "unavailable"
+
+
+@dataclass(frozen=True)
+class SpeedReport(JsonResult):
+    """probe: the FP32 reference and the artifact, each in its runtime on the device that ran it."""
+
+    artifact_label: str
+    reference: ProbeResult
+    artifact: ProbeResult | None  # None when the artifact is the reference itself
+    speedup_p50: float | None
+
+
+@dataclass(frozen=True)
+class CompileReport(JsonResult):
+    target: str
+    precision: str
+    files: dict  # role -> file name in the artifact folder
+    size_bytes: int
+    # How the artifact was checked against its FP32 parent on real preprocessed images.
+    check: str
+    check_value: float
+    check_images: int
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QuantizationReport(JsonResult):
+    precision: str
+    method: str
+    choice: str
+    selection: ImageSplit
+    budget_points: float
+    drop_points: float  # on the selection split, against the FP32 reference on the same images
+    within_budget: bool
+    float_units: list
+    units: int  # how many units (nodes or layers) the backend quantizes
+    unit_kind: str
+    calibration_images: int
+    trials: list
+    sensitivity: list
+
+
+@dataclass(frozen=True)
+class ModelInfo(JsonResult):
+    """What compile and the runtimes need to know about the detector, passed explicitly to every target."""
+
+    source: str
+    family: str
+    task: str
+    names: list
+    imgsz: int
+    strides: list
+    reg_max: int
+    params: int
+    pruned: bool = False

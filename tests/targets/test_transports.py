@@ -1,0 +1,73 @@
+"""The transport layer with real processes: what a device job returns, and how it fails."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+from edge_deploy.pipeline.errors import DeviceError, DeviceTimeout
+from edge_deploy.targets.transports.local import LocalTransport
+
+RESULT = {"runner": "fake", "runner_version": 1, "runtime": "fakert 1.0", "host": {"machine": "x", "cpus": 2},
+          "threads": 1, "batch": 1, "warmup": 0, "runs": 50, "load_ms": 1.0,
+          "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "fps": 900.0,
+          "memory_mb": {"peak_rss": 10.0}, "power": {"status": "unavailable", "reason": "no sensor"},
+          "providers": ["CPUExecutionProvider"]}
+
+
+def runner(tmp_path, body: str):
+    path = tmp_path / "runner.py"
+    path.write_text("import json, sys, time\nfrom pathlib import Path\njob = Path(sys.argv[1])\n" + textwrap.dedent(body))
+    return path
+
+
+def job_dir(tmp_path):
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "job.json").write_text("{}")
+    return folder
+
+
+def test_a_job_comes_back_as_a_typed_result_naming_the_device(tmp_path):
+    script = runner(tmp_path, f"""
+        import measure  # the shared measurements travel with every runner
+        measure.write_result(job, {json.dumps(RESULT)})
+    """)
+    result = LocalTransport().run(job_dir(tmp_path), script, ("numpy",))
+    assert result.runtime == "fakert 1.0" and result.latency_ms["p90"] == 2.0
+    assert result.device["machine"] == "x" and result.device["transport"]["transport"] == "local"
+    assert result.device["transport"]["packages"]["numpy"] != "not installed"
+    assert result.extra == {"providers": ["CPUExecutionProvider"]}
+    assert result.power_text() == "unavailable"
+
+
+def test_a_failed_measurement_names_the_runner_error(tmp_path):
+    script = runner(tmp_path, "sys.exit('ncnn could not load the model')\n")
+    with pytest.raises(DeviceError, match="local: the device job failed: ncnn could not load the model") as info:
+        LocalTransport().run(job_dir(tmp_path), script)
+    assert not isinstance(info.value, DeviceTimeout)
+
+
+def test_a_runner_that_writes_no_result_is_a_failure_not_an_empty_result(tmp_path):
+    script = runner(tmp_path, "pass\n")
+    with pytest.raises(DeviceError, match="exit code 0, no output"):
+        LocalTransport().run(job_dir(tmp_path), script)
+
+
+def test_a_job_that_never_ends_is_stopped_and_reported_as_a_timeout(tmp_path):
+    script = runner(tmp_path, "time.sleep(60)\n")
+    with pytest.raises(DeviceTimeout, match="ran past 1 s"):
+        LocalTransport().run(job_dir(tmp_path), script, timeout=1)
+
+
+def test_a_stale_result_from_an_earlier_run_is_never_returned(tmp_path):
+    folder = job_dir(tmp_path)
+    (folder / "result.json").write_text(json.dumps(RESULT))
+    with pytest.raises(DeviceError):
+        LocalTransport().run(folder, runner(tmp_path, "sys.exit(2)\n"))
+
+
+def test_the_local_transport_runs_a_fresh_interpreter(tmp_path):
+    command, env = LocalTransport().command(tmp_path, "runner.py")
+    assert command == [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)] and env is None
