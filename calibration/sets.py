@@ -4,45 +4,88 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from edge_deploy.calibration.preprocess import Preprocess, read_image
 from edge_deploy.pipeline.artifacts import atomic_dir, sha256_file
 from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.userfiles import read_text, read_yaml, shown
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def resolve_split(data_yaml: Path, split: str) -> Path:
     """The image folder of one split of an Ultralytics data YAML."""
-    try:
-        spec = yaml.safe_load(Path(data_yaml).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read data YAML {data_yaml}: {exc}") from None
-    if not isinstance(spec, dict) or split not in spec:
-        raise InputError(f"data YAML {data_yaml} has no '{split}' split")
+    spec = _read_data_yaml(data_yaml)
+    if split not in spec:
+        raise InputError(f"data YAML {shown(data_yaml)} has no '{split}' split")
+    if not isinstance(spec[split], str) or not spec[split].strip():
+        raise InputError(f"data YAML {shown(data_yaml)}: '{split}' must be a folder path (a list of folders or "
+                         "image list files is not supported)")
     root = Path(data_yaml).parent
     if spec.get("path"):
-        root = root / str(spec["path"])  # an absolute `path` replaces the yaml's folder
-    folder = root / str(spec[split])
+        if not isinstance(spec["path"], str):
+            raise InputError(f"data YAML {shown(data_yaml)}: 'path' must be a folder path")
+        root = root / spec["path"]  # an absolute `path` replaces the yaml's folder
+    folder = root / spec[split]
     if not folder.is_dir():
-        raise InputError(f"data YAML {data_yaml}: '{split}' folder {folder} does not exist")
+        raise InputError(f"data YAML {shown(data_yaml)}: '{split}' folder {shown(folder)} does not exist")
     return folder
 
 
 def class_names(data_yaml: Path) -> list[str]:
-    spec = yaml.safe_load(Path(data_yaml).read_text())
-    names = spec.get("names")
-    if isinstance(names, dict):
-        return [names[k] for k in sorted(names)]
-    if isinstance(names, list):
-        return names
-    raise InputError(f"data YAML {data_yaml} has no class names")
+    names = _read_data_yaml(data_yaml).get("names")
+    if isinstance(names, dict) and names and all(isinstance(k, int) for k in names):
+        if sorted(names) != list(range(len(names))):
+            raise InputError(f"data YAML {shown(data_yaml)}: 'names' must number the classes 0..{len(names) - 1} "
+                             "without gaps")
+        names = [names[k] for k in sorted(names)]
+    if isinstance(names, list) and names and all(isinstance(n, (str, int, float)) for n in names):
+        return [str(n) for n in names]
+    raise InputError(f"data YAML {shown(data_yaml)} has no usable class names ('names': a list, or a mapping "
+                     "0: name, 1: name, ...)")
+
+
+def validate_labels(split: "ImageSet", num_classes: int) -> None:
+    """Every label file of a split is YOLO text: 'class x y w h' per line, class in range, coordinates in 0..1.
+
+    Run before any stage: a label naming a class the data does not have would otherwise be scored as nothing
+    and publish a meaningless mAP.
+    """
+    for label in split.labels:
+        if label.exists():
+            parse_label_file(label, num_classes)
+
+
+def parse_label_file(path: Path, num_classes: int | None = None) -> list[tuple[int, float, float, float, float]]:
+    """(class, x_centre, y_centre, w, h) normalised, from a YOLO label file; InputError naming file:line."""
+    rows = []
+    for number, line in enumerate(read_text(path, "label file").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"label file {shown(path)}:{number}"
+        if len(fields) != 5:
+            raise InputError(f"{where}: expected 5 numbers 'class x y w h', got {len(fields)}")
+        try:
+            cls = int(fields[0])
+            x, y, w, h = (float(v) for v in fields[1:])
+        except ValueError:
+            raise InputError(f"{where}: expected an integer class and 4 numbers, got {line.strip()[:60]!r}") from None
+        if cls < 0 or (num_classes is not None and cls >= num_classes):
+            raise InputError(f"{where}: class {cls} is not one of the data's {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x, y, w, h)):
+            raise InputError(f"{where}: coordinates must be normalised to 0..1, got {' '.join(fields[1:])}")
+        if w == 0 or h == 0:
+            raise InputError(f"{where}: a box of zero width or height")
+        rows.append((cls, x, y, w, h))
+    return rows
 
 
 def _candidate_files(folder: Path) -> list[Path]:
@@ -97,10 +140,14 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
         candidates = video_frames(source, size, seed, frames_dir)
         folder = source
     else:
+        if source.is_file() and source.suffix.lower() not in (".yaml", ".yml"):
+            raise InputError(f"calibration source {shown(source)} is a file that is neither a data YAML (.yaml) nor "
+                             f"a video ({', '.join(sorted(VIDEO_SUFFIXES))}); give a folder of images, a data YAML "
+                             "or a video")
         folder = resolve_split(source, split) if source.is_file() else source
         candidates = _candidate_files(folder)
     if not candidates:
-        raise InputError(f"calibration folder {folder} is empty")
+        raise InputError(f"calibration folder {shown(folder)} is empty")
     order = _sampling_order(candidates, seed)
     chosen, hashes, skipped = [], [], 0
     for path in order:
@@ -169,7 +216,9 @@ def _sampling_order(candidates: list[Path], seed: int) -> list[Path]:
     by_class: dict[int, list[Path]] = {}
     unlabelled = []
     for path in shuffled:
-        classes = _label_classes(label_path(path))
+        label = label_path(path)
+        # Only an image's own label file counts (a stray .txt among the images is no label of anything).
+        classes = _label_classes(label) if path.suffix.lower() in IMAGE_SUFFIXES and label != path else None
         if classes is None:
             unlabelled.append(path)
             continue
@@ -193,12 +242,7 @@ def _sampling_order(candidates: list[Path], seed: int) -> list[Path]:
 def _label_classes(path: Path) -> set[int] | None:
     if not path.exists():
         return None
-    classes = set()
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0].isdigit():
-            classes.add(int(fields[0]))
-    return classes
+    return {row[0] for row in parse_label_file(path)}
 
 
 def video_frames(video: Path, count: int, seed: int, frames_dir: Path) -> list[Path]:
@@ -261,6 +305,10 @@ def choice_splits(data_yaml: Path, pre: Preprocess, size: int, seed: int) -> tup
     """
     spec = _read_data_yaml(data_yaml)
     val = labelled_split(data_yaml, "val", pre)
+    if not any(_label_classes(label) for label in val.labels):
+        raise InputError(f"data YAML {data_yaml}: no image of its val split has a label with a box (YOLO .txt files "
+                         "beside the images, under 'labels/'); give labelled data, or leave out --data and pass "
+                         "--calib IMAGES to measure fidelity to the FP32 model instead")
     if "selection" in spec:
         return labelled_split(data_yaml, "selection", pre), val
     if len(val.files) < 2:
@@ -281,10 +329,53 @@ def choice_splits(data_yaml: Path, pre: Preprocess, size: int, seed: int) -> tup
 
 
 def _read_data_yaml(data_yaml: Path) -> dict:
-    try:
-        spec = yaml.safe_load(Path(data_yaml).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InputError(f"cannot read data YAML {data_yaml}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise InputError(f"data YAML {data_yaml}: expected a mapping with train, val and names")
-    return spec
+    return read_yaml(data_yaml, "data YAML")
+
+
+def unlabelled_splits(source: Path, pre: Preprocess, calibration_size: int, selection_size: int, report_size: int,
+                      seed: int, frames_dir: Path | None = None) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """(calibration, selection, report) from one folder of unlabelled images or a video, disjoint.
+
+    For a user with a model and camera images but no labels: the held-out
+    selection and report images are scored by fidelity to the FP32 model, the
+    rest calibrates. Each held-out part is at most a quarter of what is there.
+    """
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
+        if frames_dir is None:
+            raise InputError("a video source needs a folder for its frames")
+        candidates = video_frames(source, calibration_size + selection_size + report_size, seed, frames_dir)
+    elif source.is_dir():
+        candidates = [p for p in _candidate_files(source) if p.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        raise InputError(f"{source}: a label-free build needs a folder of images or a video (a data YAML goes to "
+                         "--data)")
+    wanted = calibration_size + selection_size + report_size
+    rng = np.random.default_rng(seed)
+    picked, hashes, skipped = [], [], 0
+    for index in rng.permutation(len(candidates)):
+        if len(picked) == wanted:
+            break
+        path = candidates[int(index)]
+        if read_image(path) is None:
+            skipped += 1
+            continue
+        _check_channels(path)
+        picked.append(path)
+        hashes.append(sha256_file(path))
+    if len(picked) < 8:
+        raise InputError(f"{source}: {len(picked)} readable images; a label-free build needs at least 8 (some to "
+                         "calibrate on, some held out to measure fidelity to the FP32 model)")
+    selection_count = max(1, min(selection_size, len(picked) // 4))
+    report_count = max(1, min(report_size, len(picked) // 4))
+    cut = selection_count + report_count
+    if len(picked) - cut < min(calibration_size, 100):
+        warnings.warn(f"{len(picked) - cut} images are left to calibrate on after holding out {cut} for "
+                      "fidelity; INT8 scales from so few are unreliable", stacklevel=2)
+
+    def part(start: int, end: int, label: str) -> ImageSet:
+        return ImageSet(f"{source} ({label})", tuple(picked[start:end]), tuple(hashes[start:end]), pre,
+                        skipped if label == "calibration" else 0)
+
+    return (part(cut, len(picked), "calibration"), part(0, selection_count, "held out for selection"),
+            part(selection_count, cut, "held out, reported"))

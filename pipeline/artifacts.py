@@ -6,12 +6,58 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+# Temporary names carry the writer's pid, so that what a killed process left behind can be told from what a
+# running one is still writing.
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-")
+
+
+def temp_prefix(name: str, kind: str = "tmp") -> str:
+    return f".{name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(folder: Path, depth: int = 2) -> int:
+    """Removes temporary files and folders under `folder` (to `depth` levels) whose writer is no longer running.
+
+    A build killed mid-stage (SIGKILL, power loss) cannot clean up after itself; the next one does.
+    Returns how many entries were removed.
+    """
+    folder = Path(folder)
+    removed = 0
+    if depth < 1 or not folder.is_dir():
+        return 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match and not _alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed += 1
+        elif entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
+            removed += sweep_stale(entry, depth - 1)
+    return removed
 
 
 def sha256_file(path: Path) -> str:
@@ -50,7 +96,7 @@ class Artifact:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -69,11 +115,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         yield tmp
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name, "old"), dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 from edge_deploy.calibration.preprocess import Preprocess
-from edge_deploy.calibration.sets import (ImageSet, calibration_set, class_names, labelled_split, choice_splits,
-                                          warn_if_sizes_differ)
-from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.calibration.sets import (ImageSet, calibration_set, choice_splits, class_names, labelled_split,
+                                          unlabelled_splits, validate_labels, warn_if_sizes_differ)
+from edge_deploy.pipeline.artifacts import Artifact, sweep_stale, temp_prefix
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.engine import Engine, StageRecord, write_build_record
 from edge_deploy.pipeline.errors import AccuracyGateError, ConfigError, InputError
 from edge_deploy.pipeline.stages.load import check_model_path
+from edge_deploy.pipeline.userfiles import check_writable_folder, shown
 
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "yolov8n-shapes.pt"
 
@@ -59,10 +60,14 @@ def keep_fp32(model: Path, destination: Path) -> Path:
     import tempfile
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(destination.name), dir=destination.parent)
     os.close(fd)
-    shutil.copyfile(model, tmp)
-    os.replace(tmp, destination)
+    try:
+        shutil.copyfile(model, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return destination
 
 
@@ -87,6 +92,12 @@ def resolve_inputs(config: BuildConfig, home: Path):
     """Checks every user-given path and the target's capabilities before any stage runs."""
     from edge_deploy.targets import load_target
 
+    # Where results go is checked before minutes of work, not when publishing; stale temporaries of a killed
+    # build are swept while we are there.
+    check_writable_folder(home, "DEPLOY_HOME folder")
+    check_writable_folder(config.output, "output folder")
+    sweep_stale(Path(home), depth=4)
+    sweep_stale(Path(config.output), depth=1)
     target = load_target(config.target)()
     if config.precision is None:
         config.precision = target.default_precision
@@ -102,11 +113,28 @@ def resolve_inputs(config: BuildConfig, home: Path):
     check_against_target(config, target)
     model = check_model_path(config.model) if config.model else EMBEDDED_MODEL
     if config.data is not None and not Path(config.data).is_file():
-        raise InputError(f"data YAML not found: {config.data}")
+        raise InputError(f"data YAML not found: {shown(config.data)}" if not Path(config.data).exists() else
+                         f"data YAML {shown(config.data)} is a folder; give the .yaml file inside it")
     source = config.calibration.source
     if source is not None and not Path(source).exists():
-        raise InputError(f"calibration source not found: {source}")
+        raise InputError(f"calibration source not found: {shown(source)}")
+    if config.model is not None and config.data is None:
+        if source is None:
+            raise InputError("--model without --data needs images to measure the model on: --calib IMAGES (a folder "
+                             "or a video; no labels needed, the build then reports fidelity to the FP32 model) or "
+                             "--data data.yaml (labelled)")
+        if config.prune.enabled:
+            raise ConfigError("pruning fine-tunes and measures on labelled images: pass --data data.yaml, or build "
+                              "without --prune")
+        if model.suffix.lower() != ".pt":
+            raise InputError(f"{shown(model)} describes an untrained model; a build without --data needs a trained "
+                             ".pt checkpoint (a model built from YAML takes its classes from --data)")
     return target, model
+
+
+def model_name(info: dict, model_path: Path) -> str:
+    """The Ultralytics family (yolov8n, ...) when the checkpoint names it, else the checkpoint's file name."""
+    return info["family"] if info["family"] != "custom" else Path(model_path).stem
 
 
 # The FP32 ONNX in ONNX Runtime is every build's reference; its probe runs on this machine.
@@ -117,12 +145,12 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
               on_event: Callable[[str, str], None] = lambda s, e: None) -> BuildResult:
     from edge_deploy.calibration.rules import PRECISIONS
     from edge_deploy.pipeline.stages.compile import CompileStage
-    from edge_deploy.pipeline.stages.export import ExportStage
+    from edge_deploy.pipeline.stages.export import ExportStage, OriginalExportStage
     from edge_deploy.pipeline.stages.load import LoadStage
     from edge_deploy.pipeline.stages.probe import ProbeStage
     from edge_deploy.pipeline.stages.prune import PruneStage
     from edge_deploy.pipeline.stages.quantize import QuantizeStage
-    from edge_deploy.pipeline.stages.reference import ReferenceStage
+    from edge_deploy.pipeline.stages.reference import OriginalReferenceStage, ReferenceStage
     from edge_deploy.pipeline.stages.release import ReleaseStage, publish
     from edge_deploy.pipeline.stages.verify import VerifyStage
     from edge_deploy.targets import load_target
@@ -131,73 +159,105 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     config = config.model_copy(deep=True)
     target, model_path = resolve_inputs(config, home)
     spec = PRECISIONS[config.precision]
+    label_free = config.model is not None and config.data is None
+    data_yaml = None
     if config.data:
         data_yaml = Path(config.data)
-    else:
+    elif not label_free:
         on_event("embedded data", "running")  # about 20 s, once per DEPLOY_HOME
         data_yaml = embedded_data(home)
         on_event("embedded data", "done")
     engine = Engine(Path(home) / "cache", use_cache, on_event)
-    records: list[StageRecord] = []
-    available: dict[str, Artifact] = {"source": Artifact.of(model_path)}
-
-    def run(stage) -> StageRecord:
-        record = engine.run(stage, available)
-        available.update(record.artifacts)
-        records.append(record)
-        return record
-
-    # Which files are chosen does not depend on preprocessing; the input size is filled in once the model
-    # is loaded. Chosen before any stage runs, so an unusable source fails at once.
-    selection, report = choice_splits(data_yaml, Preprocess(imgsz=0), config.selection.size, config.selection.seed)
-    calibration: ImageSet | None = None
-    if spec.calibrated:
-        calibration = calibration_set(config.calibration.source or data_yaml, Preprocess(imgsz=0),
-                                      config.calibration.size, config.calibration.seed, config.calibration.split,
-                                      frames_dir=Path(home) / "video-frames",
-                                      exclude=frozenset(selection.file_hashes))
-
-    load = run(LoadStage(home, config.imgsz, class_names(data_yaml)))
-    info = json.loads(load.artifacts["model_info"].path.read_text())
-    preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
-    val = dataclasses.replace(report, preprocess=preprocess)
-    selection = dataclasses.replace(selection, preprocess=preprocess)
-    if calibration is not None:
-        calibration = dataclasses.replace(calibration, preprocess=preprocess)
-        warn_if_sizes_differ(calibration, val)
-    if config.prune.enabled:
-        p = config.prune
-        train = labelled_split(data_yaml, "train", preprocess)
-        taylor_images = list(calibration_set(data_yaml, preprocess, 32, 0, "train", min_recommended=1,
-                                             exclude=frozenset(selection.file_hashes)).files) \
-            if p.criterion == "taylor" else []
-        pruned = run(PruneStage(home, selection, data_yaml, train.fingerprint, p.ratio, p.target_params,
-                                p.target_macs, p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs,
-                                p.map_floor, taylor_images))
-        info = json.loads(pruned.artifacts["model_info"].path.read_text())
-
-    export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
-    run(ReferenceStage(selection, val))
-    q = config.quantize
-    budget = q.budget(config.precision)
     try:
+        records: list[StageRecord] = []
+        available: dict[str, Artifact] = {"source": Artifact.of(model_path)}
+
+        def run(stage) -> StageRecord:
+            record = engine.run(stage, available)
+            available.update(record.artifacts)
+            records.append(record)
+            return record
+
+        # Which files are chosen does not depend on preprocessing; the input size is filled in once the model
+        # is loaded. Chosen before any stage runs, so an unusable source fails at once.
+        blank = Preprocess(imgsz=0)
+        calibration: ImageSet | None = None
+        if label_free:
+            calibration, selection, report = unlabelled_splits(
+                config.calibration.source, blank, config.calibration.size, config.selection.size,
+                config.fidelity.report_size, config.calibration.seed, frames_dir=Path(home) / "video-frames")
+            if not spec.calibrated:
+                calibration = None
+        else:
+            names = class_names(data_yaml)
+            selection, report = choice_splits(data_yaml, blank, config.selection.size, config.selection.seed)
+            for split in (selection, report, *([labelled_split(data_yaml, "train", blank)] if config.prune.enabled
+                                               else [])):
+                validate_labels(split, len(names))
+            if spec.calibrated:
+                calibration = calibration_set(config.calibration.source or data_yaml, blank, config.calibration.size,
+                                              config.calibration.seed, config.calibration.split,
+                                              frames_dir=Path(home) / "video-frames",
+                                              exclude=frozenset(selection.file_hashes + report.file_hashes))
+
+        # A checkpoint brings its own classes; a model built from YAML takes the data's.
+        load = run(LoadStage(home, config.imgsz, class_names(data_yaml) if data_yaml else None))
+        info = json.loads(load.artifacts["model_info"].path.read_text())
+        preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
+        val = dataclasses.replace(report, preprocess=preprocess)
+        selection = dataclasses.replace(selection, preprocess=preprocess)
         if calibration is not None:
-            run(QuantizeStage(target, config.precision, calibration, selection, q.method, q.symmetric, budget,
-                              q.on_budget_exceeded, q.int4_method, q.int4_group))
-        run(CompileStage(target, config.precision, selection, q.min_sqnr_db))
-        run(VerifyStage(target, config.precision, val, budget, q.on_budget_exceeded == "fail"))
-    except AccuracyGateError as exc:
-        kept = keep_fp32(export.artifacts["onnx"].path, Path(config.output) / f"{info['family']}.fp32.onnx")
-        raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
-    transport = LocalTransport()
-    run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
-                   config.probe.threads, transport, load_target(REFERENCE_TARGET)(), transport))
-    bundle_name = f"{info['family']}{'-pruned' if config.prune.enabled else ''}-{target.name}-{config.precision}"
-    release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
-                               calibration.describe() if calibration else None, pruned=config.prune.enabled,
-                               quantize_report=calibration is not None))
-    bundle, changed = publish(release.artifacts["bundle"].path, config.output)
-    record_path = Path(config.output) / f"{bundle_name}.build.json"
-    write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),
-                                              "data": str(data_yaml)})
-    return BuildResult(config, bundle, changed, records, record_path)
+            calibration = dataclasses.replace(calibration, preprocess=preprocess)
+            warn_if_sizes_differ(calibration, val)
+        original: dict[str, Artifact] | None = None
+        if config.prune.enabled:
+            # The unpruned model, exported and measured like the final one, is what the whole build is gated against.
+            record = engine.run(OriginalExportStage(home, config.export.opset, config.export.simplify,
+                                                    config.export.tolerance), available)
+            records.append(record)
+            original = {**available, **record.artifacts}
+            record = engine.run(OriginalReferenceStage(selection, val, config.fidelity.conf), original)
+            records.append(record)
+            available["reference_original"] = record.artifacts["reference"]
+            p = config.prune
+            train = labelled_split(data_yaml, "train", preprocess)
+            taylor_images = list(calibration_set(data_yaml, preprocess, 32, 0, "train", min_recommended=1,
+                                                 exclude=frozenset(selection.file_hashes)).files) \
+                if p.criterion == "taylor" else []
+            pruned = run(PruneStage(home, selection, data_yaml, train.fingerprint, p.ratio, p.target_params,
+                                    p.target_macs, p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs,
+                                    p.map_floor, taylor_images))
+            info = json.loads(pruned.artifacts["model_info"].path.read_text())
+
+        export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
+        run(ReferenceStage(selection, val, config.fidelity.conf))
+        q = config.quantize
+        budget = q.budget(config.precision)
+        try:
+            if calibration is not None:
+                run(QuantizeStage(target, config.precision, calibration, selection, q.method, q.symmetric, budget,
+                                  q.on_budget_exceeded, q.int4_method, q.int4_group))
+            run(CompileStage(target, config.precision, selection, q.min_sqnr_db))
+            run(VerifyStage(target, config.precision, val, budget, q.on_budget_exceeded == "fail",
+                            budget + config.prune.max_map_drop if config.prune.enabled else None))
+        except AccuracyGateError as exc:
+            kept = keep_fp32(export.artifacts["onnx"].path,
+                             Path(config.output) / f"{model_name(info, model_path)}-{info['imgsz']}.fp32.onnx")
+            raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
+        transport = LocalTransport()
+        run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
+                       config.probe.threads, transport, load_target(REFERENCE_TARGET)(), transport))
+        bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
+                       f"{target.name}-{config.precision}")
+        release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
+                                   calibration.describe() if calibration else None, pruned=config.prune.enabled,
+                                   quantize_report=calibration is not None))
+        bundle, changed = publish(release.artifacts["bundle"].path, config.output)
+        record_path = Path(config.output) / f"{bundle_name}.build.json"
+        label_free_images = None if data_yaml else str(config.calibration.source)
+        write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),
+                                                  "data": str(data_yaml) if data_yaml else None,
+                                                  "label_free_images": label_free_images})
+        return BuildResult(config, bundle, changed, records, record_path)
+    finally:
+        engine.close()  # results meant for this build only

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -12,6 +15,12 @@ from pathlib import Path
 import click
 
 from edge_deploy.pipeline.errors import DeployError
+from edge_deploy.pipeline.userfiles import shown
+
+# Native libraries print their own log lines (OpenCV and its FFmpeg on a corrupt video) before ours; errors are
+# reported once, by us, in one line.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 DEFAULT_CONFIG = Path("deploy.yaml")
 
@@ -27,24 +36,69 @@ def _stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+# Write failures the user can fix (a full disk, a read-only mount), wherever in a build they happen.
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
+def one_line(message: str) -> str:
+    """A message as one line: whatever a library put on several lines (YAML carets, usage blocks) is joined."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 class DeployGroup(click.Group):
+    def main(self, *args, **kwargs):
+        # Click's own usage errors come as three lines (Usage / Try / Error); ours are one, like every error.
+        signal.signal(signal.SIGTERM, _terminated)  # cleans up like Ctrl-C instead of dying mid-write
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help())  # plain `deploy`: the help, as asked
+            sys.exit(0)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "deploy"
+            _fail(f"{exc.format_message()} (see '{command} --help')", 2)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code if exc.exit_code else 2)
+        except click.exceptions.Abort:
+            _fail("interrupted; nothing was published", 130)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DeployError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was published", err=True)
-            sys.exit(130)
+            _fail("interrupted; nothing was published", 130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
-        except Exception as exc:  # a bug of ours: still one line, with a way to see more
-            if os.environ.get("DEPLOY_DEBUG"):
-                traceback.print_exc()
-            click.echo(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                       "(set DEPLOY_DEBUG=1 for the traceback)", err=True)
-            sys.exit(70)
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                _internal(exc)
+            where = f" {shown(exc.filename)}" if exc.filename else ""
+            _fail(f"cannot write{where}: {_WRITE_ERRNOS[exc.errno]}; nothing was published and earlier bundles "
+                  "are intact", 2)
+        except Exception as exc:
+            _internal(exc)
+
+
+def _internal(exc: Exception) -> None:
+    """A bug of ours: still one line, with a way to see more."""
+    if os.environ.get("DEPLOY_DEBUG"):
+        traceback.print_exception(exc)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    click.echo(f"internal error: {type(exc).__name__}: {first} (set DEPLOY_DEBUG=1 for the traceback)", err=True)
+    sys.exit(70)
 
 
 @click.group(cls=DeployGroup)
@@ -67,11 +121,15 @@ def main():
 @click.option("--prune-criterion", help="l1, l2, bn_scale, taylor, fpgm, lamp or random")
 @click.option("--prune-steps", type=int, help="pruning steps, each followed by fine-tuning")
 @click.option("--prune-epochs", type=int, help="fine-tuning epochs after each pruning step (default 12)")
-@click.option("--calib", type=click.Path(path_type=Path), help="calibration image folder, data YAML or video")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="calibration image folder, data YAML or video; with --model and no --data, the unlabelled images "
+                   "the build is also measured on (fidelity to FP32)")
 @click.option("--calib-size", type=int, help="number of calibration images")
 @click.option("--quant-method", help="auto (default: try every method the target accepts, keep the best), minmax, entropy or percentile")
 @click.option("--symmetric", is_flag=True, default=None, help="symmetric INT8 activations (zero point 0)")
 @click.option("--max-map-drop", type=float, help="mAP50-95 points the build may lose against FP32 (default: 0.5 for int8, 2.0 for w4a8/int4, 0.1 for fp16)")
+@click.option("--min-sqnr", type=float,
+              help="lowest output SQNR (dB) a quantized artifact may have against its FP32 parent (default 15)")
 @click.option("--accept-drop", is_flag=True, default=None,
               help="ship the best INT8 model even when it misses --max-map-drop")
 @click.option("--runs", type=int, help="timed probe runs (at least 50)")
@@ -81,7 +139,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
 def build(config_path, model, data, target, profile, precision, imgsz, output, prune_ratio, prune_criterion, prune_steps,
           prune_epochs, calib, calib_size, quant_method, symmetric,
-          max_map_drop, accept_drop, runs, threads, no_cache, print_config, as_json):
+          max_map_drop, min_sqnr, accept_drop, runs, threads, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
     from edge_deploy.pipeline.config import dump_config, load_config
 
@@ -92,6 +150,7 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
         "output": output, "prune.ratio": prune_ratio, "prune.criterion": prune_criterion,
         "prune.steps": prune_steps, "prune.epochs": prune_epochs, "calibration.source": calib, "calibration.size": calib_size,
         "quantize.method": quant_method, "quantize.symmetric": symmetric, "quantize.max_map_drop": max_map_drop,
+        "quantize.min_sqnr_db": min_sqnr,
         "quantize.on_budget_exceeded": "continue" if accept_drop else None, "probe.runs": runs,
         "probe.threads": threads,
     })
@@ -101,16 +160,26 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
     console = _stderr_console()
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        console.print(f"[yellow]warning:[/] {message}")
+        from rich.markup import escape
+
+        # One line per warning however wide the terminal, like every error.
+        console.print(f"[yellow]warning:[/] {escape(one_line(str(message)))}", soft_wrap=True)
 
     warnings.showwarning = show_warning
     from edge_deploy.pipeline.build import run_build
 
     status = None
+    started = time.monotonic()
+    interactive = console.is_terminal
 
     def on_event(stage: str, event: str) -> None:
         nonlocal status
         if as_json:
+            return
+        if not interactive:
+            # Output going to a log gets a line per step on stdout, so a long stage is never silent; stderr keeps
+            # the one-line error alone.
+            click.echo(f"[{time.monotonic() - started:7.1f} s] {stage}: {event}")
             return
         if event == "running":
             status = console.status(f"[bold]{stage}[/] running…")

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_deploy.pipeline.errors import ConfigError
+from edge_deploy.pipeline.userfiles import read_yaml, shown
 
 
 class Section(BaseModel):
@@ -27,6 +28,13 @@ class SelectionConfig(Section):
     size: int = Field(100, ge=1, le=100_000, description="val images held out for the build's choices when the "
                                                          "data YAML has no 'selection' split (at most half of val)")
     seed: int = 0
+
+
+class FidelityConfig(Section):
+    conf: float = Field(0.25, gt=0, lt=1, description="the FP32 model's detections at this confidence or above are "
+                                                       "the boxes fidelity is measured against")
+    report_size: int = Field(200, ge=1, le=100_000, description="label-free builds: unlabelled images held out "
+                                                                "for the reported fidelity (at most a quarter)")
 
 
 class ExportConfig(Section):
@@ -71,6 +79,9 @@ class PruneConfig(Section):
     steps: int = Field(1, ge=1, le=50)
     epochs: int = Field(12, ge=0, description="fine-tuning epochs after each step (Ultralytics trainer)")
     map_floor: Optional[float] = Field(None, ge=0, le=1, description="stop when mAP50-95 falls below this")
+    max_map_drop: float = Field(1.0, ge=0, description="mAP50-95 points pruning may cost; the final artifact is "
+                                                       "gated against the unpruned model by this plus the "
+                                                       "precision's budget")
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +103,8 @@ class ProbeConfig(Section):
 
 class BuildConfig(Section):
     model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
-    data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set")
+    data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set, or with "
+                                                   "--model and no data, a label-free build on --calib images")
     target: str = "cpu"
     profile: Optional[str] = Field(None, description="device profile of the target (threads): see `deploy targets`")
     precision: Optional[Literal["fp32", "fp16", "int8", "w4a8", "int4"]] = Field(
@@ -101,6 +113,7 @@ class BuildConfig(Section):
     output: Path = Path("dist")
     calibration: CalibrationConfig = CalibrationConfig()
     selection: SelectionConfig = SelectionConfig()
+    fidelity: FidelityConfig = FidelityConfig()
     export: ExportConfig = ExportConfig()
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
@@ -136,22 +149,19 @@ def load_config(path: Optional[Path], overrides: dict) -> BuildConfig:
     raw: dict = {}
     origin = "flags"
     if path is not None:
-        origin = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        origin = shown(path)
+        raw = read_yaml(path, "config file")
     for dotted, value in overrides.items():
         if value is None:
             continue
         node = raw
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[:depth])
+                raise ConfigError(f"{origin}: '{section}' must be a section of settings, not {node!r}; the flag "
+                                  f"for {dotted} cannot be merged into it")
         node[leaf] = value
     return validate(raw, origin)
 

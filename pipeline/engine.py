@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from edge_deploy.pipeline.codehash import source_hash
-from edge_deploy.pipeline.artifacts import Artifact, atomic_write_text, hash_json, sha256_tree
+from edge_deploy.pipeline.artifacts import Artifact, atomic_write_text, hash_json, sha256_tree, temp_prefix
 from edge_deploy.pipeline.errors import DeployError
 
 
@@ -36,6 +36,9 @@ def toolchain_versions(distributions: tuple[str, ...]) -> dict[str, str]:
 class StageOutput:
     files: dict[str, Path]
     metrics: dict = field(default_factory=dict)
+    # False for a result that must not be reused (a timing taken on a contended machine): it is kept for this
+    # build only, outside the cache's keyed entries, and the next build measures again.
+    cacheable: bool = True
 
 
 class Stage:
@@ -86,6 +89,7 @@ class Engine:
         self.cache_dir = Path(cache_dir)
         self.use_cache = use_cache
         self.on_event = on_event
+        self._uncached: list[Path] = []
 
     def key(self, stage: Stage, inputs: dict[str, Artifact]) -> str:
         return hash_json({
@@ -110,7 +114,7 @@ class Engine:
 
         self.on_event(stage.name, "running")
         entry.parent.mkdir(parents=True, exist_ok=True)
-        work = entry.parent / f".{entry.name}.tmp-{time.time_ns()}"
+        work = entry.parent / f"{temp_prefix(entry.name)}{time.time_ns()}"
         work.mkdir()
         try:
             output = stage.run(inputs, work)
@@ -122,6 +126,11 @@ class Engine:
                 index[name] = {"path": path.relative_to(work).as_posix(), "sha256": sha256_tree(path)}
             (work / "stage.json").write_text(json.dumps({"key": key, "files": index, "metrics": output.metrics},
                                                         indent=1, sort_keys=True))
+            if not output.cacheable:
+                # A temporary name (with our pid): removed by close(), or swept after a killed build.
+                entry = self.cache_dir / "uncached" / f"{temp_prefix(f'{stage.name}-{key[:16]}')}{time.time_ns()}"
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                self._uncached.append(entry)
             if entry.exists():
                 shutil.rmtree(entry)
             work.rename(entry)
@@ -131,6 +140,12 @@ class Engine:
         artifacts = {n: Artifact(entry / f["path"], f["sha256"]) for n, f in index.items()}
         self.on_event(stage.name, "done")
         return StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts, output.metrics)
+
+    def close(self) -> None:
+        """Drops the results that were for this build only (see StageOutput.cacheable)."""
+        for entry in self._uncached:
+            shutil.rmtree(entry, ignore_errors=True)
+        self._uncached.clear()
 
     @staticmethod
     def _load(entry: Path) -> tuple[dict[str, Artifact], dict] | None:

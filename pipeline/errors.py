@@ -43,3 +43,9 @@ class DeviceTimeout(DeviceError):
     """The device job ran past its time limit; distinct from a failed measurement."""
 
     exit_code = 7
+
+
+class IntegrityError(DeployError):
+    """A bundle whose files do not match its manifest (tampered, truncated or damaged)."""
+
+    exit_code = 8

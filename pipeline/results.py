@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge_deploy.pipeline.errors import InputError
+
 
 class JsonResult:
     """Dataclasses that nest other JsonResults, turned into plain JSON and back."""
@@ -65,6 +67,30 @@ class Accuracy(JsonResult):
     map50_95: float
     images: int
     objects: int
+    # "accuracy": against labels. "fidelity": against the FP32 model's confident detections on the same images
+    # (what an unlabelled set can measure); then `matched_boxes` is the share of those boxes found again.
+    kind: str = "accuracy"
+    matched_boxes: float | None = None
+
+    def __post_init__(self):
+        # An evaluator's "no data" value (-1), a NaN or a count that is not one must never pass for a measurement
+        # and reach a bundle.
+        for name in ("map50", "map50_95", "matched_boxes"):
+            value = getattr(self, name)
+            if value is None and name == "matched_boxes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise InputError(f"{name} {value!r} on {self.images} images is not a measurement (an evaluator "
+                                 "returns such a value when no label or detection could be scored); check the "
+                                 "labels and the images")
+        if self.images < 1:
+            raise InputError("an accuracy figure needs at least one image")
+
+    def describe(self) -> str:
+        if self.kind == "fidelity":
+            return f"fidelity mAP50-95 {self.map50_95:.4f}, {self.matched_boxes:.1%} of FP32 boxes found again" \
+                if self.matched_boxes is not None else f"fidelity mAP50-95 {self.map50_95:.4f}"
+        return f"mAP50-95 {self.map50_95:.4f}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,11 @@ class ReferenceAccuracy(JsonResult):
     report: Accuracy
     selection_split: ImageSplit
     report_split: ImageSplit
+    # The FP32 model's detections at `fidelity_conf` or above, per image of each split: the boxes fidelity is
+    # measured against (and, for an unlabelled split, what its mAP means).
+    fidelity_conf: float = 0.25
+    selection_boxes: list = field(default_factory=list)
+    report_boxes: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -89,6 +120,13 @@ class AccuracyReport(JsonResult):
     budget_points: float
     within_budget: bool
     split: ImageSplit
+    # On a labelled split, the artifact's fidelity to the FP32 model too (on an unlabelled one, `artifact` is it).
+    fidelity: Accuracy | None = None
+    # After pruning: the original model (before pruning and quantization) on the same split, and the whole
+    # build's loss against it, gated by its own budget.
+    original: Accuracy | None = None
+    total_drop_points: float | None = None
+    total_budget_points: float | None = None
 
     @property
     def artifact_or_reference(self) -> Accuracy:
@@ -136,6 +174,8 @@ class SpeedReport(JsonResult):
     reference: ProbeResult
     artifact: ProbeResult | None  # None when the artifact is the reference itself
     speedup_p50: float | None
+    # Set when a timing's spread says the machine was busy: such a report is shown but never cached.
+    contended: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from edge_deploy.pipeline.results import (AccuracyReport, CompileReport, Quantiz
 
 
 def _key_metrics(name: str, metrics: dict) -> str:
+    name = name.removesuffix("-original")  # the unpruned model's export and reference read like the others
     if name == "load":
         return f"{metrics['family']}, {metrics['params']:,} params, imgsz {metrics['imgsz']}"
     if name == "prune":
@@ -33,9 +34,13 @@ def _key_metrics(name: str, metrics: dict) -> str:
         return f"{c.size_bytes / 2**20:.2f} MiB; {c.check} {c.check_value:g} on {c.check_images} images"
     if name == "verify":
         v = AccuracyReport.from_json(metrics)
-        parts = [f"FP32 mAP50-95 {v.reference.map50_95:.4f}"]
+        parts = [f"FP32 {v.reference.describe()}"]
         if v.artifact is not None:
-            parts.append(f"{v.artifact_label} {v.artifact.map50_95:.4f}, drop {v.drop_points:.2f} pts")
+            parts.append(f"{v.artifact_label} {v.artifact.describe()}, drop {v.drop_points:.2f} pts")
+        if v.fidelity is not None:
+            parts.append(f"{v.fidelity.describe()}")
+        if v.total_drop_points is not None:
+            parts.append(f"{v.total_drop_points:.2f} pts below the unpruned model (budget {v.total_budget_points:.2f})")
         return ", ".join(parts) + f" ({v.split.images} report images)"
     if name == "probe":
         p = SpeedReport.from_json(metrics)
@@ -65,9 +70,15 @@ def render_summary(result, config) -> None:
     for label, accuracy, speed in rows:
         latency = speed.latency_ms
         power = speed.power_text()
-        console.print(f"{label:>14}: mAP50 {accuracy.map50:.4f}  mAP50-95 {accuracy.map50_95:.4f}  "
+        kind = "fidelity " if accuracy.kind == "fidelity" else ""
+        console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}  "
                       f"latency p50/p90/p99 {latency['p50']}/{latency['p90']}/{latency['p99']} ms  "
                       f"{'power ' + power}")
-    console.print(f"accuracy on the {verify.split.describe()}; choices made on a held-out selection split")
+    if verify.reference.kind == "fidelity":
+        console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= "
+                      f"{ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf}), not accuracy; on "
+                      f"the {verify.split.describe()}; choices made on a held-out selection split")
+    else:
+        console.print(f"accuracy on the {verify.split.describe()}; choices made on a held-out selection split")
     state = "published" if result.bundle_changed else "unchanged"
     console.print(f"bundle ({state}): [bold]{result.bundle}[/]   build record: {result.record_path}")

@@ -18,7 +18,8 @@ PROJECT = "edge_deploy"
 # repository root, never from an installed package.
 LEGACY_TOP_LEVEL = {"pipeline", "targets", "calibration"}
 
-CORE = {f"edge_deploy.pipeline.{name}" for name in ("errors", "artifacts", "engine", "config", "results", "codehash")}
+CORE = {f"edge_deploy.pipeline.{name}" for name in ("errors", "artifacts", "engine", "config", "results", "codehash",
+                                                           "userfiles")}
 STAGES = "edge_deploy.pipeline.stages"
 BUILD = "edge_deploy.pipeline.build"
 CLI = "edge_deploy.pipeline.cli"
@@ -225,7 +226,7 @@ def test_rules_name_modules_that_exist():
 
 def test_core_imports_only_core():
     bad = core_violations(project_edges())
-    assert not bad, report("core modules (pipeline.errors, artifacts, engine, config, results, codehash) "
+    assert not bad, report("core modules (pipeline.errors, artifacts, engine, config, results, codehash, userfiles) "
                            "may import only each other", bad)
 
 

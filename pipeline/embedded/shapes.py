@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from edge_deploy.pipeline.artifacts import temp_prefix
+
 CLASS_NAMES = ("circle", "rectangle", "triangle", "cross")
 GENERATOR_VERSION = 1
 
@@ -177,7 +179,7 @@ def generate(root: Path, spec: ShapesSpec = ShapesSpec()) -> Path:
     if data_yaml.exists():
         return data_yaml
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".shapes-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         _write_split(tmp, "train", spec.train_images, 1, spec)
         _write_split(tmp, "val", spec.val_images, 2, spec)

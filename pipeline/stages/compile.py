@@ -76,7 +76,7 @@ class CompileStage(Stage):
                     raise ConversionMismatch(
                         f"compile[{self.target.name}]: {self.precision} output '{name}' has SQNR "
                         f"{values[name]:.1f} dB against its FP32 parent on {len(files)} real images, below the "
-                        f"{self.min_sqnr_db:.1f} dB floor (quantize.min_sqnr_db)")
+                        f"{self.min_sqnr_db:.1f} dB floor (--min-sqnr, quantize.min_sqnr_db)")
             return "lowest output SQNR vs FP32 parent (dB)", round(min(values.values()), 2), len(files)
         tolerance = self.target.parity_tolerance[self.precision]
         errors = {}

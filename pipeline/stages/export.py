@@ -133,3 +133,9 @@ def raw_head_model(model):
             return preds["boxes"], preds["scores"]
 
     return RawHead(model)
+
+
+class OriginalExportStage(ExportStage):
+    """The model as it was before pruning, exported the same way, so the final artifact can be judged against it."""
+
+    name = "export-original"

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from edge_deploy.pipeline.artifacts import Artifact
 from edge_deploy.pipeline.engine import Stage, StageOutput
 from edge_deploy.pipeline.errors import InputError
 from edge_deploy.pipeline.ultra import ultralytics_offline
+from edge_deploy.pipeline.userfiles import read_yaml, shown
 
 SUPPORTED_SUFFIXES = (".pt", ".yaml", ".yml")
 
 
 def check_model_path(path: Path) -> Path:
+    """Checks what can be checked without PyTorch, so a wrong path fails before any stage."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"model not found: {path}")
+        raise InputError(f"model not found: {shown(path)}")
     if path.is_dir():
-        raise InputError(f"model path is a folder, expected a .pt checkpoint or a .yaml model: {path}")
+        raise InputError(f"model path is a folder, expected a .pt checkpoint or a .yaml model: {shown(path)}")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise InputError(f"unsupported model file {path.name}: expected an Ultralytics .pt checkpoint or .yaml model")
+        raise InputError(f"unsupported model file {shown(path.name)}: expected an Ultralytics .pt checkpoint or "
+                         ".yaml model")
+    if path.suffix.lower() == ".pt":
+        if not os.access(path, os.R_OK):
+            raise InputError(f"model {shown(path)} cannot be read (permission denied)")
+        if path.stat().st_size == 0:
+            raise InputError(f"model {shown(path)} is empty (0 bytes)")
+    else:
+        spec = read_yaml(path, "model YAML")
+        if "backbone" not in spec or "head" not in spec:
+            raise InputError(f"model YAML {shown(path)} has no 'backbone' and 'head': not an Ultralytics model "
+                             "description")
     return path
 
 
@@ -100,7 +114,7 @@ def _read_checkpoint(path: Path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many unrelated types for a non-checkpoint
-        raise InputError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: "
+        raise InputError(f"{shown(path)} is not a PyTorch checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'})") from None
     if not isinstance(checkpoint, dict) or not (checkpoint.get("ema") or checkpoint.get("model")):
         raise InputError(f"{path} is a PyTorch file but not an Ultralytics checkpoint (no 'model' entry)")

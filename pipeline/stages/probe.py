@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
@@ -60,20 +61,37 @@ class ProbeStage(Stage):
             artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                    out_dir / "job-artifact")
         speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3) if artifact else None
-        report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup)
+        report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
+                             contention([reference] + ([artifact] if artifact else [])))
         path = out_dir / "probe.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
         # Job folders hold copies of the model; only the result is worth keeping.
         for folder in out_dir.iterdir():
             if folder.is_dir():
                 shutil.rmtree(folder)
-        return StageOutput({"probe_report": path}, report.to_json())
+        if report.contended:
+            warnings.warn(f"probe: {report.contended}; the numbers are shown but not cached: run again on a quiet "
+                          "machine", stacklevel=2)
+        return StageOutput({"probe_report": path}, report.to_json(), cacheable=report.contended is None)
 
     @staticmethod
     def _probe(target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
         job_dir.mkdir()
         target.prepare_job(Path(artifact_dir), job, tensor, job_dir)
         return transport.run(job_dir, target.runner, target.runtime_packages)
+
+
+# A p90 this far above the p50 means other work shared the cores during the timed runs.
+CONTENDED_P90_OVER_P50 = 1.5
+
+
+def contention(results) -> str | None:
+    for result in results:
+        p50, p90 = result.latency_ms["p50"], result.latency_ms["p90"]
+        if p90 > CONTENDED_P90_OVER_P50 * p50:
+            return (f"{result.runtime} p90 {p90} ms is {p90 / p50:.1f}x its p50 {p50} ms, so the machine was busy "
+                    "during the timed runs")
+    return None
 
 
 def runner_module(target) -> str:

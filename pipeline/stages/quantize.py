@@ -95,7 +95,9 @@ class QuantizeStage(Stage):
             methods = (f"int4-{self.int4_method}",)
 
         def drop(built: Path) -> float:
-            return drop_points(reference.selection, accuracy(self.selection, backend.runtime(built), info))
+            measured = accuracy(self.selection, backend.runtime(built), info, reference.selection_boxes,
+                                reference.fidelity_conf)
+            return drop_points(reference.selection, measured)
 
         check = np.concatenate(tensors[:SENSITIVITY_IMAGES])
         outcome = search(backend, stats, methods, symmetric, drop, self.max_map_drop, [check],

@@ -1,7 +1,9 @@
-"""reference: the FP32 ONNX model's mAP in ONNX Runtime on the selection and report splits, once per build.
+"""reference: the FP32 ONNX model in ONNX Runtime on the selection and report splits, once per build.
 
-Every later comparison (method choice, fallback search, the gate, the report)
-reads this artifact instead of measuring the FP32 model again.
+It records the FP32 model's accuracy where the split has labels and, on every
+split, its confident detections: the boxes fidelity is measured against. Every
+later comparison (method choice, fallback search, the gate, the report) reads
+this artifact instead of running the FP32 model again.
 """
 
 from __future__ import annotations
@@ -20,20 +22,37 @@ class ReferenceStage(Stage):
     toolchain = ("onnxruntime", "pycocotools")
     inputs = ("model_info", "onnx")
 
-    def __init__(self, selection: ImageSet, report: ImageSet):
-        self.selection, self.report = selection, report
+    def __init__(self, selection: ImageSet, report: ImageSet, fidelity_conf: float = 0.25):
+        self.selection, self.report, self.fidelity_conf = selection, report, fidelity_conf
+
+    def settings(self) -> dict:
+        return {"fidelity_conf": self.fidelity_conf}
 
     def fingerprints(self) -> dict:
         return {"selection": self.selection.fingerprint, "report": self.report.fingerprint}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import ort_infer
-        from edge_deploy.pipeline.evaluate import accuracy, describe_split
+        from edge_deploy.pipeline.evaluate import describe_split, reference_boxes, run_detections, score_split
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         infer = ort_infer(inputs["onnx"].path)
-        result = ReferenceAccuracy(accuracy(self.selection, infer, info), accuracy(self.report, infer, info),
-                                   describe_split(self.selection, "selection"), describe_split(self.report, "report"))
+        measured = {}
+        for role, split in (("selection", self.selection), ("report", self.report)):
+            detections = run_detections(split, infer, info.strides)
+            boxes = reference_boxes(detections, self.fidelity_conf)
+            measured[role] = (score_split(split, detections, info, boxes, self.fidelity_conf), boxes)
+        result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
+                                   describe_split(self.selection, "selection"), describe_split(self.report, "report"),
+                                   self.fidelity_conf, measured["selection"][1], measured["report"][1])
         path = out_dir / "reference.json"
-        path.write_text(json.dumps(result.to_json(), indent=1))
-        return StageOutput({"reference": path}, result.to_json())
+        path.write_text(json.dumps(result.to_json()))
+        # The boxes are data for later stages, not metrics to show.
+        metrics = {k: v for k, v in result.to_json().items() if not k.endswith("_boxes")}
+        return StageOutput({"reference": path}, metrics)
+
+
+class OriginalReferenceStage(ReferenceStage):
+    """The unpruned model's FP32 reference: the gate compares the final artifact with it too."""
+
+    name = "reference-original"

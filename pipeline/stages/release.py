@@ -8,7 +8,8 @@ from pathlib import Path
 
 from edge_deploy.pipeline.artifacts import Artifact, sha256_tree
 from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
-from edge_deploy.pipeline.errors import DeployError
+from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
+from edge_deploy.pipeline.userfiles import read_json, shown, write_failure
 from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, QuantizationReport, SpeedReport
 
 MANIFEST = "manifest.json"
@@ -66,20 +67,31 @@ class ReleaseStage(Stage):
 
 
 def check_bundle(bundle: Path) -> dict:
-    """Re-hashes every file a bundle's manifest lists; raises DeployError on any difference."""
-    manifest_path = Path(bundle) / MANIFEST
+    """Re-hashes every file a bundle's manifest lists; raises IntegrityError on any difference."""
+    bundle = Path(bundle)
+    if not bundle.exists():
+        raise InputError(f"bundle not found: {shown(bundle)}")
+    if not bundle.is_dir():
+        raise InputError(f"{shown(bundle)} is a file; a bundle is the folder a build published")
+    if not (bundle / MANIFEST).exists():
+        raise IntegrityError(f"{shown(bundle)}: no {MANIFEST}, so nothing can be checked (not a bundle, or its "
+                             "manifest was removed)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        listed = manifest["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DeployError(f"{bundle}: no readable manifest ({exc.__class__.__name__})") from None
-    present = {p.relative_to(bundle).as_posix() for p in Path(bundle).rglob("*") if p.is_file()} - {MANIFEST}
+        manifest = read_json(bundle / MANIFEST, "bundle manifest")
+    except InputError as exc:
+        raise IntegrityError(str(exc)) from None
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise IntegrityError(f"{shown(bundle / MANIFEST)}: 'files' must map each file name to its sha256")
+    present = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() or p.is_symlink()}
+    present -= {MANIFEST}
     problems = [f"missing {n}" for n in sorted(set(listed) - present)]
     problems += [f"not in manifest: {n}" for n in sorted(present - set(listed))]
+    problems += [f"a link, not a file: {n}" for n in sorted(set(listed) & present) if (bundle / n).is_symlink()]
     problems += [f"sha256 differs: {n}" for n in sorted(set(listed) & present)
-                 if sha256_tree(Path(bundle) / n) != listed[n]]
+                 if not (bundle / n).is_symlink() and sha256_tree(bundle / n) != listed[n]]
     if problems:
-        raise DeployError(f"{bundle}: manifest does not check out: {'; '.join(problems)}")
+        raise IntegrityError(f"{shown(bundle)}: manifest does not check out: {'; '.join(problems)}")
     return manifest
 
 
@@ -94,17 +106,30 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         f"{', '.join(info.names)}), input {info.imgsz}x{info.imgsz} RGB, "
         f"built for target `{target}` at {precision.upper()}.",
         "",
-        "## Accuracy (COCO mAP by pycocotools on the report split)",
+        "## Accuracy (COCO mAP by pycocotools on the report split)" if verify.reference.kind == "accuracy" else
+        "## Fidelity to the FP32 model (no labels were given)",
         "",
         f"Report split: {split.images} images from `{split.source}` (fingerprint {split.fingerprint[:16]}). "
         "No choice of the build was made on these images.",
         "",
-        "| model | mAP50 | mAP50-95 |",
-        "|---|---|---|",
-        f"| FP32 ONNX (ONNX Runtime) | {verify.reference.map50:.4f} | {verify.reference.map50_95:.4f} |",
+    ]
+    if verify.reference.kind == "fidelity":
+        lines += ["These are not accuracy figures: each model's detections are scored (mAP50-95 by pycocotools) "
+                  f"against the FP32 model's own detections at confidence {config['fidelity']['conf']} or above, "
+                  "so FP32 scores itself and a lower number means the deployed model answers differently. `found` "
+                  "is the share of the FP32 model's boxes the model finds again (same class, IoU ≥ 0.5).", ""]
+    lines += [
+        "| model | mAP50 | mAP50-95 | found |",
+        "|---|---|---|---|",
+        f"| FP32 ONNX (ONNX Runtime) | {verify.reference.map50:.4f} | {verify.reference.map50_95:.4f} | "
+        f"{_found(verify.reference)} |",
     ]
     if verify.artifact is not None:
-        lines.append(f"| {verify.artifact_label} | {verify.artifact.map50:.4f} | {verify.artifact.map50_95:.4f} |")
+        lines.append(f"| {verify.artifact_label} | {verify.artifact.map50:.4f} | {verify.artifact.map50_95:.4f} | "
+                     f"{_found(verify.artifact)} |")
+        if verify.fidelity is not None:
+            lines += ["", f"Fidelity of {verify.artifact_label} to the FP32 model on the same images: "
+                      f"{verify.fidelity.describe()}."]
         lines += ["", f"mAP50-95 drop against FP32: {verify.drop_points:.2f} points "
                   f"(budget {verify.budget_points:.2f}{'' if verify.within_budget else ', missed'}).", ""]
         if precision in ("int4", "w4a8"):
@@ -113,6 +138,10 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                       "ONNX Runtime's CPU provider this model is slower than FP32; the probe below measures it.", ""]
     else:
         lines += ["", "The artifact is the FP32 ONNX model itself.", ""]
+    if verify.original is not None:
+        lines += [f"Against the original model before pruning (mAP50-95 {verify.original.map50_95:.4f} on the same "
+                  f"images): {verify.total_drop_points:.2f} points lost in all (budget "
+                  f"{verify.total_budget_points:.2f}).", ""]
     lines += ["## Speed (model inference only, batch 1, on the device named below each row)", "",
               "| model | runtime | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -153,11 +182,23 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
     return "\n".join(lines)
 
 
+def _found(accuracy) -> str:
+    return f"{accuracy.matched_boxes:.1%}" if accuracy.matched_boxes is not None else "—"
+
+
 def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:
-    """Copies a released bundle to the output folder atomically; returns (path, changed)."""
+    """Copies a released bundle to the output folder atomically; returns (path, changed).
+
+    Never writes over something that is not a bundle of ours (a user's file or folder of the same name),
+    and on a failed write (a full disk) the earlier bundle stays as it was.
+    """
     from edge_deploy.pipeline.artifacts import atomic_dir
 
     final = Path(output_dir) / bundle.name
+    if final.exists() or final.is_symlink():
+        if not final.is_dir() or final.is_symlink() or not (final / MANIFEST).is_file():
+            raise InputError(f"{shown(final)} exists and is not a bundle; it is left alone: move it away or choose "
+                             "another --output")
     existing = final / MANIFEST
     if existing.exists() and existing.read_bytes() == (bundle / MANIFEST).read_bytes():
         try:
@@ -165,6 +206,16 @@ def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:
             return final, False
         except DeployError:
             pass  # damaged copy: replace it below
-    with atomic_dir(final) as tmp:
-        shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+    try:
+        with atomic_dir(final) as tmp:
+            # File by file, so the first failure (a full disk) surfaces as itself, not as copytree's summary.
+            for source in sorted(bundle.rglob("*")):
+                copy = tmp / source.relative_to(bundle)
+                if source.is_dir():
+                    copy.mkdir(parents=True, exist_ok=True)
+                else:
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, copy)
+    except OSError as exc:
+        raise write_failure(exc, final) from None
     return final, True

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from tests.conftest import build_json, run_deploy, tree_state
 
@@ -25,7 +24,7 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     assert "FP32 ONNX: mAP50" in done.stdout and "INT8 on cpu: mAP50" in done.stdout
     assert "accuracy on the report split: 200 images" in done.stdout
     assert "latency p50/p90/p99" in done.stdout
-    bundle = cwd / "dist" / "yolov8n-cpu-int8"
+    bundle = cwd / "dist" / "yolov8n-160-cpu-int8"
     manifest = json.loads((bundle / "manifest.json").read_text())
     power = manifest["metrics"]["speed"]["artifact"]["power"]
     assert ("power unavailable" in done.stdout) == (power["status"] == "unavailable")
@@ -43,24 +42,26 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     assert manifest["splits"]["selection"]["source"].endswith("images/selection")
     check = run_deploy(["check", str(bundle)], cwd, deploy_home)
     assert check.returncode == 0 and check.stdout.startswith("ok: 5 files")
-    record = json.loads((cwd / "dist" / "yolov8n-cpu-int8.build.json").read_text())
+    record = json.loads((cwd / "dist" / "yolov8n-160-cpu-int8.build.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["load", "export", "reference", "quantize", "compile", "verify",
                                                       "probe", "release"]
 
 
 def test_second_build_is_all_cache_hits(built, deploy_home):
     cwd, _ = built
-    before = tree_state(cwd / "dist" / "yolov8n-cpu-int8")
+    before = tree_state(cwd / "dist" / "yolov8n-160-cpu-int8")
     summary = build_json(["--target", "cpu"], cwd, deploy_home)
-    assert all(stage["cache_hit"] for stage in summary["stages"])
+    # A probe whose timings said the machine was busy is never reused; everything else is.
+    assert all(stage["cache_hit"] or (stage["stage"] == "probe" and stage["metrics"]["contended"])
+               for stage in summary["stages"])
     assert summary["bundle_updated"] is False
-    assert tree_state(cwd / "dist" / "yolov8n-cpu-int8") == before
+    assert tree_state(cwd / "dist" / "yolov8n-160-cpu-int8") == before
 
 
 def test_tampered_bundle_fails_its_check(built, deploy_home, tmp_path):
     cwd, _ = built
     copy = tmp_path / "bundle"
-    shutil.copytree(cwd / "dist" / "yolov8n-cpu-int8", copy)
+    shutil.copytree(cwd / "dist" / "yolov8n-160-cpu-int8", copy)
     with open(copy / "model.onnx", "ab") as f:
         f.write(b"\0")
     (copy / "extra.txt").write_text("x")
@@ -78,73 +79,6 @@ def test_print_config_is_a_reusable_config(built, deploy_home, tmp_path):
     assert again.stdout == done.stdout
 
 
-def _classifier_checkpoint(path):
-    import ultralytics
-    from ultralytics.nn.tasks import ClassificationModel
-
-    cfg = next((path.parent.__class__(ultralytics.__file__).parent / "cfg" / "models").rglob("yolov8-cls.yaml"))
-    local = path.parent / "yolov8n-cls.yaml"
-    local.write_text(cfg.read_text())
-    torch.save({"model": ClassificationModel(str(local), nc=2, verbose=False)}, path)
-
-
-def _two_class_detector(path):
-    import ultralytics
-    import yaml
-    from ultralytics.nn.tasks import DetectionModel
-
-    cfg = next((path.parent.__class__(ultralytics.__file__).parent / "cfg" / "models").rglob("yolov8.yaml"))
-    model = DetectionModel({**yaml.safe_load(cfg.read_text()), "scale": "n"}, nc=2, verbose=False)
-    torch.save({"model": model}, path)
-
-
-def _bad_inputs(tmp):
-    (tmp / "notes.pt").write_text("not a checkpoint")
-    _classifier_checkpoint(tmp / "classifier.pt")
-    _two_class_detector(tmp / "two_classes.pt")
-    (tmp / "empty").mkdir()
-    (tmp / "corrupt").mkdir()
-    (tmp / "corrupt" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    (tmp / "corrupt" / "readme.txt").write_text("hi")
-    (tmp / "typo.yaml").write_text("target: cpu\ncalibraton:\n  size: 10\n")
-    (tmp / "grey").mkdir()
-    import cv2
-    import numpy as np
-
-    cv2.imwrite(str(tmp / "grey" / "g.png"), np.zeros((16, 16), np.uint8))
-
-
-BAD = {
-    "missing model": (["--model", "{tmp}/missing.pt"], "model not found"),
-    "not a checkpoint": (["--model", "{tmp}/notes.pt"], "is not a PyTorch checkpoint"),
-    "not a detector": (["--model", "{tmp}/classifier.pt"], "is a classify model"),
-    "empty calibration folder": (["--calib", "{tmp}/empty"], "is empty"),
-    "corrupt calibration folder": (["--calib", "{tmp}/corrupt"], "none of its 2 files is a readable image"),
-    "unknown target": (["--target", "cpux"], "unknown target 'cpux' (did you mean 'cpu'?)"),
-    "unknown config key": (["--config", "{tmp}/typo.yaml"], "unknown key 'calibraton' (did you mean 'calibration'?)"),
-    "unknown quantization method": (["--quant-method", "magic"], "quantize.method: Input should be 'auto'"),
-    "grey calibration image": (["--calib", "{tmp}/grey"], "has 1 channel; the model is fed 3-channel colour"),
-    "pruning ratio out of range": (["--prune", "1.5"], "prune.ratio: Input should be less than 1"),
-    "unknown profile": (["--target", "arm", "--profile", "pi9"], "target arm has no profile 'pi9'"),
-    "model for other classes": (["--model", "{tmp}/two_classes.pt"], "detects 2 classes but the data has 4"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_nonzero_and_loses_nothing(case, built, deploy_home, tmp_path):
-    cwd, _ = built
-    _bad_inputs(tmp_path)
-    args, message = BAD[case]
-    before = tree_state(cwd)
-    done = run_deploy(["build", *[a.format(tmp=tmp_path) for a in args]], cwd, deploy_home)
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert message in lines[0]
-    assert tree_state(cwd) == before
-
-
 def test_missed_accuracy_budget_fails_and_keeps_the_fp32_model(built, deploy_home, tmp_path):
     cwd, _ = built
     before = tree_state(cwd)
@@ -152,9 +86,9 @@ def test_missed_accuracy_budget_fails_and_keeps_the_fp32_model(built, deploy_hom
     assert done.returncode == 4 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "over the 0.00 point budget" in lines[0]
-    assert "the FP32 model is kept at dist/yolov8n.fp32.onnx" in lines[0]
+    assert "the FP32 model is kept at dist/yolov8n-160.fp32.onnx" in lines[0]
     after = tree_state(cwd)
-    kept = after.pop("dist/yolov8n.fp32.onnx")
+    kept = after.pop("dist/yolov8n-160.fp32.onnx")
     assert after == before and len(kept) > 1_000_000
 
 
@@ -164,7 +98,7 @@ def test_accept_drop_ships_the_best_int8_model(built, deploy_home, tmp_path):
     quantize = next(s for s in summary["stages"] if s["stage"] == "quantize")
     verify = next(s for s in summary["stages"] if s["stage"] == "verify")
     assert quantize["metrics"]["drop_points"] > 0 and verify["metrics"]["within_budget"] is False
-    assert (tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").exists()
+    assert (tmp_path / "out" / "yolov8n-160-cpu-int8" / "manifest.json").exists()
 
 
 def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_path):
@@ -176,7 +110,7 @@ def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_
                           "--prune", "0.5", "--prune-epochs", "0", "--precision", "fp32"], tmp_path, deploy_home)
     prune = next(s for s in summary["stages"] if s["stage"] == "prune")
     assert prune["metrics"]["macs_ratio"] > 2.5
-    bundle = tmp_path / "dist" / "yolo11n-pruned-cpu-fp32"
+    bundle = tmp_path / "dist" / "yolo11n-96-pruned-cpu-fp32"
     assert (bundle / "prune_history.png").exists()
     assert "## Pruning" in (bundle / "MODEL_CARD.md").read_text()
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
@@ -195,7 +129,7 @@ def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, pre
     assert ("quantize" in stages) == (precision == "int8")
     if precision == "int8":
         assert stages["quantize"]["unit_kind"] == "layer" and stages["quantize"]["method"] in ("minmax", "entropy")
-    bundle = cwd / "dist" / f"yolov8n-arm-{precision}"
+    bundle = cwd / "dist" / f"yolov8n-160-arm-{precision}"
     assert {"model.ncnn.param", "model.ncnn.bin", "runtime.json"} <= {p.name for p in bundle.iterdir()}
     assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0
 
@@ -204,5 +138,22 @@ def test_profile_sets_the_probe_threads(built, deploy_home, tmp_path):
     summary = build_json(["--profile", "host-1-thread", "--output", str(tmp_path / "out")], built[0], deploy_home)
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
     assert probe["artifact"]["threads"] == 1 and probe["reference"]["threads"] == 1
-    manifest = json.loads((tmp_path / "out" / "yolov8n-cpu-int8" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "yolov8n-160-cpu-int8" / "manifest.json").read_text())
     assert manifest["config"]["profile"] == "host-1-thread"
+
+
+def test_pruning_that_destroys_the_model_is_gated_against_the_original(built, deploy_home, tmp_path):
+    """One-shot pruning without fine-tuning wrecks the detector; verify compares with the unpruned model too."""
+    cwd, _ = built
+    out = tmp_path / "out"
+    args = ["build", "--prune", "0.3", "--prune-epochs", "0", "--precision", "fp32", "--output", str(out)]
+    done = run_deploy(args, cwd, deploy_home)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 4 and "Traceback" not in done.stderr
+    assert "pruning and FP32 together lose" in lines[-1] and "against the original model" in lines[-1]
+    assert not (out / "yolov8n-160-pruned-cpu-fp32").exists()
+    summary = build_json([*args[1:], "--accept-drop"], cwd, deploy_home)
+    verify = next(s for s in summary["stages"] if s["stage"] == "verify")["metrics"]
+    assert verify["within_budget"] is False and verify["total_drop_points"] > verify["total_budget_points"] == 1.0
+    assert verify["original"]["map50_95"] > 0.6
+    assert [s["stage"] for s in summary["stages"]][:4] == ["load", "export-original", "reference-original", "prune"]

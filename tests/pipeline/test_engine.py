@@ -109,3 +109,17 @@ def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
         (tmp / "b.txt").write_text("new")
     assert [p.name for p in final.iterdir()] == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_an_uncacheable_result_is_used_once_and_measured_again(tmp_path, text):
+    class Timing(Upper):
+        def run(self, inputs, out_dir):
+            output = super().run(inputs, out_dir)
+            return StageOutput(output.files, output.metrics, cacheable=False)
+
+    engine = Engine(tmp_path / "cache")
+    Upper.calls = 0
+    first = engine.run(Timing(), text)
+    second = engine.run(Timing(), text)
+    assert (first.cache_hit, second.cache_hit, Upper.calls) == (False, False, 2)
+    assert first.artifacts["upper"].path.read_text() == "HELLO" and first.artifacts["upper"].path.exists()

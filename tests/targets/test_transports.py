@@ -71,3 +71,14 @@ def test_a_stale_result_from_an_earlier_run_is_never_returned(tmp_path):
 def test_the_local_transport_runs_a_fresh_interpreter(tmp_path):
     command, env = LocalTransport().command(tmp_path, "runner.py")
     assert command == [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)] and env is None
+
+
+def test_a_timing_whose_spread_says_the_machine_was_busy_is_flagged():
+    from edge_deploy.pipeline.results import ProbeResult
+    from edge_deploy.pipeline.stages.probe import contention
+
+    def result(p50, p90):
+        return ProbeResult.from_runner({**RESULT, "latency_ms": {"p50": p50, "p90": p90, "p99": p90}}, {})
+
+    assert contention([result(4.0, 4.4)]) is None
+    assert "p90 9.0 ms is 2.2x its p50 4.0 ms" in contention([result(4.0, 4.4), result(4.0, 9.0)])

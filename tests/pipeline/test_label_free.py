@@ -1,0 +1,83 @@
+"""A user with a checkpoint and unlabelled camera images: the build measures fidelity to the FP32 model."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import EMBEDDED_MODEL, run_deploy, tree_state
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory, shapes_yaml):
+    """A folder as a user has it: best.pt and photos/ with no labels anywhere near them."""
+    folder = tmp_path_factory.mktemp("label-free-user")
+    shutil.copyfile(EMBEDDED_MODEL, folder / "best.pt")
+    photos = folder / "photos"
+    photos.mkdir()
+    for image in sorted((shapes_yaml.parent / "images" / "train").iterdir())[:48]:
+        shutil.copyfile(image, photos / image.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(user, tmp_path_factory):
+    home = tmp_path_factory.mktemp("label-free-home")  # its own home: proves no embedded data is generated
+    done = run_deploy(["build", "--json", "--model", "best.pt", "--calib", "photos", "--accept-drop"], user, home)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), home
+
+
+def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
+    summary, home = built
+    stages = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    verify = stages["verify"]
+    assert verify["reference"]["kind"] == verify["artifact"]["kind"] == "fidelity"
+    # The FP32 model, scored against its own confident boxes, finds every one of them again.
+    assert verify["reference"]["matched_boxes"] == 1.0 and verify["reference"]["map50_95"] > 0.99
+    assert 0.5 < verify["artifact"]["matched_boxes"] <= 1.0
+    assert verify["split"]["images"] == 12 and "held out, reported" in verify["split"]["source"]
+    quantize = stages["quantize"]
+    assert quantize["selection"]["images"] == 12 and quantize["calibration_images"] == 24
+    assert not (home / "data").exists()  # the embedded shapes set is never used for a user's model
+    bundle = user / "dist" / "yolov8n-160-cpu-int8"
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "## Fidelity to the FP32 model (no labels were given)" in card and "not accuracy figures" in card
+    assert run_deploy(["check", str(bundle)], user, home).returncode == 0
+
+
+def test_the_held_out_images_are_never_calibrated_on(built):
+    summary, _ = built
+    stages = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    fingerprints = {stages["reference"]["selection_split"]["fingerprint"],
+                    stages["reference"]["report_split"]["fingerprint"]}
+    assert len(fingerprints) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "best.pt"], "--model without --data needs images to measure the model on: --calib IMAGES"),
+    (["--model", "best.pt", "--calib", "photos", "--prune", "0.5"], "pruning fine-tunes and measures on labelled"),
+    (["--model", "best.pt", "--calib", "few"], "3 readable images; a label-free build needs at least 8"),
+])
+def test_unusable_label_free_input_is_refused_before_any_stage(user, tmp_path, args, message):
+    few = user / "few"
+    if not few.exists():
+        few.mkdir()
+        for image in sorted((user / "photos").iterdir())[:3]:
+            shutil.copyfile(image, few / image.name)
+    before = tree_state(user)
+    done = run_deploy(["build", *args], user, tmp_path / "home")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    assert tree_state(user) == before and not (tmp_path / "home" / "cache").exists()
+
+
+def test_a_data_yaml_without_labels_is_refused_before_any_stage(user, tmp_path, shapes_yaml):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_yaml.parent / "images" / "val", data / "images" / "val")
+    (data / "data.yaml").write_text("train: images/val\nval: images/val\nnames:\n  0: a\n  1: b\n  2: c\n  3: d\n")
+    done = run_deploy(["build", "--model", str(user / "best.pt"), "--data", str(data / "data.yaml")], tmp_path,
+                      tmp_path / "home")
+    assert done.returncode == 2 and "no image of its val split has a label" in done.stderr
+    assert "--calib IMAGES to measure fidelity" in done.stderr
+    assert not (tmp_path / "home" / "cache").exists()
