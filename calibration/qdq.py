@@ -44,7 +44,7 @@ def prepare(fp32_path: Path, out_path: Path) -> Path:
 
 
 def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, float]], per_channel: bool,
-             symmetric: bool, exclude: list[str] = (), weight_bits: int = 8) -> Path:
+             symmetric: bool, exclude: list[str] = (), weight_bits: int = 8, rules: QuantRules = ONNXRUNTIME_QDQ) -> Path:
     """Static QDQ quantization of `prepared` with the given activation ranges; `exclude` nodes stay float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
@@ -61,7 +61,10 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
                 # onnxruntime prefers unsigned activations with signed weights.
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=weight_type,
                 nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": symmetric},
+                op_types_to_quantize=list(rules.op_types) or None,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                               "OpTypesToExcludeOutputQuantization": list(rules.float_outputs_of),
+                               "QuantizeBias": rules.quantize_bias},
             )
     except (ValueError, RuntimeError, KeyError) as exc:
         raise DeployError(f"quantize: onnxruntime's quantizer failed: {str(exc).splitlines()[0]}") from None
@@ -95,7 +98,7 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
-                     symmetric: bool, per_channel: bool = True) -> list[UnitSensitivity]:
+                     symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = ()) -> list[UnitSensitivity]:
     """SQNR of each quantizable node's output with only that node's inputs quantized, least first.
 
     Every node is run alone (a one-node graph in onnxruntime) on the inputs it
@@ -126,7 +129,7 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
     results = []
     for node in model.graph.node:
         # onnxruntime's QDQ quantizer (given no op-type list) quantizes every node's float inputs.
-        if not node.output or node.output[0] not in values:
+        if not node.output or node.output[0] not in values or (op_types and node.op_type not in op_types):
             continue
         feeds_inputs = [i for i in node.input if i and i not in initializers]
         if any(i not in values for i in feeds_inputs) or not any(i in ranges for i in feeds_inputs):
@@ -200,7 +203,8 @@ class OnnxQdqBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
-        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, float_units)
+        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, float_units,
+                 rules=self.rules)
         if self.weights is not None:
             replace_int8_weights(path, self.weights, path)
         return path
@@ -211,9 +215,11 @@ class OnnxQdqBackend:
         return ort_infer(built)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
-        return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights)
+        return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights,
+                                self.rules.op_types)
 
     def units(self) -> int:
         import onnx
 
-        return len(onnx.load(str(self.prepared), load_external_data=False).graph.node)
+        nodes = onnx.load(str(self.prepared), load_external_data=False).graph.node
+        return sum(1 for n in nodes if not self.rules.op_types or n.op_type in self.rules.op_types)

@@ -47,6 +47,12 @@ class QuantRules:
     # Calibration files written from the chosen ranges for other toolchains; only where the backend's
     # tensors are the ONNX graph's own, whose names those toolchains know.
     calibration_files: tuple[str, ...] = ()
+    # Op types whose inputs are quantized (empty: every op the quantizer supports), op types whose outputs get
+    # no Q/DQ of their own, and whether biases become INT32: where the consumer fuses layers, Q/DQ in the wrong
+    # place costs a reformat or a lost fusion instead of saving time.
+    op_types: tuple[str, ...] = ()
+    float_outputs_of: tuple[str, ...] = ()
+    quantize_bias: bool = True
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -57,3 +63,14 @@ ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node
                              calibration_files=("tensorrt-cache",))
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
                        "the input blob of every Convolution (ncnn's int8_scale_term)")
+
+# TensorRT's explicit quantization: Q/DQ on the inputs of the layers that run in INT8 (weighted layers, and both
+# inputs of residual Adds so the add fuses into the preceding convolution's epilogue), never on their outputs
+# (a Q/DQ between a convolution and its activation would split a fused kernel), symmetric activations and
+# per-channel symmetric weights, float biases (TensorRT quantizes them itself).
+TENSORRT_QDQ = QuantRules("TensorRT explicit QDQ", RANGE_METHODS, True, True, "node",
+                          "the inputs of Conv, ConvTranspose, MatMul, Gemm and residual Add (none on their outputs)",
+                          calibration_files=("tensorrt-cache",),
+                          op_types=("Conv", "ConvTranspose", "MatMul", "Gemm", "Add"),
+                          float_outputs_of=("Conv", "ConvTranspose", "MatMul", "Gemm", "Add"),
+                          quantize_bias=False)

@@ -51,14 +51,18 @@ def class_names(data_yaml: Path) -> list[str]:
                      "0: name, 1: name, ...)")
 
 
-def validate_labels(split: "ImageSet", num_classes: int) -> None:
-    """Every label file of a split is YOLO text: 'class x y w h' per line, class in range, coordinates in 0..1.
+def validate_split(split: "ImageSet", num_classes: int) -> None:
+    """Every image of a labelled split decodes, and every label file is YOLO text: 'class x y w h' per line,
+    class in range, coordinates in 0..1.
 
     Run before any stage: a label naming a class the data does not have would otherwise be scored as nothing
-    and publish a meaningless mAP.
+    and publish a meaningless mAP, and an undecodable image would stop the build only after minutes of work.
     """
-    for label in split.labels:
-        if label.exists():
+    for image, label in zip(split.files, split.labels):
+        if read_image(image) is None:
+            raise InputError(f"{shown(image)} in {shown(split.source)} is not a readable image; remove it or "
+                             "replace it")
+        if label.exists() or label.is_symlink():
             parse_label_file(label, num_classes)
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 from edge_deploy.calibration.preprocess import Preprocess
 from edge_deploy.calibration.sets import (ImageSet, calibration_set, choice_splits, class_names, labelled_split,
-                                          unlabelled_splits, validate_labels, warn_if_sizes_differ)
+                                          unlabelled_splits, validate_split, warn_if_sizes_differ)
 from edge_deploy.pipeline.artifacts import Artifact, sweep_stale, temp_prefix
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.engine import Engine, StageRecord, write_build_record
@@ -42,10 +42,12 @@ class BuildResult:
 
     @property
     def speed(self):
-        """The probe stage's typed report: the FP32 reference and the artifact, each on the device that ran it."""
+        """The probe stage's typed report: the FP32 reference and the artifact, each on the device that ran it;
+        None when the target's artifact can only be timed on its device."""
         from edge_deploy.pipeline.results import SpeedReport
 
-        return SpeedReport.from_json(self.metrics("probe"))
+        record = next((r for r in self.records if r.name == "probe"), None)
+        return SpeedReport.from_json(record.metrics) if record else None
 
 
 def embedded_data(home: Path) -> Path:
@@ -101,6 +103,8 @@ def resolve_inputs(config: BuildConfig, home: Path):
     target = load_target(config.target)()
     if config.precision is None:
         config.precision = target.default_precision
+    if config.profile is None:
+        config.profile = target.default_profile
     if config.profile is not None:
         profiles = {p.name: p for p in target.profiles}
         if config.profile not in profiles:
@@ -193,7 +197,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
             selection, report = choice_splits(data_yaml, blank, config.selection.size, config.selection.seed)
             for split in (selection, report, *([labelled_split(data_yaml, "train", blank)] if config.prune.enabled
                                                else [])):
-                validate_labels(split, len(names))
+                validate_split(split, len(names))
             if spec.calibrated:
                 calibration = calibration_set(config.calibration.source or data_yaml, blank, config.calibration.size,
                                               config.calibration.seed, config.calibration.split,
@@ -235,8 +239,11 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         budget = q.budget(config.precision)
         try:
             if calibration is not None:
+                # A TensorRT calibration cache names the TensorRT that reads it: the profile's, where it says.
+                facts = next((p.facts for p in target.profiles if p.name == config.profile), {})
                 run(QuantizeStage(target, config.precision, calibration, selection, q.method, q.symmetric, budget,
-                                  q.on_budget_exceeded, q.int4_method, q.int4_group))
+                                  q.on_budget_exceeded, q.int4_method, q.int4_group,
+                                  **({"trt_version": facts["tensorrt"]} if "tensorrt" in facts else {})))
             run(CompileStage(target, config.precision, selection, q.min_sqnr_db))
             run(VerifyStage(target, config.precision, val, budget, q.on_budget_exceeded == "fail",
                             budget + config.prune.max_map_drop if config.prune.enabled else None))
@@ -244,14 +251,21 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
             kept = keep_fp32(export.artifacts["onnx"].path,
                              Path(config.output) / f"{model_name(info, model_path)}-{info['imgsz']}.fp32.onnx")
             raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
-        transport = LocalTransport()
-        run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup, config.probe.runs,
-                       config.probe.threads, transport, load_target(REFERENCE_TARGET)(), transport))
+        probed = target.compile_runs_on == "host"
+        if probed:
+            transport = LocalTransport()
+            run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup,
+                           config.probe.runs, config.probe.threads, transport, load_target(REFERENCE_TARGET)(),
+                           transport))
+        else:
+            # Its artifact becomes runnable only where it is compiled: timing anything here would describe
+            # another machine. The release says so instead of showing a number.
+            on_event("probe", f"skipped: {target.name}'s engine is built and timed on the device")
         bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
                        f"{target.name}-{config.precision}")
         release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
                                    calibration.describe() if calibration else None, pruned=config.prune.enabled,
-                                   quantize_report=calibration is not None))
+                                   quantize_report=calibration is not None, probed=probed))
         bundle, changed = publish(release.artifacts["bundle"].path, config.output)
         record_path = Path(config.output) / f"{bundle_name}.build.json"
         label_free_images = None if data_yaml else str(config.calibration.source)

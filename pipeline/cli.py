@@ -108,20 +108,20 @@ def main():
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path),
+@click.option("--config", "config_path", type=click.Path(path_type=str),
               help="deploy.yaml to read (default: ./deploy.yaml when present)")
-@click.option("--model", type=click.Path(path_type=Path), help="Ultralytics .pt checkpoint or .yaml model")
-@click.option("--data", type=click.Path(path_type=Path), help="Ultralytics data YAML (val split is evaluated)")
+@click.option("--model", type=click.Path(path_type=str), help="Ultralytics .pt checkpoint or .yaml model")
+@click.option("--data", type=click.Path(path_type=str), help="Ultralytics data YAML (val split is evaluated)")
 @click.option("--target", help="target name, see `deploy targets`")
 @click.option("--profile", help="device profile of the target, e.g. raspberry-pi-5 (sets probe threads)")
 @click.option("--precision", help="fp32, int8, w4a8 (INT4 weights, INT8 activations) or int4 (weight-only)")
 @click.option("--imgsz", type=int, help="input size (default: the checkpoint's training size)")
-@click.option("--output", type=click.Path(path_type=Path), help="where bundles are published (default: dist)")
+@click.option("--output", type=click.Path(path_type=str), help="where bundles are published (default: dist)")
 @click.option("--prune", "prune_ratio", type=float, help="share of channels to prune, e.g. 0.5 (structured)")
 @click.option("--prune-criterion", help="l1, l2, bn_scale, taylor, fpgm, lamp or random")
 @click.option("--prune-steps", type=int, help="pruning steps, each followed by fine-tuning")
 @click.option("--prune-epochs", type=int, help="fine-tuning epochs after each pruning step (default 12)")
-@click.option("--calib", type=click.Path(path_type=Path),
+@click.option("--calib", type=click.Path(path_type=str),
               help="calibration image folder, data YAML or video; with --model and no --data, the unlabelled images "
                    "the build is also measured on (fidelity to FP32)")
 @click.option("--calib-size", type=int, help="number of calibration images")
@@ -214,14 +214,15 @@ def targets(as_json):
 
     if as_json:
         click.echo(json.dumps({name: {**load_target(name).capabilities(), "profiles": [
-            {"name": p.name, "threads": p.threads, "imgsz": p.imgsz, "description": p.description}
+            {"name": p.name, "threads": p.threads, "imgsz": p.imgsz, "description": p.description, "facts": p.facts}
             for p in load_target(name).profiles]} for name in sorted(TARGETS)}, indent=1))
         return
     table = Table("target", "toolchain", "precisions", "INT8", "layout", "profiles", "description")
     for name in sorted(TARGETS):
         t = load_target(name)
         profiles = "\n".join(f"{p.name}: threads {p.threads or 'default'}, imgsz {p.imgsz or 'model'}"
-                              for p in t.profiles)
+                              + "".join(f", {k} {v}" for k, v in p.facts.items())
+                              + (" (default)" if p.name == t.default_profile else "") for p in t.profiles)
         rules = t.quant_rules
         int8 = f"{rules.name}: {', '.join(rules.methods)}" if rules else "none"
         table.add_row(name, ", ".join(t.toolchain), ", ".join(t.precisions), int8, t.input_layout, profiles,

@@ -7,18 +7,27 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_deploy.pipeline.errors import ConfigError
 from edge_deploy.pipeline.userfiles import read_yaml, shown
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity compare false with every bound, so they would slip past ge/le checks.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _not_empty(cls, value):
+    # An empty path would silently mean the current folder.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
 
 
 class CalibrationConfig(Section):
     source: Optional[Path] = Field(None, description="image folder, data YAML or video; default: the build's data")
+    _source_not_empty = field_validator("source", mode="before")(_not_empty)
     split: Literal["train", "val"] = Field("train", description="which split of a data YAML to sample")
     size: int = Field(200, ge=1, le=100_000)
     seed: int = 0
@@ -60,7 +69,8 @@ class QuantizeConfig(Section):
         "fail", description="continue ships the best INT8 model found even when it misses the budget")
     # Signal-to-quantization-noise ratio of the INT8 outputs against FP32, on
     # calibration images, below which the conversion is rejected.
-    min_sqnr_db: float = 15.0
+    min_sqnr_db: float = Field(15.0, ge=0, le=200, description="lowest output SQNR (dB) of a quantized artifact "
+                                                                "against its FP32 parent")
     int4_method: Literal["gptq", "rtn"] = Field("gptq", description="INT4 weight rounding: GPTQ or round-to-nearest")
     int4_group: int = Field(0, ge=0, description="INT4 scale per group of this many input channels; 0 = per channel")
 
@@ -97,7 +107,7 @@ class PruneConfig(Section):
 
 class ProbeConfig(Section):
     warmup: int = Field(10, ge=0)
-    runs: int = Field(100, ge=50, description="timed runs; fewer than 50 give unstable percentiles")
+    runs: int = Field(100, ge=50, le=100_000, description="timed runs; fewer than 50 give unstable percentiles")
     threads: Optional[int] = Field(None, ge=1)
 
 
@@ -111,6 +121,8 @@ class BuildConfig(Section):
         None, description="default: the target's default (int8 on cpu); see `deploy targets`")
     imgsz: Optional[int] = Field(None, ge=32, le=4096)
     output: Path = Path("dist")
+
+    _paths_not_empty = field_validator("model", "data", "output", mode="before")(_not_empty)
     calibration: CalibrationConfig = CalibrationConfig()
     selection: SelectionConfig = SelectionConfig()
     fidelity: FidelityConfig = FidelityConfig()
@@ -141,7 +153,7 @@ def validate(raw: dict, origin: str) -> BuildConfig:
         if error["type"] == "extra_forbidden":
             raise ConfigError(f"{origin}: {_unknown_key_message(error, BuildConfig)}") from None
         where = ".".join(str(p) for p in error["loc"]) or "config"
-        raise ConfigError(f"{origin}: {where}: {error['msg']}") from None
+        raise ConfigError(f"{origin}: {where}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_config(path: Optional[Path], overrides: dict) -> BuildConfig:
@@ -149,6 +161,8 @@ def load_config(path: Optional[Path], overrides: dict) -> BuildConfig:
     raw: dict = {}
     origin = "flags"
     if path is not None:
+        if not str(path).strip():
+            raise ConfigError("--config: the config file's path must not be empty")
         origin = shown(path)
         raw = read_yaml(path, "config file")
     for dotted, value in overrides.items():

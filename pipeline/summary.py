@@ -63,17 +63,20 @@ def render_summary(result, config) -> None:
                       _key_metrics(record.name, record.metrics))
     console.print(table)
     verify = AccuracyReport.from_json(result.metrics("verify"))
-    probe = SpeedReport.from_json(result.metrics("probe"))
-    rows = [("FP32 ONNX", verify.reference, probe.reference)]
-    if verify.artifact is not None and probe.artifact is not None:
-        rows.append((verify.artifact_label, verify.artifact, probe.artifact))
+    probe = result.speed
+    rows = [("FP32 ONNX", verify.reference, probe.reference if probe else None)]
+    if verify.artifact is not None:
+        rows.append((verify.artifact_label, verify.artifact, probe.artifact if probe else None))
     for label, accuracy, speed in rows:
-        latency = speed.latency_ms
-        power = speed.power_text()
         kind = "fidelity " if accuracy.kind == "fidelity" else ""
+        if speed is None:
+            timing = "latency not measured here (the engine is built and timed on the device)"
+        else:
+            latency = speed.latency_ms
+            timing = (f"latency p50/p90/p99 {latency['p50']}/{latency['p90']}/{latency['p99']} ms  "
+                      f"power {speed.power_text()}")
         console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}  "
-                      f"latency p50/p90/p99 {latency['p50']}/{latency['p90']}/{latency['p99']} ms  "
-                      f"{'power ' + power}")
+                      f"{timing}")
     if verify.reference.kind == "fidelity":
         console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= "
                       f"{ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf}), not accuracy; on "

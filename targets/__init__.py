@@ -10,6 +10,7 @@ from edge_deploy.pipeline.errors import ConfigError
 TARGETS: dict[str, str] = {
     "cpu": "edge_deploy.targets.cpu:OnnxRuntimeCpu",
     "arm": "edge_deploy.targets.arm:NcnnArm",
+    "jetson": "edge_deploy.targets.jetson:TensorRtJetson",
 }
 
 

@@ -31,6 +31,9 @@ class Profile:
     # Input size builds for this device default to; None keeps the checkpoint's training size, since a
     # detector is most accurate at the scale it was trained at. --imgsz overrides either.
     imgsz: int | None = None
+    # What the hardware is, as data (toolchain versions, accelerators, memory): shown by `deploy targets`, and
+    # read where a version matters (a TensorRT calibration cache's header names the TensorRT that reads it).
+    facts: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,11 @@ class Target:
     reference_precisions: ClassVar[frozenset[str]] = frozenset()
     compile_runs_on: ClassVar[str] = "host"  # or "device": the engine is built where it will run
     runner: ClassVar[Path]  # the self-contained device-side probe script
+    runner_support: ClassVar[tuple[Path, ...]] = ()  # standalone modules the runner imports, sent beside it
     profiles: ClassVar[tuple[Profile, ...]] = ()
+    default_profile: ClassVar[str | None] = None  # the profile a build gets when none is named
+    # Artifacts of earlier stages that compile needs besides the model, per precision (e.g. a calibration cache).
+    compile_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def capabilities(cls) -> dict:
@@ -75,6 +82,7 @@ class Target:
                 "per_channel_weights": rules.per_channel_weights, "quantized": rules.quantized_inputs},
             "input": {"layout": cls.input_layout, "dtype": cls.input_dtype},
             "outputs": dict(cls.output_dtypes), "compile_runs_on": cls.compile_runs_on,
+            "default_profile": cls.default_profile,
         }
 
     def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):
@@ -87,8 +95,10 @@ class Target:
         raise NotImplementedError
 
     def compile(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
-                out_dir: Path) -> Converted:
-        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir)
+                out_dir: Path, extras: dict[str, Path] | None = None) -> Converted:
+        """`extras` holds the artifacts named in compile_inputs for this precision."""
+        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir, **({"extras": extras} if extras
+                                                                                     else {}))
         (out_dir / "runtime.json").write_text(json.dumps(self.runtime_description(precision, converted, info),
                                                          indent=1))
         return converted

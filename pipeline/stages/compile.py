@@ -33,7 +33,8 @@ class CompileStage(Stage):
         self.min_sqnr_db = min_sqnr_db
         self.toolchain = tuple(dict.fromkeys(("onnxruntime", *target.toolchain)))
         self.quantized = PRECISIONS[precision].calibrated
-        self.inputs = ("model_info", "onnx", "quantized") if self.quantized else ("model_info", "onnx")
+        self.extras = tuple(target.compile_inputs.get(precision, ()))
+        self.inputs = (("model_info", "onnx", "quantized") if self.quantized else ("model_info", "onnx")) + self.extras
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision,
@@ -50,7 +51,9 @@ class CompileStage(Stage):
         artifact_dir = out_dir / "artifact"
         artifact_dir.mkdir()
         quantized = inputs["quantized"].path if self.quantized else None
-        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir)
+        extras = {name: inputs[name].path for name in self.extras}
+        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir,
+                                        **({"extras": extras} if extras else {}))
         check, value, count = self._check_against_parent(inputs["onnx"].path, artifact_dir)
         report = CompileReport(self.target.name, self.precision, {k: p.name for k, p in converted.files.items()},
                                sum(p.stat().st_size for p in converted.files.values()), check, value, count,

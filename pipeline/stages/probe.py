@@ -78,7 +78,7 @@ class ProbeStage(Stage):
     def _probe(target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
         job_dir.mkdir()
         target.prepare_job(Path(artifact_dir), job, tensor, job_dir)
-        return transport.run(job_dir, target.runner, target.runtime_packages)
+        return transport.run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
 
 
 # A p90 this far above the p50 means other work shared the cores during the timed runs.

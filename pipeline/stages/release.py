@@ -20,11 +20,13 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 class ReleaseStage(Stage):
     name = "release"
     toolchain = TOOLCHAIN
-    inputs = ("model_info", "artifact", "verify_report", "probe_report")
+    inputs = ("model_info", "artifact", "verify_report")
 
     def __init__(self, bundle_name: str, config: dict, calibration: dict | None, pruned: bool = False,
-                 quantize_report: bool = False):
+                 quantize_report: bool = False, probed: bool = True):
         self.bundle_name, self.config, self.calibration = bundle_name, config, calibration
+        if probed:
+            self.inputs = (*self.inputs, "probe_report")
         if quantize_report:
             self.inputs = (*self.inputs, "quantize_report")
         if pruned:
@@ -39,7 +41,9 @@ class ReleaseStage(Stage):
         shutil.copyfile(Path(__file__).parents[1] / "detect.py", bundle / "postprocess.py")
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         verify = AccuracyReport.from_json(json.loads(inputs["verify_report"].path.read_text()))
-        probe = SpeedReport.from_json(json.loads(inputs["probe_report"].path.read_text()))
+        probe = (SpeedReport.from_json(json.loads(inputs["probe_report"].path.read_text()))
+                 if "probe_report" in inputs else None)
+        runtime = json.loads((bundle / "runtime.json").read_text())
         pruning = None
         if "prune_history" in inputs:
             pruning = json.loads(inputs["prune_history"].path.read_text())
@@ -47,12 +51,13 @@ class ReleaseStage(Stage):
             shutil.copyfile(inputs["prune_plot"].path, bundle / "prune_history.png")
         quantization = (QuantizationReport.from_json(json.loads(inputs["quantize_report"].path.read_text()))
                         if "quantize_report" in inputs else None)
-        metrics = {"accuracy": verify.to_json(), "speed": probe.to_json()}
+        metrics = {"accuracy": verify.to_json(), "speed": probe.to_json() if probe else None}
         if quantization:
             metrics["quantization"] = {k: v for k, v in quantization.to_json().items() if k != "sensitivity"}
         (bundle / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (bundle / "MODEL_CARD.md").write_text(model_card(self.bundle_name, info, self.config, self.calibration,
-                                                         verify, probe, quantization, pruning))
+                                                         verify, probe, quantization, pruning,
+                                                         runtime.get("device_steps")))
         files = {p.relative_to(bundle).as_posix(): sha256_tree(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
         manifest = {
             "bundle": self.bundle_name, "format": 2, "model": info.to_json(), "target": self.config["target"],
@@ -96,7 +101,8 @@ def check_bundle(bundle: Path) -> dict:
 
 
 def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | None, verify: AccuracyReport,
-               probe: SpeedReport, quantization: QuantizationReport | None = None, pruning: dict | None = None) -> str:
+               probe: SpeedReport | None, quantization: QuantizationReport | None = None,
+               pruning: dict | None = None, device_steps: list[str] | None = None) -> str:
     precision, target = config["precision"], config["target"]
     split = verify.split
     lines = [
@@ -142,17 +148,25 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         lines += [f"Against the original model before pruning (mAP50-95 {verify.original.map50_95:.4f} on the same "
                   f"images): {verify.total_drop_points:.2f} points lost in all (budget "
                   f"{verify.total_budget_points:.2f}).", ""]
-    lines += ["## Speed (model inference only, batch 1, on the device named below each row)", "",
-              "| model | runtime | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    rows = [("FP32 ONNX", probe.reference)] + ([(probe.artifact_label, probe.artifact)] if probe.artifact else [])
-    for label, r in rows:
-        lines.append(f"| {label} | {r.runtime} | {r.latency_ms['p50']} | {r.latency_ms['p90']} | "
-                     f"{r.latency_ms['p99']} | {r.fps} | {r.load_ms} | {r.memory_mb['peak_rss']} | {r.power_text()} |")
-    device = probe.reference.device
-    lines += ["", f"Device: {device.get('processor', 'unknown')} ({device.get('cpus', '?')} CPUs, "
-              f"{device.get('machine', '?')}), reached through the `{device['transport']['transport']}` transport. "
-              "Numbers from another machine will differ; run the probe on the device.", ""]
+    if device_steps:
+        lines += ["## On the device", "", *device_steps, ""]
+    if probe is None:
+        lines += ["## Speed", "", f"Not measured: the `{target}` artifact becomes runnable only on the device, "
+                  "where its engine is built; a timing taken here would describe another machine.", ""]
+    else:
+        lines += ["## Speed (model inference only, batch 1, on the device named below each row)", "",
+                  "| model | runtime | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = [("FP32 ONNX", probe.reference)] + ([(probe.artifact_label, probe.artifact)] if probe.artifact
+                                                   else [])
+        for label, r in rows:
+            lines.append(f"| {label} | {r.runtime} | {r.latency_ms['p50']} | {r.latency_ms['p90']} | "
+                         f"{r.latency_ms['p99']} | {r.fps} | {r.load_ms} | {r.memory_mb['peak_rss']} | "
+                         f"{r.power_text()} |")
+        device = probe.reference.device
+        lines += ["", f"Device: {device.get('processor', 'unknown')} ({device.get('cpus', '?')} CPUs, "
+                  f"{device.get('machine', '?')}), reached through the `{device['transport']['transport']}` "
+                  "transport. Numbers from another machine will differ; run the probe on the device.", ""]
     if pruning:
         lines += ["## Pruning", "",
                   f"Structured channel pruning ({pruning['criterion']}), {pruning['stop']}. Each step is measured "

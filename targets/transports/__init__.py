@@ -36,9 +36,9 @@ class Transport:
         raise NotImplementedError
 
     def run(self, job_dir: Path, runner: Path, packages: tuple[str, ...] = (),
-            timeout: float = DEFAULT_TIMEOUT) -> ProbeResult:
+            timeout: float = DEFAULT_TIMEOUT, support: tuple[Path, ...] = ()) -> ProbeResult:
         job_dir = Path(job_dir).resolve()
-        for source in (runner, MEASURE):
+        for source in (runner, MEASURE, *support):
             shutil.copyfile(source, job_dir / Path(source).name)
         (job_dir / "result.json").unlink(missing_ok=True)
         command, env = self.command(job_dir, Path(runner).name)

@@ -81,6 +81,7 @@ CASES = {
     "val without any labels": case(*B, "--data", "{tmp}/sets/unlabelled/data.yaml",
                                    words="no image of its val split has a label"),
     "val of one image": case(*B, "--data", "{tmp}/sets/one_image/data.yaml", words="needs at least 2 images"),
+    "val image corrupt": case(*B, "--data", "{tmp}/sets/corrupt_image/data.yaml", words="is not a readable image"),
     # calibration
     "calibration missing": case(*B, "--calib", "{tmp}/missing", words="calibration source not found"),
     "calibration folder empty": case(*B, "--calib", "{tmp}/empty", words="is empty"),
@@ -116,6 +117,12 @@ CASES = {
                                       words="accepts quantize.method auto"),
     "pruning ratio out of range": case(*B, "--prune", "1.5", words="prune.ratio: Input should be less than 1"),
     "too few probe runs": case(*B, "--runs", "3", words="probe.runs"),
+    "too many probe runs": case(*B, "--runs", "100000000", words="probe.runs: Input should be less than"),
+    "a budget that is not a number": case(*B, "--max-map-drop", "nan", words="should be a finite number"),
+    "an empty output path": case(*B, "--output=", words="output: must not be empty"),
+    "an empty config path": case(*B, "--config=", words="must not be empty"),
+    "config value of the wrong kind": case(*B, "--config", "{tmp}/model_number.yaml",
+                                           words="model: Input is not a valid path"),
     "unknown option": case(*B, "--bogus", words="No such option '--bogus'"),
     "option without its value": case(*B, "--target", words="requires an argument"),
     "option of the wrong type": case(*B, "--imgsz", "abc", words="Invalid value for '--imgsz'"),
@@ -197,7 +204,8 @@ def _make_bad_inputs(tmp: Path, shapes_yaml: Path, good: Path) -> None:
                        "nested_typo": "quantize:\n  methd: minmax\n",
                        "wrong_type": "calibration:\n  size: many\n",
                        "negative": "calibration:\n  size: -5\n",
-                       "scalar_section": "prune: 0.5\n"}.items():
+                       "scalar_section": "prune: 0.5\n",
+                       "model_number": "model: 5\n"}.items():
         (tmp / f"{name}.yaml").write_text(text)
     val_images = sorted((shapes_yaml.parent / "images" / "val").iterdir())[:4]
     photos = tmp / "photos"
@@ -240,6 +248,8 @@ def _make_bad_inputs(tmp: Path, shapes_yaml: Path, good: Path) -> None:
     data_set("label_folder", standard, {0: None})
     data_set("unlabelled", standard, {i: b"" for i in range(4)})
     data_set("one_image", standard, images=1)
+    data_set("corrupt_image", standard)
+    next((tmp / "sets" / "corrupt_image" / "images" / "val").iterdir()).write_bytes(b"\x89PNG broken")
     empty_val = tmp / "sets" / "val_empty"
     (empty_val / "images" / "val").mkdir(parents=True)
     (empty_val / "data.yaml").write_text(standard)

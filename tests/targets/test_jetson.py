@@ -1,0 +1,178 @@
+"""Target jetson: the TensorRT-ready artifact is built and checked here; the engine is built on the device.
+
+TensorRT cannot be installed on these machines, so the QDQ graph is checked by its placement rules and run in
+onnxruntime (the same Q/DQ semantics); the device runner is run end to end through the local transport with a
+stand-in for `trtexec` that replays a real TensorRT log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_deploy.pipeline.errors import ConversionMismatch
+from edge_deploy.targets.jetson import TensorRtJetson, check_tensorrt_placement
+from tests.conftest import REPO, build_json, run_deploy
+
+SAMPLES = REPO / "tests" / "samples" / "trtexec"
+
+
+@pytest.fixture(scope="module")
+def jetson_build(deploy_home, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("jetson-user")
+    done = run_deploy(["build", "--target", "jetson"], cwd, deploy_home)
+    assert done.returncode == 0, done.stderr
+    return cwd, done
+
+
+def test_default_jetson_build_ships_a_tensorrt_ready_bundle(jetson_build, deploy_home):
+    cwd, done = jetson_build
+    bundle = cwd / "dist" / "yolov8n-160-jetson-int8"
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.onnx", "model.fp32.onnx", "calibration.cache", "build_engine.sh", "runtime.json",
+            "MODEL_CARD.md", "manifest.json"} <= names
+    # The INT8 model's accuracy in onnxruntime, next to FP32, and no latency pretending to be a Jetson's.
+    assert "INT8 on jetson: mAP50" in done.stdout and "latency not measured here" in done.stdout
+    # The Xavier NX profile is the default: the cache is for its TensorRT 8.5.
+    assert (bundle / "calibration.cache").read_text().splitlines()[0] == "TRT-8502-EntropyCalibration2"
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "## On the device" in card and "sh build_engine.sh" in card and "Not measured" in card
+    script = (bundle / "build_engine.sh").read_text()
+    assert "--int8" in script and "--fp16" in script and "--onnx=model.onnx" in script
+    runtime = json.loads((bundle / "runtime.json").read_text())
+    assert runtime["engine_build"]["input_shape"] == [1, 3, 160, 160]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    accuracy = manifest["metrics"]["accuracy"]
+    assert accuracy["within_budget"] and accuracy["drop_points"] <= 0.5
+    assert manifest["metrics"]["speed"] is None
+    assert run_deploy(["check", str(bundle)], cwd, deploy_home).returncode == 0
+
+
+def test_the_int8_graph_follows_tensorrt_placement(jetson_build):
+    cwd, _ = jetson_build
+    model = onnx.load(str(cwd / "dist" / "yolov8n-160-jetson-int8" / "model.onnx"))
+    counts = check_tensorrt_placement(model)
+    convs = sum(1 for n in model.graph.node if n.op_type == "Conv")
+    assert counts["int8_layers"] + counts["float_layers"] == convs and counts["int8_layers"] >= convs * 0.9
+    # Weights per output channel, activations per tensor, everything zero-point 0.
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dq_weights and all(inits[n.input[1]].size > 1 for n in dq_weights)
+    # No bias was turned into INT32: TensorRT quantizes biases itself.
+    assert all(inits[n.input[0]].dtype == np.int8 for n in dq_weights)
+
+
+def _conv_graph(zero_point=0, output_qdq=False):
+    w = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    wq = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "wq")
+    ws = numpy_helper.from_array(np.full(2, 0.1, np.float32), "ws")
+    wz = numpy_helper.from_array(np.zeros(2, np.int8), "wz")
+    s = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    z = numpy_helper.from_array(np.array(zero_point, np.int8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+    out = "y"
+    if output_qdq:
+        nodes += [helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+                  helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"]),
+                  helper.make_node("Sigmoid", ["yd"], ["act"], name="act")]
+        out = "act"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], [wq, ws, wz, s, z, w])
+    return helper.make_model(graph)
+
+
+def test_placement_rules_catch_what_tensorrt_would_not_fuse():
+    assert check_tensorrt_placement(_conv_graph())["int8_layers"] == 1
+    with pytest.raises(ConversionMismatch, match="not symmetric INT8"):
+        check_tensorrt_placement(_conv_graph(zero_point=3))
+    with pytest.raises(ConversionMismatch, match="Sigmoid"):
+        check_tensorrt_placement(_conv_graph(output_qdq=True))
+
+
+def test_jetson_profiles_are_listed_without_importing_a_toolchain(deploy_home, tmp_path):
+    done = run_deploy(["targets", "--json"], tmp_path, deploy_home)
+    jetson = json.loads(done.stdout)["jetson"]
+    assert [p["name"] for p in jetson["profiles"]] == ["jetson-xavier-nx", "jetson-orin-nano"]
+    assert jetson["compile_runs_on"] == "device" and jetson["int8"]["symmetric_activations"] == "always"
+    assert jetson["profiles"][0]["facts"]["tensorrt"].startswith("8.5")
+
+
+def test_fp16_build_is_checked_with_fp16_weights(deploy_home, tmp_path):
+    summary = build_json(["--target", "jetson", "--precision", "fp16", "--output", str(tmp_path / "out")],
+                         tmp_path, deploy_home)
+    stages = {s["stage"]: s["metrics"] for s in summary["stages"]}
+    assert "quantize" not in stages and "probe" not in stages
+    assert stages["verify"]["artifact"]["map50_95"] > 0.6 and stages["verify"]["drop_points"] <= 0.1
+    script = (tmp_path / "out" / "yolov8n-160-jetson-fp16" / "build_engine.sh").read_text()
+    assert "--fp16" in script and "--int8" not in script
+
+
+STANDIN = '''#!{python}
+"""A stand-in for trtexec (TensorRT cannot be installed here): writes the engine file a build asks for and replays
+a real TensorRT log ({log}) for a timing run."""
+import sys
+args = sys.argv[1:]
+save = [a.split("=", 1)[1] for a in args if a.startswith("--saveEngine=")]
+if save:
+    open(save[0], "wb").write(b"stand-in engine")
+    print("[I] Engine built in 1.0 sec.")
+    print(open({log!r}).read())
+    sys.exit(0)
+if any(a.startswith("--loadEngine=") for a in args):
+    print(open({log!r}).read())
+    sys.exit(0)
+sys.exit(2)
+'''
+
+
+def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetson_build, tmp_path, monkeypatch):
+    """runner.py end to end in a job folder via the local transport, trtexec replaced by a named stand-in."""
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    standin = tmp_path / "trtexec-standin"
+    standin.write_text(STANDIN.format(python=sys.executable, log=str(log)))
+    standin.chmod(standin.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("TRTEXEC", str(standin))
+    cwd, _ = jetson_build
+    target = TensorRtJetson()
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    target.prepare_job(cwd / "dist" / "yolov8n-160-jetson-int8", {"runs": 50, "warmup_ms": 200, "precision": "int8"},
+                       np.zeros((1, 3, 160, 160), np.float32), job_dir)
+    result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    assert result.runtime.startswith("TensorRT") and result.latency_ms["p50"] > 0 and result.fps > 0
+    assert result.power["status"] == "unavailable"  # no tegrastats on this machine: never 0
+    assert (job_dir / "model.engine").read_bytes() == b"stand-in engine"
+    assert (job_dir / "build.log").exists() and (job_dir / "timing.log").exists()
+
+
+def test_a_failing_trtexec_is_one_line_with_the_log_tail(jetson_build, tmp_path, monkeypatch):
+    from edge_deploy.pipeline.errors import DeviceError
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    failing = tmp_path / "trtexec-failing"
+    failing.write_text(f"#!{sys.executable}\nprint('[E] [TRT] ModelImporter: unsupported operator Foo')\n"
+                       "raise SystemExit(1)\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("TRTEXEC", str(failing))
+    cwd, _ = jetson_build
+    target = TensorRtJetson()
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    target.prepare_job(cwd / "dist" / "yolov8n-160-jetson-int8", {"runs": 50, "precision": "int8"},
+                       np.zeros((1, 3, 160, 160), np.float32), job_dir)
+    with pytest.raises(DeviceError, match="unsupported operator Foo"):
+        LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    assert "unsupported operator Foo" in (job_dir / "build.log").read_text()
+    assert os.path.exists(job_dir / "job.json")
