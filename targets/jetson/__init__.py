@@ -41,7 +41,8 @@ class TensorRtJetson(Target):
     name = "jetson"
     description = ("TensorRT on NVIDIA Jetson: explicit-quantization QDQ ONNX (INT8 with FP16 fallback) or FP16; "
                    "the engine is built on the device")
-    toolchain = ("onnxruntime", "onnx")
+    # tensorrt: "not installed" here; where it is, its version keys the engine built with it.
+    toolchain = ("onnxruntime", "onnx", "tensorrt")
     runtime_packages = ("tensorrt", "numpy")
     precisions = ("int8", "fp16", "fp32")
     default_precision = "int8"
@@ -102,6 +103,16 @@ class TensorRtJetson(Target):
         (out_dir / "build_engine.sh").write_text(recipe_script(recipe))
         files["recipe"] = out_dir / "build_engine.sh"
         notes["engine_build"] = recipe
+        from edge_deploy.targets.jetson.engine import build_engine, unavailable
+
+        reason = unavailable()
+        if reason is None:
+            # Where TensorRT and a GPU are at hand the engine is built now, for this GPU and TensorRT only.
+            notes["engine"] = build_engine(artifact, out_dir / "model.engine", precision, info.imgsz,
+                                           out_dir / "timing.cache")
+            files.update({"engine": out_dir / "model.engine", "timing_cache": out_dir / "timing.cache"})
+        else:
+            notes["engine"] = {"built": False, "reason": f"{reason}: the engine is built on the device"}
         return Converted(files, notes)
 
     def compile(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,

@@ -92,6 +92,30 @@ class PowerSampler:
             self.process.terminate()
 
 
+def device_facts() -> dict:
+    """What ties an engine to its device: the board (device tree), and L4T's release, as the device reports them."""
+    facts = {}
+    for key, path in (("board", "/proc/device-tree/model"), ("l4t", "/etc/nv_tegra_release")):
+        try:
+            facts[key] = Path(path).read_text(errors="replace").strip("\x00\n ").splitlines()[0]
+        except (OSError, IndexError):
+            facts[key] = None
+    return facts
+
+
+def check_cache_version(cache: Path, trt_version: str | None) -> None:
+    """An implicit-INT8 calibration cache is read only by the TensorRT it names; another would misread it."""
+    header = cache.read_text(errors="replace").splitlines()[0] if cache.exists() else ""
+    written_for = header.split("-")[1] if header.startswith("TRT-") and header.count("-") >= 2 else None
+    if trt_version is None or written_for is None:
+        return
+    major, minor, patch = (int(v) for v in (trt_version.split(".") + ["0", "0"])[:3])
+    here = str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
+    if written_for[:-2] != here[:-2]:  # the patch level does not change the cache format
+        raise JobFailed(f"calibration.cache was written for TensorRT {written_for} but this device has "
+                        f"TensorRT {trt_version}: build again with the profile of this device (--profile)")
+
+
 def module_power(samples: list[dict]) -> tuple[str | None, list[float]]:
     rails = [s["rails_mw"] for s in samples if s.get("rails_mw")]
     rail = power.module_rail(rails[0]) if rails else None
@@ -103,9 +127,14 @@ def main(job_dir: Path) -> dict:
     recipe = job["engine_build"]
     tool = find_trtexec()
     timeout = float(job.get("timeout_s", 3600))
-    build = [tool, *recipe["build"][1:]]
-    if job.get("dla_core") is not None:
-        build = [tool, *recipe["dla"][1:]]
+    mode = "dla" if job.get("dla_core") is not None else "build"
+    if job.get("implicit_int8"):  # TensorRT 8.x's calibrator path, from the cache instead of Q/DQ
+        mode = "tensorrt8_implicit"
+        banner = subprocess.run([tool, "--help"], capture_output=True, text=True, timeout=60)
+        check_cache_version(job_dir / "calibration.cache", trtexec.parse_trt_version(banner.stdout + banner.stderr))
+    if mode not in recipe:
+        raise JobFailed(f"the bundle's recipe has no '{mode}' build (an implicit-INT8 build needs an INT8 bundle)")
+    build = [tool, *recipe[mode][1:]]
     t0 = time.perf_counter()
     build_log = run_logged(build, job_dir / "build.log", timeout)
     build_s = time.perf_counter() - t0
@@ -148,7 +177,8 @@ def main(job_dir: Path) -> dict:
                        "mean": latency.get("mean"), "min": latency.get("min"), "max": latency.get("max")},
         "fps": timing.get("throughput_qps"), "memory_mb": {"rss_before_load": None, "peak_rss": None},
         "power": power_report, "gpu_compute_ms": timing.get("gpu_compute_ms"), "warnings": timing.get("warnings", []),
-        "engine": engine, "logs": ["build.log", "timing.log"],
+        "engine": engine, "logs": ["build.log", "timing.log"], "jetson_device": device_facts(),
+        "tensorrt": version,
     }
 
 

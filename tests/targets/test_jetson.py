@@ -176,3 +176,26 @@ def test_a_failing_trtexec_is_one_line_with_the_log_tail(jetson_build, tmp_path,
         LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
     assert "unsupported operator Foo" in (job_dir / "build.log").read_text()
     assert os.path.exists(job_dir / "job.json")
+
+
+def test_a_calibration_cache_for_another_tensorrt_is_refused_on_the_device(tmp_path):
+    from edge_deploy.targets.jetson import runner
+
+    cache = tmp_path / "calibration.cache"
+    cache.write_text("TRT-8502-EntropyCalibration2\nimages: 3c010a14\n")
+    runner.check_cache_version(cache, "8.5.3")  # a patch level apart reads the same format
+    with pytest.raises(runner.JobFailed, match="written for TensorRT 8502 but this device has TensorRT 10.3.0"):
+        runner.check_cache_version(cache, "10.3.0")
+
+
+def test_the_engine_is_built_in_process_only_where_tensorrt_and_a_gpu_exist(jetson_build):
+    from edge_deploy.targets.jetson.engine import unavailable
+
+    cwd, _ = jetson_build
+    runtime = json.loads((cwd / "dist" / "yolov8n-160-jetson-int8" / "runtime.json").read_text())
+    reason = unavailable()
+    if reason is not None:
+        # These machines: no TensorRT libraries. The bundle says the engine is built on the device, and why.
+        assert "model.engine" not in runtime["files"].values()
+        pytest.skip(f"no engine build here: {reason}")
+    assert runtime["files"]["engine"] == "model.engine"
