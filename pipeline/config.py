@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge_deploy.pipeline.errors import ConfigError
+from edge_deploy.pipeline.errors import ConfigError, InputError
 from edge_deploy.pipeline.userfiles import read_yaml, shown
 
 
@@ -164,7 +164,10 @@ def load_config(path: Optional[Path], overrides: dict) -> BuildConfig:
         if not str(path).strip():
             raise ConfigError("--config: the config file's path must not be empty")
         origin = shown(path)
-        raw = read_yaml(path, "config file")
+        try:
+            raw = read_yaml(path, "config file")
+        except InputError as exc:  # a config that cannot be read is a config error, whatever the reason
+            raise ConfigError(str(exc)) from None
     for dotted, value in overrides.items():
         if value is None:
             continue

@@ -51,11 +51,16 @@ def test_second_build_is_all_cache_hits(built, deploy_home):
     cwd, _ = built
     before = tree_state(cwd / "dist" / "yolov8n-160-cpu-int8")
     summary = build_json(["--target", "cpu"], cwd, deploy_home)
-    # A probe whose timings said the machine was busy is never reused; everything else is.
-    assert all(stage["cache_hit"] or (stage["stage"] == "probe" and stage["metrics"]["contended"])
-               for stage in summary["stages"])
-    assert summary["bundle_updated"] is False
-    assert tree_state(cwd / "dist" / "yolov8n-160-cpu-int8") == before
+    stages = {stage["stage"]: stage for stage in summary["stages"]}
+    assert all(stage["cache_hit"] for name, stage in stages.items() if name not in ("probe", "release"))
+    if stages["probe"]["cache_hit"]:
+        assert stages["release"]["cache_hit"] and summary["bundle_updated"] is False
+        assert tree_state(cwd / "dist" / "yolov8n-160-cpu-int8") == before
+    else:
+        # The first build's timing said the machine was busy, so it was never cached: this build measured
+        # again and published the new measurement.
+        assert "the machine was busy" in built[1].stderr
+        assert stages["probe"]["metrics"]["reference"]["latency_ms"]["p50"] > 0
 
 
 def test_tampered_bundle_fails_its_check(built, deploy_home, tmp_path):
