@@ -27,7 +27,7 @@ DEFAULT_CONFIG = Path("deploy.yaml")
 
 def home_dir() -> Path:
     """Where caches, generated data and Ultralytics' config live: DEPLOY_HOME, else ./.deploy."""
-    return Path(os.environ.get("DEPLOY_HOME", ".deploy"))
+    return Path(os.environ.get("DEPLOY_HOME") or ".deploy")  # set but empty means unset, not "here"
 
 
 def _stderr_console():

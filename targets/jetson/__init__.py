@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -130,12 +131,12 @@ class TensorRtJetson(Target):
 
         description = json.loads((Path(artifact_dir) / "runtime.json").read_text())
         model = Path(artifact_dir) / "model.onnx"
-        if description["precision"] == "fp16":
-            rounded = Path(artifact_dir).parent / f".{Path(artifact_dir).name}-fp16-weights.onnx"
-            if not rounded.exists():
-                fp16_weights(model, rounded)
-            model = rounded
-        return ort_infer(model, threads)
+        if description["precision"] != "fp16":
+            return ort_infer(model, threads)
+        # The session holds the graph once created, so the rounded copy lives only until then (and never in
+        # the artifact folder, which may be a cache entry).
+        with tempfile.TemporaryDirectory() as folder:
+            return ort_infer(fp16_weights(model, Path(folder) / "model.fp16-weights.onnx"), threads)
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:
         description = json.loads((Path(artifact_dir) / "runtime.json").read_text())
@@ -279,7 +280,9 @@ def recipe_script(recipe: dict) -> str:
 
 
 def device_steps(recipe: dict) -> list[str]:
-    return [
+    caveat = (["The FP16 accuracy above is onnxruntime with the weights rounded to FP16: TensorRT's FP16 arithmetic "
+               "is not emulated here. Check it on the device.", ""] if recipe["precision"] == "fp16" else [])
+    return [*caveat,
         "Copy this bundle to the Jetson and build the engine there (engines are tied to the GPU and the TensorRT "
         "version that built them):",
         "", "```", "sh build_engine.sh", "```", "",

@@ -116,9 +116,17 @@ def check_cache_version(cache: Path, trt_version: str | None) -> None:
                         f"TensorRT {trt_version}: build again with the profile of this device (--profile)")
 
 
+# AGX Orin has no input rail; its GPU+SoC, CPU+CV and 5 V system rails together are the module's draw
+# (the system rail alone barely moves with inference).
+RAILS_SUMMED_WITHOUT_INPUT_RAIL = ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")
+
+
 def module_power(samples: list[dict]) -> tuple[str | None, list[float]]:
     rails = [s["rails_mw"] for s in samples if s.get("rails_mw")]
     rail = power.module_rail(rails[0]) if rails else None
+    if rail == "VIN_SYS_5V0":
+        parts = [name for name in RAILS_SUMMED_WITHOUT_INPUT_RAIL if name in rails[0]]
+        return "+".join(parts), [sum(r[name]["now"] for name in parts) for r in rails if all(n in r for n in parts)]
     return rail, [r[rail]["now"] for r in rails if rail in r]
 
 

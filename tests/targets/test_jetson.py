@@ -199,3 +199,14 @@ def test_the_engine_is_built_in_process_only_where_tensorrt_and_a_gpu_exist(jets
         assert "model.engine" not in runtime["files"].values()
         pytest.skip(f"no engine build here: {reason}")
     assert runtime["files"]["engine"] == "model.engine"
+
+
+def test_agx_orin_module_power_sums_its_rails():
+    from edge_deploy.targets.jetson import power, runner
+
+    line = (REPO / "tests" / "samples" / "tegrastats" / "agx-orin-jp6.txt").read_text().splitlines()[0]
+    sample = power.parse_tegrastats(line)
+    rail, values = runner.module_power([sample, sample])
+    assert rail == "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0"
+    expected = sum(sample["rails_mw"][n]["now"] for n in ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"))
+    assert values == [expected, expected] and expected > sample["rails_mw"]["VIN_SYS_5V0"]["now"]
