@@ -69,6 +69,9 @@ def main() -> None:
         config = BuildConfig(target="arm", precision=precision, output=out / label.replace(" ", "_"))
         config.prune.ratio = prune
         config.quantize.max_map_drop = budget
+        # A tight budget met on the selection split can be missed on the report split; the benchmark shows the
+        # model such a build ships with --accept-drop instead of stopping.
+        config.quantize.on_budget_exceeded = "continue"
         result = run_build(config, args.home)
         ours[label] = (result.bundle, precision)
 

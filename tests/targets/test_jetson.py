@@ -135,21 +135,28 @@ sys.exit(2)
 '''
 
 
-def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetson_build, tmp_path, monkeypatch):
-    """runner.py end to end in a job folder via the local transport, trtexec replaced by a named stand-in."""
-    from edge_deploy.targets.transports.local import LocalTransport
-
-    log = next(SAMPLES.glob("trt8*.txt"))
-    standin = tmp_path / "trtexec-standin"
-    standin.write_text(STANDIN.format(python=sys.executable, log=str(log)))
-    standin.chmod(standin.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("TRTEXEC", str(standin))
+def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str):
+    """A job folder for the default INT8 bundle, with `script` standing in for trtexec."""
+    tool = tmp_path / "trtexec-stand-in"
+    tool.write_text(script)
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("TRTEXEC", str(tool))
     cwd, _ = jetson_build
     target = TensorRtJetson()
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     target.prepare_job(cwd / "dist" / "yolov8n-160-jetson-int8", {"runs": 50, "warmup_ms": 200, "precision": "int8"},
                        np.zeros((1, 3, 160, 160), np.float32), job_dir)
+    return target, job_dir
+
+
+def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetson_build, tmp_path, monkeypatch):
+    """runner.py end to end in a job folder via the local transport, trtexec replaced by a named stand-in."""
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        STANDIN.format(python=sys.executable, log=str(log)))
     result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
     assert result.runtime.startswith("TensorRT") and result.latency_ms["p50"] > 0 and result.fps > 0
     assert result.power["status"] == "unavailable"  # no tegrastats on this machine: never 0
@@ -161,17 +168,9 @@ def test_a_failing_trtexec_is_one_line_with_the_log_tail(jetson_build, tmp_path,
     from edge_deploy.pipeline.errors import DeviceError
     from edge_deploy.targets.transports.local import LocalTransport
 
-    failing = tmp_path / "trtexec-failing"
-    failing.write_text(f"#!{sys.executable}\nprint('[E] [TRT] ModelImporter: unsupported operator Foo')\n"
-                       "raise SystemExit(1)\n")
-    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("TRTEXEC", str(failing))
-    cwd, _ = jetson_build
-    target = TensorRtJetson()
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    target.prepare_job(cwd / "dist" / "yolov8n-160-jetson-int8", {"runs": 50, "precision": "int8"},
-                       np.zeros((1, 3, 160, 160), np.float32), job_dir)
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        f"#!{sys.executable}\nprint('[E] [TRT] ModelImporter: unsupported operator "
+                                        "Foo')\nraise SystemExit(1)\n")
     with pytest.raises(DeviceError, match="unsupported operator Foo"):
         LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
     assert "unsupported operator Foo" in (job_dir / "build.log").read_text()
@@ -210,3 +209,21 @@ def test_agx_orin_module_power_sums_its_rails():
     assert rail == "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0"
     expected = sum(sample["rails_mw"][n]["now"] for n in ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"))
     assert values == [expected, expected] and expected > sample["rails_mw"]["VIN_SYS_5V0"]["now"]
+
+
+@pytest.mark.parametrize("module", ["trtexec", "power", "runner"])
+def test_device_side_modules_stand_alone_on_a_jetson(module):
+    """Copied beside each other onto a Jetson (JetPack 5 has Python 3.8): standard library and each other only."""
+    import ast
+
+    source = (REPO / "targets" / "jetson" / f"{module}.py").read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    # edge_deploy only inside the runner's try/except ImportError, which falls back to the copies beside it.
+    allowed = set(sys.stdlib_module_names) | {"__future__", "measure", "power", "trtexec"}
+    if module == "runner":
+        allowed.add("edge_deploy")
+    assert imported <= allowed, imported - allowed

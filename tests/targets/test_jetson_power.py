@@ -1,10 +1,7 @@
-import ast
-import sys
 from pathlib import Path
 
 import pytest
 
-from edge_deploy.targets.jetson import power
 from edge_deploy.targets.jetson.power import energy_per_inference, module_rail, parse_tegrastats, read_ina3221_sysfs
 
 SAMPLES = Path(__file__).parents[1] / "samples" / "tegrastats"
@@ -182,14 +179,3 @@ def test_no_ina3221_gives_an_empty_dict(tmp_path):
     assert read_ina3221_sysfs(str(tmp_path / "missing")) == {}
     write_tree(tmp_path, {"bus/i2c/drivers/other/1-0050/name": "eeprom"})
     assert read_ina3221_sysfs(str(tmp_path)) == {}
-
-
-def test_module_stands_alone_on_the_device():
-    # Copied beside the runner onto a Jetson (JetPack 5 has Python 3.8): standard library only.
-    source = Path(power.__file__).read_text()
-    tree = ast.parse(source, feature_version=(3, 8))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

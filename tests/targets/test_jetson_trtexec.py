@@ -1,10 +1,7 @@
-import ast
-import sys
 from pathlib import Path
 
 import pytest
 
-from edge_deploy.targets.jetson import trtexec
 from edge_deploy.targets.jetson.trtexec import parse_trt_version, parse_trtexec, trtexec_command, trtexec_run_command
 
 SAMPLES = Path(__file__).parents[1] / "samples" / "trtexec"
@@ -204,14 +201,3 @@ def test_run_command_on_a_dla_core():
 def test_run_command_refuses_nonsense(args, kwargs):
     with pytest.raises(ValueError):
         trtexec_run_command(*args, **kwargs)
-
-
-def test_module_stands_alone_on_the_device():
-    # Copied beside the runner onto a Jetson (JetPack 5 has Python 3.8): standard library only.
-    source = Path(trtexec.__file__).read_text()
-    tree = ast.parse(source, feature_version=(3, 8))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
