@@ -93,10 +93,23 @@ def _kind(value) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def is_bundle(folder: Path) -> bool:
+    """Whether `folder` is a bundle we published: its manifest.json is ours (another tool's manifest.json, a web
+    app's say, is not)."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "bundle" in data and isinstance(data.get("files"), dict)
+
+
 def enclosing_bundle(path: Path) -> Path | None:
-    """The published bundle (a folder with a manifest) that `path` is inside of, if any."""
+    """The published bundle that `path` is inside of, if any."""
     for folder in [Path(path), *Path(path).parents]:
-        if (folder / MANIFEST).is_file():
+        if is_bundle(folder):
             return folder
     return None
 

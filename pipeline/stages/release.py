@@ -9,7 +9,7 @@ from pathlib import Path
 from edge_deploy.pipeline.artifacts import Artifact, sha256_tree
 from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
 from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
-from edge_deploy.pipeline.userfiles import read_json, shown, write_failure
+from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
 from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, QuantizationReport, SpeedReport
 
 MANIFEST = "manifest.json"
@@ -210,7 +210,7 @@ def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:
 
     final = Path(output_dir) / bundle.name
     if final.exists() or final.is_symlink():
-        if not final.is_dir() or final.is_symlink() or not (final / MANIFEST).is_file():
+        if not final.is_dir() or final.is_symlink() or not is_bundle(final):
             raise InputError(f"{shown(final)} exists and is not a bundle; it is left alone: move it away or choose "
                              "another --output")
     existing = final / MANIFEST
