@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import click
 
 from edge_deploy.pipeline.errors import DeployError
-from edge_deploy.pipeline.userfiles import shown
+from edge_deploy.pipeline.userfiles import WRITE_FAILURES, write_failure
 
 # Native libraries print their own log lines (OpenCV and its FFmpeg on a corrupt video) before ours; errors are
 # reported once, by us, in one line.
@@ -34,11 +33,6 @@ def _stderr_console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
-
-
-# Write failures the user can fix (a full disk, a read-only mount), wherever in a build they happen.
-_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
 
 def one_line(message: str) -> str:
@@ -83,11 +77,11 @@ class DeployGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except OSError as exc:
-            if exc.errno not in _WRITE_ERRNOS:
+            # A write failure the user can fix, wherever in a build it happens; any other OSError is ours.
+            if exc.errno not in WRITE_FAILURES:
                 _internal(exc)
-            where = f" {shown(exc.filename)}" if exc.filename else ""
-            _fail(f"cannot write{where}: {_WRITE_ERRNOS[exc.errno]}; nothing was published and earlier bundles "
-                  "are intact", 2)
+            failure = write_failure(exc, exc.filename or "the build's files")
+            _fail(str(failure), failure.exit_code)
         except Exception as exc:
             _internal(exc)
 

@@ -143,9 +143,12 @@ def check_writable_folder(path, what: str, may_be_bundle_parent: bool = True) ->
     return path
 
 
+# Write failures a user can fix (a full disk, a read-only mount), in their words.
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
 def write_failure(exc: OSError, where) -> InputError:
     """An OSError while writing our output, as the user sees it (a full disk above all)."""
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}.get(
-        exc.errno, exc.strerror or type(exc).__name__)
+    reason = WRITE_FAILURES.get(exc.errno, exc.strerror or type(exc).__name__)
     return InputError(f"cannot write {shown(where)}: {reason}; nothing was published and earlier bundles are intact")

@@ -96,9 +96,10 @@ class Target:
 
     def compile(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
                 out_dir: Path, extras: dict[str, Path] | None = None) -> Converted:
-        """`extras` holds the artifacts named in compile_inputs for this precision."""
-        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir, **({"extras": extras} if extras
-                                                                                     else {}))
+        """`extras` holds the artifacts named in compile_inputs for this precision; only a target that declares
+        some receives them in convert, so one that consumes nothing keeps the plain signature."""
+        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir,
+                                 **({"extras": extras} if extras else {}))
         (out_dir / "runtime.json").write_text(json.dumps(self.runtime_description(precision, converted, info),
                                                          indent=1))
         return converted

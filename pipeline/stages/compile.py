@@ -52,8 +52,7 @@ class CompileStage(Stage):
         artifact_dir.mkdir()
         quantized = inputs["quantized"].path if self.quantized else None
         extras = {name: inputs[name].path for name in self.extras}
-        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir,
-                                        **({"extras": extras} if extras else {}))
+        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir, extras)
         check, value, count = self._check_against_parent(inputs["onnx"].path, artifact_dir)
         report = CompileReport(self.target.name, self.precision, {k: p.name for k, p in converted.files.items()},
                                sum(p.stat().st_size for p in converted.files.values()), check, value, count,

@@ -116,14 +116,6 @@ class TensorRtJetson(Target):
             notes["engine"] = {"built": False, "reason": f"{reason}: the engine is built on the device"}
         return Converted(files, notes)
 
-    def compile(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
-                out_dir: Path, extras: dict[str, Path] | None = None) -> Converted:
-        converted = self.convert(fp32_onnx, quantized, precision, info, out_dir, extras)
-        description = self.runtime_description(precision, converted, info)
-        description["device_steps"] = device_steps(converted.notes["engine_build"])
-        (out_dir / "runtime.json").write_text(json.dumps(description, indent=1))
-        return converted
-
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
         """The artifact as TensorRT will compute it, as closely as onnxruntime can: the QDQ graph as is (same
         Q/DQ semantics); for FP16, the FP32 graph with its weights rounded to FP16."""
@@ -149,6 +141,7 @@ class TensorRtJetson(Target):
     def runtime_description(self, precision: str, converted: Converted, info: ModelInfo) -> dict:
         description = super().runtime_description(precision, converted, info)
         description["engine_build"] = converted.notes["engine_build"]
+        description["device_steps"] = device_steps(converted.notes["engine_build"])
         return description
 
 
