@@ -135,30 +135,41 @@ class AccuracyReport(JsonResult):
 
 @dataclass(frozen=True)
 class ProbeResult(JsonResult):
-    """One device job's measurement, the same schema for every runtime and transport."""
+    """One device job's measurement, the same schema for every runtime and transport.
+
+    A figure the runtime does not report (TensorRT 7's throughput, a p90 an old trtexec never printed) is None
+    and is shown as "not reported", never as a number.
+    """
 
     runner: str
     runner_version: int
     runtime: str  # name and version of the runtime that ran the model, as the device reports it
-    device: dict  # machine, processor, cpus as the device reports them; and the transport that reached it
+    device: dict  # what the device says of itself (machine, processor, OS, clocks, ...) and the transport used
     threads: Any
     batch: int
     warmup: int
     runs: int
-    load_ms: float
-    latency_ms: dict
-    fps: float
+    load_ms: float | None
+    latency_ms: dict  # mean, p50, p90, p99, min, max, std of the warm runs
+    fps: float | None
     memory_mb: dict
-    power: dict
+    power: dict  # {"status": "measured", ...} or {"status": "unavailable", "reason": ...}; never 0 for "none"
     extra: dict = field(default_factory=dict)
+    first_inference_ms: float | None = None
+    samples_ms: list = field(default_factory=list)  # every warm run's latency, in order
+    job: dict = field(default_factory=dict)  # the job's settings as the device received them
+    # The host's side: connect/upload/run/download seconds, and when the job started and finished (UTC).
+    host_timings: dict = field(default_factory=dict)
+    started_at: str | None = None
+    finished_at: str | None = None
 
     @classmethod
-    def from_runner(cls, data: dict, transport: dict) -> "ProbeResult":
+    def from_runner(cls, data: dict, transport: dict, **host) -> "ProbeResult":
         known = {f.name for f in dataclasses.fields(cls)}
         device = {**data.get("host", {}), "transport": transport}
-        values = {k: v for k, v in data.items() if k in known and k not in ("device", "extra")}
+        values = {k: v for k, v in data.items() if k in known and k not in ("device", "extra", *host)}
         extra = {k: v for k, v in data.items() if k not in known and k != "host"}
-        return cls(device=device, extra=extra, **values)
+        return cls(device=device, extra=extra, **values, **host)
 
     def power_text(self) -> str:
         if self.power.get("status") == "measured":

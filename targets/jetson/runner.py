@@ -186,6 +186,8 @@ def main(job_dir: Path) -> dict:
         "fps": timing.get("throughput_qps"), "memory_mb": {"rss_before_load": None, "peak_rss": None},
         "power": power_report, "gpu_compute_ms": timing.get("gpu_compute_ms"), "warnings": timing.get("warnings", []),
         "engine": engine, "logs": ["build.log", "timing.log"], "jetson_device": device_facts(),
+        # The host pulls these back with result.json: the engine built here, and the logs that explain it.
+        "bring_back": [engine, "build.log", "timing.log"],
         "tensorrt": version,
     }
 

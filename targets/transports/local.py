@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import platform
 import sys
-from pathlib import Path
 
 from edge_deploy.pipeline.engine import toolchain_versions
-from edge_deploy.targets.transports import Transport
+from edge_deploy.targets.transports import LocalSession, Session, Transport
 
 
 class LocalTransport(Transport):
     kind = "local"
 
+    def __init__(self, name: str = ""):
+        self.name = name
+
     def describe(self, packages: tuple[str, ...]) -> dict:
         return {"transport": self.kind, "machine": platform.machine(), "python": platform.python_version(),
                 "packages": toolchain_versions(packages)}
 
-    def command(self, job_dir: Path, runner_name: str):
+    def python(self) -> list[str]:
         # A fresh process, so memory figures are the runtime's alone.
-        return [sys.executable, str(job_dir / runner_name), str(job_dir)], None
+        return [sys.executable]
+
+    async def open(self) -> Session:
+        return LocalSession()

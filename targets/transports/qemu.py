@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from edge_deploy.pipeline.errors import ToolchainMissing
-from edge_deploy.targets.transports import Transport
+from edge_deploy.targets.transports import LocalSession, Session, Transport
 
 # Without FP16 arithmetic ncnn takes its FP32 ARM kernels; with it (ARMv8.2), its FP16 ones.
 CPUS = {"fp32-kernels": "cortex-a53", "fp16-kernels": "cortex-a76"}
@@ -51,8 +51,10 @@ class QemuUserTransport(Transport):
         return {"transport": self.kind, "machine": "aarch64", "cpu": self.cpu, "emulated": True,
                 "packages": {p: installed.get(p, "not installed") for p in packages}}
 
-    def command(self, job_dir: Path, runner_name: str):
+    def python(self) -> list[str]:
         sysroot = self.rootfs / "root"  # the extracted arm64 Debian packages; `site` holds the wheels
-        env = {"PYTHONPATH": str(self.rootfs / "site"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-        return (["qemu-aarch64-static", "-cpu", self.cpu, "-L", str(sysroot), str(sysroot / "usr/bin/python3.11"),
-                 str(job_dir / runner_name), str(job_dir)], env)
+        return ["qemu-aarch64-static", "-cpu", self.cpu, "-L", str(sysroot), str(sysroot / "usr/bin/python3.11")]
+
+    async def open(self) -> Session:
+        return LocalSession(env={"PYTHONPATH": str(self.rootfs / "site"), "PATH": "/usr/bin:/bin",
+                                 "OMP_NUM_THREADS": "1"})

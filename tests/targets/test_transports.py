@@ -51,7 +51,7 @@ def test_a_failed_measurement_names_the_runner_error(tmp_path):
 
 def test_a_runner_that_writes_no_result_is_a_failure_not_an_empty_result(tmp_path):
     script = runner(tmp_path, "pass\n")
-    with pytest.raises(DeviceError, match="exit code 0, no output"):
+    with pytest.raises(DeviceError, match="finished without writing result.json"):
         LocalTransport().run(job_dir(tmp_path), script)
 
 
@@ -68,9 +68,8 @@ def test_a_stale_result_from_an_earlier_run_is_never_returned(tmp_path):
         LocalTransport().run(folder, runner(tmp_path, "sys.exit(2)\n"))
 
 
-def test_the_local_transport_runs_a_fresh_interpreter(tmp_path):
-    command, env = LocalTransport().command(tmp_path, "runner.py")
-    assert command == [sys.executable, str(tmp_path / "runner.py"), str(tmp_path)] and env is None
+def test_the_local_transport_runs_a_fresh_interpreter():
+    assert LocalTransport().python() == [sys.executable]
 
 
 def test_a_timing_whose_spread_says_the_machine_was_busy_is_flagged():

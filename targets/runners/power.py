@@ -1,0 +1,1 @@
+"""Power sensors on the device (placeholder: being written)."""
