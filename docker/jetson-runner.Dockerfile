@@ -36,8 +36,8 @@ RUN apt-get update \
 
 # Standalone scripts, importing each other as top-level modules (measure.py beside the runner, as on any
 # device). Owned by root and read-only to the runner user.
-COPY targets/jetson/runner.py targets/jetson/trtexec.py targets/jetson/power.py targets/runners/measure.py \
-     /opt/edge-deploy/
+COPY targets/jetson/runner.py targets/jetson/trtexec.py targets/jetson/tegrastats.py targets/runners/launch.py \
+     targets/runners/measure.py targets/runners/power.py /opt/edge-deploy/
 
 ENV PATH=/usr/src/tensorrt/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -12,7 +12,7 @@ from typing import Callable
 from edge_deploy.calibration.preprocess import Preprocess
 from edge_deploy.calibration.sets import (ImageSet, calibration_set, choice_splits, class_names, labelled_split,
                                           unlabelled_splits, validate_split, warn_if_sizes_differ)
-from edge_deploy.pipeline.artifacts import Artifact, sweep_stale, temp_prefix
+from edge_deploy.pipeline.artifacts import Artifact, sha256_file, sweep_stale, temp_prefix
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.engine import Engine, StageRecord, write_build_record
 from edge_deploy.pipeline.errors import AccuracyGateError, ConfigError, InputError
@@ -103,6 +103,10 @@ def resolve_inputs(config: BuildConfig, home: Path):
     target = load_target(config.target)()
     if config.precision is None:
         config.precision = target.default_precision
+    # The device is checked now, not after minutes of work; it says which profile it is when the build does not.
+    device = probe_device(config, target) if config.probe.device else None
+    if config.profile is None and device is not None:
+        config.profile = device.profile
     if config.profile is None:
         config.profile = target.default_profile
     if config.profile is not None:
@@ -141,8 +145,58 @@ def model_name(info: dict, model_path: Path) -> str:
     return info["family"] if info["family"] != "custom" else Path(model_path).stem
 
 
-# The FP32 ONNX in ONNX Runtime is every build's reference; its probe runs on this machine.
+# The FP32 ONNX in ONNX Runtime is every build's reference; its probe runs on the same device as the artifact's
+# when that device has ONNX Runtime, else on this machine (and then no speed-up is computed).
 REFERENCE_TARGET = "cpu"
+
+
+def probe_device(config: BuildConfig, target):
+    """The inventory entry the probe runs on, checked against the build's target (before any stage runs)."""
+    from edge_deploy.targets.transports.inventory import LOCAL, Inventory
+
+    name = config.probe.device or LOCAL
+    device = Inventory.load(config.probe.inventory).get(name)
+    if device.target and device.target != target.name:
+        raise ConfigError(f"device {name} runs target '{device.target}', the build is for '{target.name}'")
+    return device
+
+
+def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path, bundle_name: str):
+    """The probe, on this machine or on `probe.device`: held under the device's lock, each result stored as it
+    arrives."""
+    from edge_deploy.pipeline.bench import artifact_digest
+    from edge_deploy.pipeline.resultstore import default_store
+    from edge_deploy.pipeline.stages.probe import ProbeStage
+    from edge_deploy.targets import load_target
+    from edge_deploy.targets.transports.inventory import LOCAL, Inventory, device_lock
+
+    reference_target = load_target(REFERENCE_TARGET)()
+    name = config.probe.device or LOCAL
+    inventory = Inventory.load(config.probe.inventory)
+    device = probe_device(config, target)
+    transport = inventory.transport(name)
+    reference_transport = transport
+    if name != LOCAL:
+        versions = transport.describe(reference_target.runtime_packages).get("packages", {})
+        if any(v == "not installed" for v in versions.values()):
+            reference_transport = inventory.transport(LOCAL)
+    store = default_store(home)
+
+    def hold(label: str):
+        return device_lock(home, label, wait_s=device.timeout_s)
+
+    def on_result(role: str, result, artifact_dir: Path) -> None:
+        described = json.loads((artifact_dir / "runtime.json").read_text())
+        files = {f: sha256_file(artifact_dir / f) for f in described.get("files", {}).values()}
+        owner = target if role == "artifact" else reference_target
+        precision = config.precision if role == "artifact" else "fp32"
+        store.add(result, device=result.device["transport"].get("device", LOCAL),
+                  artifact_sha256=artifact_digest(files), artifact_label=f"{owner.name} {precision}",
+                  target=owner.name, precision=precision, bundle=bundle_name, role=role,
+                  config={"warmup": config.probe.warmup, "runs": config.probe.runs, "threads": config.probe.threads})
+
+    return ProbeStage(target, config.precision, image, preprocess, config.probe.warmup, config.probe.runs,
+                      config.probe.threads, transport, reference_target, reference_transport, hold, on_result)
 
 
 def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
@@ -151,14 +205,11 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
     from edge_deploy.pipeline.stages.compile import CompileStage
     from edge_deploy.pipeline.stages.export import ExportStage, OriginalExportStage
     from edge_deploy.pipeline.stages.load import LoadStage
-    from edge_deploy.pipeline.stages.probe import ProbeStage
     from edge_deploy.pipeline.stages.prune import PruneStage
     from edge_deploy.pipeline.stages.quantize import QuantizeStage
     from edge_deploy.pipeline.stages.reference import OriginalReferenceStage, ReferenceStage
     from edge_deploy.pipeline.stages.release import ReleaseStage, publish
     from edge_deploy.pipeline.stages.verify import VerifyStage
-    from edge_deploy.targets import load_target
-    from edge_deploy.targets.transports.local import LocalTransport
 
     config = config.model_copy(deep=True)
     target, model_path = resolve_inputs(config, home)
@@ -251,21 +302,20 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
             kept = keep_fp32(export.artifacts["onnx"].path,
                              Path(config.output) / f"{model_name(info, model_path)}-{info['imgsz']}.fp32.onnx")
             raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
-        probed = target.compile_runs_on == "host"
+        bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
+                       f"{target.name}-{config.precision}")
+        # A target whose engine is built where it runs is timed only on a device; here it is not timed at all.
+        probed = target.compile_runs_on == "host" or config.probe.device is not None
         if probed:
-            transport = LocalTransport()
-            run(ProbeStage(target, config.precision, val.files[0], preprocess, config.probe.warmup,
-                           config.probe.runs, config.probe.threads, transport, load_target(REFERENCE_TARGET)(),
-                           transport))
+            run(probe_stage(config, target, val.files[0], preprocess, home, bundle_name))
         else:
             # Its artifact becomes runnable only where it is compiled: timing anything here would describe
             # another machine. The release says so instead of showing a number.
-            on_event("probe", f"skipped: {target.name}'s engine is built and timed on the device")
-        bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
-                       f"{target.name}-{config.precision}")
+            on_event("probe", f"skipped: {target.name}'s engine is built and timed on the device (--device NAME)")
         release = run(ReleaseStage(bundle_name, config.model_dump(mode="json"),
                                    calibration.describe() if calibration else None, pruned=config.prune.enabled,
-                                   quantize_report=calibration is not None, probed=probed))
+                                   quantize_report=calibration is not None, probed=probed,
+                                   device_files="device_files" in available))
         bundle, changed = publish(release.artifacts["bundle"].path, config.output)
         record_path = Path(config.output) / f"{bundle_name}.build.json"
         label_free_images = None if data_yaml else str(config.calibration.source)

@@ -128,12 +128,14 @@ def main():
               help="ship the best INT8 model even when it misses --max-map-drop")
 @click.option("--runs", type=int, help="timed probe runs (at least 50)")
 @click.option("--threads", type=int, help="runtime threads for the probe")
+@click.option("--device", help="run the probe on this device from devices.yaml (jetson: its engine is built there)")
+@click.option("--inventory", type=click.Path(path_type=str), help="device inventory (default: ./devices.yaml)")
 @click.option("--no-cache", is_flag=True, help="run every stage even when a cached result exists")
 @click.option("--print-config", is_flag=True, help="print the resolved config as YAML and exit")
 @click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
 def build(config_path, model, data, target, profile, precision, imgsz, output, prune_ratio, prune_criterion, prune_steps,
           prune_epochs, calib, calib_size, quant_method, symmetric,
-          max_map_drop, min_sqnr, accept_drop, runs, threads, no_cache, print_config, as_json):
+          max_map_drop, min_sqnr, accept_drop, runs, threads, device, inventory, no_cache, print_config, as_json):
     """Build a deployable bundle (default: the embedded YOLOv8n for the cpu target)."""
     from edge_deploy.pipeline.config import dump_config, load_config
 
@@ -146,7 +148,7 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
         "quantize.method": quant_method, "quantize.symmetric": symmetric, "quantize.max_map_drop": max_map_drop,
         "quantize.min_sqnr_db": min_sqnr,
         "quantize.on_budget_exceeded": "continue" if accept_drop else None, "probe.runs": runs,
-        "probe.threads": threads,
+        "probe.threads": threads, "probe.device": device, "probe.inventory": inventory,
     })
     if print_config:
         click.echo(dump_config(config), nl=False)
@@ -226,9 +228,189 @@ def targets(as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--device", "devices", multiple=True, required=True,
+              help="device name from devices.yaml (repeat for several; they run concurrently)")
+@click.option("--inventory", type=click.Path(path_type=Path), help="device inventory (default: ./devices.yaml)")
+@click.option("--runs", type=click.IntRange(50, 100_000), default=100, show_default=True, help="timed runs")
+@click.option("--warmup", type=click.IntRange(0, 10_000), default=10, show_default=True, help="untimed runs first")
+@click.option("--threads", type=click.IntRange(1, 256), help="runtime threads on the device (default: runtime's)")
+@click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="image the probe runs on (default: a generated one; latency does not depend on content)")
+@click.option("--timeout", type=click.FloatRange(1, 86_400), help="seconds a job may run (default: per device)")
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+def bench(bundle, devices, inventory, runs, warmup, threads, image, timeout, as_json):
+    """Run a bundle's probe on devices; every result is kept in the results store as it arrives."""
+    import asyncio
+
+    from edge_deploy.pipeline.bench import bench_devices, exit_code, outcome_line, outcomes_json
+    from edge_deploy.pipeline.resultstore import default_store
+    from edge_deploy.targets.transports.inventory import Inventory
+
+    names = list(dict.fromkeys(devices))  # one job per device, however often it is named
+    loaded = Inventory.load(inventory)
+    for name in names:
+        loaded.get(name)
+    store = default_store(home_dir())
+    console = _stderr_console()
+    progress = _DeviceProgress(console, names, quiet=as_json)
+    with progress:
+        outcomes = asyncio.run(bench_devices(bundle, names, loaded, home_dir(), store, runs, warmup, threads, image,
+                                             timeout, progress.update))
+    if as_json:
+        click.echo(json.dumps(outcomes_json(outcomes), indent=1))
+    else:
+        for outcome in outcomes:
+            click.echo(outcome_line(outcome))
+    code = exit_code(outcomes)
+    if code:
+        failed = [o.device for o in outcomes if o.error]
+        click.echo(f"error: {len(failed)} of {len(outcomes)} devices failed ({', '.join(failed)}); results that "
+                   f"arrived are in {store.path}", err=True)
+        sys.exit(code)
+
+
+class _DeviceProgress:
+    """One line per device while jobs run: a live table on a terminal, a timestamped line per phase otherwise."""
+
+    def __init__(self, console, names: list[str], quiet: bool):
+        self.console, self.quiet, self.started = console, quiet, time.monotonic()
+        self.phases = {name: "queued" for name in names}
+        self.live = None
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table("device", "phase", box=None)
+        for name, phase in self.phases.items():
+            table.add_row(name, phase)
+        return table
+
+    def __enter__(self):
+        if not self.quiet and self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=True)
+            self.live.start()
+        return self
+
+    def update(self, name: str, phase: str) -> None:
+        self.phases[name] = phase
+        if self.quiet:
+            return
+        if self.live is not None:
+            self.live.update(self._table())
+        else:
+            click.echo(f"[{time.monotonic() - self.started:7.1f} s] {name}: {phase}", err=True)
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+        return False
+
+
+@main.command()
+@click.option("--inventory", type=click.Path(path_type=Path), help="device inventory (default: ./devices.yaml)")
+@click.option("--no-check", is_flag=True, help="list only; do not contact the devices")
+@click.option("--json", "as_json", is_flag=True, help="print the devices and their state as JSON")
+def devices(inventory, no_check, as_json):
+    """List the inventory's devices and check that each answers (its runtime versions)."""
+    import asyncio
+
+    from edge_deploy.targets.transports.inventory import Inventory, check_devices
+
+    loaded = Inventory.load(inventory)
+    states = {} if no_check else asyncio.run(check_devices(loaded))
+    rows = [{"device": name, "transport": d.transport, "where": d.where(), "target": d.target,
+             "profile": d.profile, "power_sensor": d.power_sensor, **({"state": states[name]} if states else {})}
+            for name, d in loaded.devices.items()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("device", "transport", "where", "target", "profile", *(["state"] if states else []),
+                      caption=f"from {loaded.source}")
+        for row in rows:
+            state = row.get("state")
+            cells = [row["device"], row["transport"], str(row["where"]), row["target"] or "any",
+                     row["profile"] or "-"]
+            if state is not None:
+                cells.append(state["summary"])
+            table.add_row(*cells)
+        Console().print(table)
+    if states and any(not s["ok"] for s in states.values()):
+        sys.exit(6)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 def check(bundle):
     """Re-hash every file of a bundle against its manifest."""
     from edge_deploy.pipeline.stages.release import check_bundle
 
     manifest = check_bundle(bundle)
     click.echo(f"ok: {len(manifest['files'])} files match {bundle}/manifest.json")
+
+
+@main.command()
+@click.option("--device", help="only this device (its inventory name)")
+@click.option("--artifact", "artifact_prefix", metavar="SHA_PREFIX", help="only artifacts whose sha256 starts so")
+@click.option("--bundle", help="only this bundle name, e.g. yolov8n-160-cpu-int8")
+@click.option("--json", "as_json", is_flag=True, help="print the stored results (whole probe results) as JSON")
+def results(device, artifact_prefix, bundle, as_json):
+    """List stored probe results per device over time, each p50 against the same bundle's previous one."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from edge_deploy.pipeline.resultstore import default_store, p50_changes
+
+    store = default_store(home_dir())
+    shown = store.query(device=device, artifact=artifact_prefix, bundle=bundle)
+    failed = store.failures(device=device, artifact=artifact_prefix, bundle=bundle)
+    # The change is against the previous result of the same device and bundle, whichever artifact that was:
+    # filtering by artifact must not hide last week's build from this week's.
+    history = store.query(device=device, bundle=bundle) if artifact_prefix else shown
+    changes = p50_changes(history)
+    if as_json:
+        click.echo(json.dumps({"store": str(store.path),
+                               "results": [{**r.to_json(), "p50_change_percent": changes.get(r.id)} for r in shown],
+                               "failures": [f.to_json() for f in failed]}, indent=1))
+        return
+    if not shown and not failed:
+        asked = " ".join(f"--{name} {value}" for name, value in
+                         (("device", device), ("artifact", artifact_prefix), ("bundle", bundle)) if value)
+        click.echo(f"no stored probe results match {asked} in {store.path}" if asked
+                   else f"no probe results stored yet in {store.path}")
+        return
+
+    def when(text: str) -> str:
+        return text.replace("T", " ").removesuffix("Z")
+
+    def figure(value, digits: int) -> str:
+        return "not reported" if value is None else f"{value:.{digits}f}"
+
+    def change(result) -> str:
+        if result.p50_ms is None:
+            return "not reported"
+        percent = changes.get(result.id)
+        return "first" if percent is None else f"{percent:+.1f} %"
+
+    console = Console(highlight=False)
+    for name in sorted({r.device for r in shown} | {f.device for f in failed}):
+        mine = [r for r in shown if r.device == name]
+        if mine:
+            table = Table("when (UTC)", "bundle", "artifact", "runtime", "p50 ms", "p90 ms", "FPS", "power",
+                          "p50 vs previous", title=escape(name))
+            for r in mine:
+                label = (r.bundle or r.artifact_label) + ("" if r.role == "artifact" else f" ({r.role})")
+                table.add_row(when(r.when), escape(label), r.artifact_sha256[:12], escape(r.runtime or "not reported"),
+                              figure(r.p50_ms, 2), figure(r.p90_ms, 2), figure(r.fps, 1), r.power_text(), change(r))
+            console.print(table)
+        lost = [f for f in failed if f.device == name]
+        if lost:
+            table = Table("when (UTC)", "bundle", "artifact", "error", title=escape(f"{name}: failed attempts"))
+            for f in lost:
+                table.add_row(when(f.recorded_at), escape(f.bundle or ""), f.artifact_sha256[:12], escape(f.error))
+            console.print(table)

@@ -109,6 +109,8 @@ class ProbeConfig(Section):
     warmup: int = Field(10, ge=0)
     runs: int = Field(100, ge=50, le=100_000, description="timed runs; fewer than 50 give unstable percentiles")
     threads: Optional[int] = Field(None, ge=1)
+    device: Optional[str] = Field(None, description="device from devices.yaml the probe runs on (default: here)")
+    inventory: Optional[Path] = Field(None, description="device inventory (default: ./devices.yaml)")
 
 
 class BuildConfig(Section):

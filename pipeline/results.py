@@ -133,6 +133,11 @@ class AccuracyReport(JsonResult):
         return self.artifact if self.artifact is not None else self.reference
 
 
+def reported(value, unit: str = "") -> str:
+    """A figure as shown to people: a runtime that does not report it gets "not reported", never a number."""
+    return "not reported" if value is None else f"{value}{unit}"
+
+
 @dataclass(frozen=True)
 class ProbeResult(JsonResult):
     """One device job's measurement, the same schema for every runtime and transport.

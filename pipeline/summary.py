@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_deploy.pipeline.results import (AccuracyReport, CompileReport, QuantizationReport, ReferenceAccuracy,
-                                          SpeedReport)
+                                          SpeedReport, reported)
 
 
 def _key_metrics(name: str, metrics: dict) -> str:
@@ -45,7 +45,8 @@ def _key_metrics(name: str, metrics: dict) -> str:
     if name == "probe":
         p = SpeedReport.from_json(metrics)
         rows = [("FP32", p.reference)] + ([(p.artifact_label, p.artifact)] if p.artifact else [])
-        parts = [f"{label} p50 {r.latency_ms['p50']} ms ({r.fps} FPS, {r.runtime})" for label, r in rows]
+        parts = [f"{label} p50 {reported(r.latency_ms.get('p50'), ' ms')} ({reported(r.fps)} FPS, {r.runtime})"
+                 for label, r in rows]
         if p.speedup_p50 is not None:
             parts.append(f"{p.speedup_p50}x")
         return ", ".join(parts)
@@ -73,7 +74,7 @@ def render_summary(result, config) -> None:
             timing = "latency not measured here (the engine is built and timed on the device)"
         else:
             latency = speed.latency_ms
-            timing = (f"latency p50/p90/p99 {latency['p50']}/{latency['p90']}/{latency['p99']} ms  "
+            timing = (f"latency p50/p90/p99 {'/'.join(reported(latency.get(q)) for q in ('p50', 'p90', 'p99'))} ms  "
                       f"power {speed.power_text()}")
         console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}  "
                       f"{timing}")

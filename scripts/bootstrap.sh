@@ -1,6 +1,6 @@
 # Sourced by ./deploy and ./run-tests: makes .venv hold exactly what pyproject.toml pins,
-# with the test tools and the arm target's toolchain (ncnn, pnnx), which are small.
-# Re-installs only when pyproject.toml changed since the last install.
+# with the test tools, the arm target's toolchain (ncnn, pnnx) and the device transports (asyncssh, adbutils,
+# pyserial, labgrid), which are small. Re-installs only when pyproject.toml changed since the last install.
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.pyproject.sha256"
@@ -19,6 +19,6 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]
     fi
     echo "setting up $venv (first run takes a few minutes: PyTorch is large)..." >&2
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$root[test,arm]" >&2
+    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$root[test,arm,remote,adb,serial,lab]" >&2
     echo "$wanted" > "$stamp"
 fi

@@ -214,12 +214,12 @@ def test_build_image_keeps_ultralytics_offline_and_runs_deploy():
 def test_runner_image_copies_what_the_jetson_target_sends_to_a_device():
     try:
         from edge_deploy.targets import load_target
-        from edge_deploy.targets.transports import MEASURE
+        from edge_deploy.targets.transports import SHARED
 
         target = load_target("jetson")
     except Exception as error:  # the target is being written alongside these images
         pytest.skip(f"the jetson target does not load yet: {error}")
-    sent = [target.runner, *target.runner_support, MEASURE]
+    sent = [target.runner, *target.runner_support, *SHARED]
     try:
         wanted = sorted(str(Path(path).resolve().relative_to(REPO)) for path in sent)
     except ValueError:

@@ -7,15 +7,19 @@ and the runtime versions the transport reports, not the host's packages.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import warnings
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Callable
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.pipeline.artifacts import Artifact, sha256_file
 from edge_deploy.pipeline.engine import Stage, StageOutput
-from edge_deploy.pipeline.results import ModelInfo, SpeedReport
+from edge_deploy.pipeline.results import ModelInfo, ProbeResult, SpeedReport
 from edge_deploy.pipeline.stages.verify import artifact_label
 
 
@@ -24,11 +28,17 @@ class ProbeStage(Stage):
     inputs = ("model_info", "onnx", "artifact")
 
     def __init__(self, target, precision: str, image: Path, preprocess: Preprocess, warmup: int, runs: int,
-                 threads: int | None, transport, reference_target, reference_transport):
+                 threads: int | None, transport, reference_target, reference_transport,
+                 hold: Callable[[str], AbstractAsyncContextManager] | None = None,
+                 on_result: Callable[[str, ProbeResult, Path], None] | None = None):
+        """`hold(device)` keeps a device to this build while its job runs; `on_result(role, result, artifact)` is
+        told of each result the moment it arrives (the results store). Neither changes what is measured, so
+        neither is part of the cache key."""
         self.target, self.precision, self.image, self.preprocess = target, precision, Path(image), preprocess
         self.warmup, self.runs, self.threads = warmup, runs, threads
         self.transport, self.reference_target, self.reference_transport = \
             transport, reference_target, reference_transport
+        self.hold, self.on_result = hold, on_result
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision, "warmup": self.warmup,
@@ -43,7 +53,8 @@ class ProbeStage(Stage):
 
     def code_modules(self) -> tuple[str, ...]:
         return (type(self).__module__, type(self.target).__module__, type(self.reference_target).__module__,
-                type(self.transport).__module__, "edge_deploy.targets.runners.measure",
+                type(self.transport).__module__, "edge_deploy.targets.transports", "edge_deploy.targets.runners.measure",
+                "edge_deploy.targets.runners.launch", "edge_deploy.targets.runners.power",
                 *(runner_module(t) for t in (self.target, self.reference_target)))
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
@@ -53,32 +64,61 @@ class ProbeStage(Stage):
         reference_dir = out_dir / "fp32_reference"
         reference_dir.mkdir()
         self.reference_target.compile(inputs["onnx"].path, None, "fp32", info, reference_dir)
-        reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
-                                out_dir / "job-fp32")
+        reference = self._probe("reference", self.reference_target, self.reference_transport, reference_dir, job,
+                                tensor, out_dir / "job-fp32")
         artifact = None
+        outputs = {}
         if self.precision not in self.target.reference_precisions:
             target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
-            artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
-                                   out_dir / "job-artifact")
-        speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3) if artifact else None
+            artifact = self._probe("artifact", self.target, self.transport, inputs["artifact"].path, job,
+                                   target_tensor, out_dir / "job-artifact")
+            # What the device built and sent back (a TensorRT engine and its logs) ships with the bundle.
+            returned = [n for n in artifact.extra.get("bring_back", []) if (out_dir / "job-artifact" / n).is_file()]
+            if returned:
+                (out_dir / "from_device").mkdir()
+                for name in returned:
+                    shutil.move(out_dir / "job-artifact" / name, out_dir / "from_device" / name)
+                outputs["device_files"] = out_dir / "from_device"
+        speedup = None
+        if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
+                and artifact.latency_ms.get("p50"):
+            speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
         report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
                              contention([reference] + ([artifact] if artifact else [])))
         path = out_dir / "probe.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
-        # Job folders hold copies of the model; only the result is worth keeping.
+        # Job folders hold copies of the model; only the results and what the device built are worth keeping.
         for folder in out_dir.iterdir():
-            if folder.is_dir():
+            if folder.is_dir() and folder.name != "from_device":
                 shutil.rmtree(folder)
         if report.contended:
             warnings.warn(f"probe: {report.contended}; the numbers are shown but not cached: run again on a quiet "
                           "machine", stacklevel=2)
-        return StageOutput({"probe_report": path}, report.to_json(), cacheable=report.contended is None)
+        return StageOutput({"probe_report": path, **outputs}, report.to_json(), cacheable=report.contended is None)
 
-    @staticmethod
-    def _probe(target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
+    def _probe(self, role: str, target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
         job_dir.mkdir()
         target.prepare_job(Path(artifact_dir), job, tensor, job_dir)
-        return transport.run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+        result = asyncio.run(self._held_job(target, transport, job_dir))
+        if self.on_result is not None:
+            self.on_result(role, result, Path(artifact_dir))
+        return result
+
+    async def _held_job(self, target, transport, job_dir: Path):
+        from edge_deploy.targets.transports import run_job
+
+        held = self.hold(transport.label) if self.hold is not None else contextlib.nullcontext()
+        async with held:
+            return await run_job(transport, job_dir, target.runner, target.runtime_packages,
+                                 support=target.runner_support)
+
+
+def same_device(first, second) -> bool:
+    """Whether two results came from one machine: a speed-up between two machines means nothing."""
+    def where(result):
+        return {k: v for k, v in result.device.get("transport", {}).items() if k != "packages"}
+
+    return where(first) == where(second)
 
 
 # A p90 this far above the p50 means other work shared the cores during the timed runs.
@@ -87,7 +127,9 @@ CONTENDED_P90_OVER_P50 = 1.5
 
 def contention(results) -> str | None:
     for result in results:
-        p50, p90 = result.latency_ms["p50"], result.latency_ms["p90"]
+        p50, p90 = result.latency_ms.get("p50"), result.latency_ms.get("p90")
+        if p50 is None or p90 is None:
+            continue  # a runtime that reports no percentiles gives no sign either way
         if p90 > CONTENDED_P90_OVER_P50 * p50:
             return (f"{result.runtime} p90 {p90} ms is {p90 / p50:.1f}x its p50 {p50} ms, so the machine was busy "
                     "during the timed runs")

@@ -10,7 +10,7 @@ from edge_deploy.pipeline.artifacts import Artifact, sha256_tree
 from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
 from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
 from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
-from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, QuantizationReport, SpeedReport
+from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, QuantizationReport, SpeedReport, reported
 
 MANIFEST = "manifest.json"
 TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxruntime", "pycocotools", "numpy",
@@ -23,8 +23,10 @@ class ReleaseStage(Stage):
     inputs = ("model_info", "artifact", "verify_report")
 
     def __init__(self, bundle_name: str, config: dict, calibration: dict | None, pruned: bool = False,
-                 quantize_report: bool = False, probed: bool = True):
+                 quantize_report: bool = False, probed: bool = True, device_files: bool = False):
         self.bundle_name, self.config, self.calibration = bundle_name, config, calibration
+        if device_files:
+            self.inputs = (*self.inputs, "device_files")
         if probed:
             self.inputs = (*self.inputs, "probe_report")
         if quantize_report:
@@ -44,6 +46,9 @@ class ReleaseStage(Stage):
         probe = (SpeedReport.from_json(json.loads(inputs["probe_report"].path.read_text()))
                  if "probe_report" in inputs else None)
         runtime = json.loads((bundle / "runtime.json").read_text())
+        if "device_files" in inputs:
+            # Built on the device the probe ran on (a TensorRT engine is tied to that GPU and TensorRT version).
+            shutil.copytree(inputs["device_files"].path, bundle / "built_on_device")
         pruning = None
         if "prune_history" in inputs:
             pruning = json.loads(inputs["prune_history"].path.read_text())
@@ -57,7 +62,7 @@ class ReleaseStage(Stage):
         (bundle / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (bundle / "MODEL_CARD.md").write_text(model_card(self.bundle_name, info, self.config, self.calibration,
                                                          verify, probe, quantization, pruning,
-                                                         runtime.get("device_steps")))
+                                                         runtime.get("device_steps"), built_on_device(bundle)))
         files = {p.relative_to(bundle).as_posix(): sha256_tree(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
         manifest = {
             "bundle": self.bundle_name, "format": 2, "model": info.to_json(), "target": self.config["target"],
@@ -102,7 +107,8 @@ def check_bundle(bundle: Path) -> dict:
 
 def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | None, verify: AccuracyReport,
                probe: SpeedReport | None, quantization: QuantizationReport | None = None,
-               pruning: dict | None = None, device_steps: list[str] | None = None) -> str:
+               pruning: dict | None = None, device_steps: list[str] | None = None,
+               device_files: list[str] | None = None) -> str:
     precision, target = config["precision"], config["target"]
     split = verify.split
     lines = [
@@ -148,6 +154,10 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         lines += [f"Against the original model before pruning (mAP50-95 {verify.original.map50_95:.4f} on the same "
                   f"images): {verify.total_drop_points:.2f} points lost in all (budget "
                   f"{verify.total_budget_points:.2f}).", ""]
+    if device_files:
+        lines += ["## Built on the device", "", "`built_on_device/` holds what the probe's device built and sent back "
+                  f"({', '.join(device_files)}). It runs on that device's hardware and runtime version only; "
+                  "any other device builds its own with the steps below.", ""]
     if device_steps:
         lines += ["## On the device", "", *device_steps, ""]
     if probe is None:
@@ -160,8 +170,9 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         rows = [("FP32 ONNX", probe.reference)] + ([(probe.artifact_label, probe.artifact)] if probe.artifact
                                                    else [])
         for label, r in rows:
-            lines.append(f"| {label} | {r.runtime} | {r.latency_ms['p50']} | {r.latency_ms['p90']} | "
-                         f"{r.latency_ms['p99']} | {r.fps} | {r.load_ms} | {r.memory_mb['peak_rss']} | "
+            cells = [reported(r.latency_ms.get(q)) for q in ("p50", "p90", "p99")]
+            cells += [reported(r.fps), reported(r.load_ms), reported(r.memory_mb.get("peak_rss"))]
+            lines.append(f"| {label} | {r.runtime} | {' | '.join(cells)} | "
                          f"{r.power_text()} |")
         device = probe.reference.device
         lines += ["", f"Device: {device.get('processor', 'unknown')} ({device.get('cpus', '?')} CPUs, "
@@ -194,6 +205,11 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
               "`postprocess(box_dist[0], cls_logit[0], imgsz, strides)` gives x1, y1, x2, y2, score, class "
               "in input pixels.", ""]
     return "\n".join(lines)
+
+
+def built_on_device(bundle: Path) -> list[str]:
+    folder = bundle / "built_on_device"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def _found(accuracy) -> str:

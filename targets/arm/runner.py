@@ -1,7 +1,7 @@
 """Self-contained ncnn probe: `python ncnn_probe.py JOB_DIR`.
 
-Needs the standard library, numpy, the `ncnn` Python package and measure.py
-beside it, so it runs unchanged on an ARM board with its job folder. JOB_DIR
+Needs the standard library, numpy, the `ncnn` Python package, and measure.py and
+power.py beside it, so it runs unchanged on an ARM board with its job folder. JOB_DIR
 holds job.json, model.ncnn.param/.bin and input.npy (a real preprocessed image,
 NCHW); result.json is written there atomically.
 """
@@ -19,7 +19,7 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 
 
 def open_net(job_dir: Path, job: dict):
@@ -57,6 +57,7 @@ def main(job_dir: Path) -> dict:
     import ncnn
     import numpy as np
 
+    state_start = measure.device_state()
     job = json.loads((job_dir / "job.json").read_text())
     image = np.load(job_dir / job["input"])[0]
     rss_before = measure.status_mb("VmRSS")
@@ -64,30 +65,40 @@ def main(job_dir: Path) -> dict:
     net = open_net(job_dir, job)
     load_ms = (time.perf_counter() - t0) * 1000
     outputs = job.get("outputs", ["out0", "out1"])
+    # The first run pays for allocations and packing the weights: reported on its own, and counted as a warm-up run.
+    t = time.perf_counter()
+    first_outputs = run_once(net, image, outputs)
+    first_ms = (time.perf_counter() - t) * 1000
     if job.get("save_outputs"):
         # For cross-checking runtimes (e.g. this same model on aarch64): the outputs themselves.
-        np.savez(job_dir / "outputs.npz", *run_once(net, image, outputs))
-    for _ in range(job["warmup"]):
+        np.savez(job_dir / "outputs.npz", *first_outputs)
+    for _ in range(max(job["warmup"] - 1, 0)):
         run_once(net, image, outputs)
 
     timings = []
+    loop_s = 0.0
 
     def timed_runs():
+        nonlocal loop_s
+        loop_start = time.perf_counter()
         for _ in range(job["runs"]):
             t = time.perf_counter()
             run_once(net, image, outputs)
             timings.append((time.perf_counter() - t) * 1000)
+        loop_s = time.perf_counter() - loop_start
 
-    wall0 = time.perf_counter()
-    power = measure.measure_power(timed_runs)
-    wall = time.perf_counter() - wall0
+    power = measure.measure_power(timed_runs, job["runs"], job)
+    state_end = measure.device_state()
     return {
         "runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
-        "host": measure.host(), "threads": int(net.opt.num_threads), "precision": job.get("precision", "fp32"),
+        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
+        "threads": int(net.opt.num_threads), "precision": job.get("precision", "fp32"),
         "batch": 1, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
-        "latency_ms": measure.latency_summary(timings), "fps": round(job["runs"] / wall, 2),
+        "first_inference_ms": round(first_ms, 3),
+        "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],
+        "fps": round(job["runs"] / loop_s, 2),
         "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)},
-        "power": power,
+        "power": power, "job": measure.echo_job(job),
     }
 
 

@@ -1,7 +1,8 @@
 """Self-contained ONNX Runtime probe: `python ort_probe.py JOB_DIR`.
 
-Needs the standard library, numpy, onnxruntime and measure.py beside it, so the
-same files run on this machine or are copied to a device with the job folder.
+Needs the standard library, numpy, onnxruntime, and measure.py and power.py beside
+it, so the same files run on this machine or are copied to a device with the job
+folder.
 JOB_DIR holds job.json, the model and input.npy (a real preprocessed image);
 result.json is written there atomically.
 """
@@ -18,15 +19,17 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 2
+RUNNER_VERSION = 3
 
 
 def main(job_dir: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    state_start = measure.device_state()
     job = json.loads((job_dir / "job.json").read_text())
     batch = np.load(job_dir / job["input"])
+    images = int(batch.shape[0])
     rss_before = measure.status_mb("VmRSS")
     options = ort.SessionOptions()
     if job.get("threads"):
@@ -35,29 +38,39 @@ def main(job_dir: Path) -> dict:
     session = ort.InferenceSession(str(job_dir / job["model"]), options, providers=["CPUExecutionProvider"])
     load_ms = (time.perf_counter() - t0) * 1000
     feed = {session.get_inputs()[0].name: batch}
-    for _ in range(job["warmup"]):
+    # The first run pays for allocations and kernel choices: reported on its own, and counted as a warm-up run.
+    t = time.perf_counter()
+    session.run(None, feed)
+    first_ms = (time.perf_counter() - t) * 1000
+    for _ in range(max(job["warmup"] - 1, 0)):
         session.run(None, feed)
 
     timings = []
+    loop_s = 0.0
 
     def timed_runs():
+        nonlocal loop_s
+        loop_start = time.perf_counter()
         for _ in range(job["runs"]):
             t = time.perf_counter()
             session.run(None, feed)
             timings.append((time.perf_counter() - t) * 1000)
+        loop_s = time.perf_counter() - loop_start
 
-    wall0 = time.perf_counter()
-    power = measure.measure_power(timed_runs)
-    wall = time.perf_counter() - wall0
+    # Energy per image, like fps: a batch of n is n inferences.
+    power = measure.measure_power(timed_runs, job["runs"] * images, job)
+    state_end = measure.device_state()
     return {
         "runner": "ort_probe", "runner_version": RUNNER_VERSION,
         "runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers(),
-        "host": measure.host(), "threads": job.get("threads") or "runtime default",
-        "batch": int(batch.shape[0]), "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
-        "latency_ms": measure.latency_summary(timings),
-        "fps": round(job["runs"] * int(batch.shape[0]) / wall, 2),
+        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
+        "threads": job.get("threads") or "runtime default",
+        "batch": images, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
+        "first_inference_ms": round(first_ms, 3),
+        "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],
+        "fps": round(job["runs"] * images / loop_s, 2),
         "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)},
-        "power": power,
+        "power": power, "job": measure.echo_job(job),
     }
 
 

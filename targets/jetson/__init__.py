@@ -55,7 +55,7 @@ class TensorRtJetson(Target):
     parity_tolerance = {"fp32": 1e-4, "fp16": 2e-2}
     compile_runs_on = "device"
     runner = Path(__file__).parent / "runner.py"
-    runner_support = (Path(__file__).parent / "trtexec.py", Path(__file__).parent / "power.py")
+    runner_support = (Path(__file__).parent / "trtexec.py", Path(__file__).parent / "tegrastats.py")
     profiles = (
         Profile("jetson-xavier-nx", "Jetson Xavier NX: 384-core Volta GPU (48 tensor cores), 2 NVDLA 1.0 cores, "
                 "8 GB LPDDR4x; JetPack 5.1 (L4T r35), TensorRT 8.5; power modes 10/15/20 W",

@@ -1,10 +1,10 @@
 """Self-contained Jetson runner: `python3 runner.py JOB_DIR`, run on the Jetson itself.
 
 Needs the standard library, JetPack's `trtexec` (on PATH or in /usr/src/tensorrt/bin), and, beside this
-script, measure.py, trtexec.py and power.py. JOB_DIR holds job.json, the bundle's model.onnx (and for
-TensorRT 8.x's implicit INT8, model.fp32.onnx + calibration.cache). The runner builds the engine with the
+script, measure.py, power.py, trtexec.py and tegrastats.py. JOB_DIR holds job.json, the bundle's model.onnx (and
+for TensorRT 8.x's implicit INT8, model.fp32.onnx + calibration.cache). The runner builds the engine with the
 job's recipe (an engine is tied to this GPU and TensorRT version, so it is built here), times it with
-trtexec, samples tegrastats (or the INA3221 rails) while it runs and while idle, and writes result.json
+trtexec, samples the INA3221 rails (or tegrastats) while it runs and while idle, and writes result.json
 atomically; the engine, its build log and the timing log stay in JOB_DIR to be brought back.
 """
 
@@ -15,20 +15,22 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 try:  # inside the package here; beside the script on a device
-    from edge_deploy.targets.jetson import power, trtexec
-    from edge_deploy.targets.runners import measure
+    from edge_deploy.targets.jetson import tegrastats, trtexec
+    from edge_deploy.targets.runners import measure, power
 except ImportError:
     import measure
     import power
+    import tegrastats
     import trtexec
 
-RUNNER_VERSION = 1
+RUNNER_VERSION = 2
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/usr/bin/trtexec")
+# trtexec writes every timed inference here (--exportTimes): the raw samples behind its summary.
+TIMES_FILE = "times.json"
 
 
 class JobFailed(RuntimeError):
@@ -56,42 +58,6 @@ def run_logged(command: list[str], log: Path, timeout: float) -> str:
     return text
 
 
-class PowerSampler:
-    """Power samples in the background: tegrastats lines where the tool exists, else the INA3221 rails read
-    from sysfs at the same interval, else nothing (and power is then 'unavailable', never 0)."""
-
-    def __init__(self, interval_ms: int = 100):
-        self.samples: list[dict] = []
-        self.process = None
-        self.stopped = threading.Event()
-        tool = shutil.which("tegrastats")
-        if tool:
-            self.process = subprocess.Popen([tool, "--interval", str(interval_ms)], stdout=subprocess.PIPE,
-                                            stderr=subprocess.DEVNULL, text=True)
-            threading.Thread(target=self._read_tegrastats, daemon=True).start()
-        elif power.read_ina3221_sysfs():
-            threading.Thread(target=self._poll_sysfs, args=(interval_ms / 1000,), daemon=True).start()
-
-    def _read_tegrastats(self):
-        for line in self.process.stdout:
-            if line.strip():
-                self.samples.append(power.parse_tegrastats(line.strip()))
-
-    def _poll_sysfs(self, interval_s: float):
-        while not self.stopped.wait(interval_s):
-            rails = power.read_ina3221_sysfs()
-            self.samples.append({"rails_mw": {name: {"now": mw, "avg": None} for name, mw in rails.items()}})
-
-    def take(self) -> list[dict]:
-        taken, self.samples = self.samples, []
-        return taken
-
-    def stop(self):
-        self.stopped.set()
-        if self.process is not None:
-            self.process.terminate()
-
-
 def device_facts() -> dict:
     """What ties an engine to its device: the board (device tree), and L4T's release, as the device reports them."""
     facts = {}
@@ -116,21 +82,24 @@ def check_cache_version(cache: Path, trt_version: str | None) -> None:
                         f"TensorRT {trt_version}: build again with the profile of this device (--profile)")
 
 
-# AGX Orin has no input rail; its GPU+SoC, CPU+CV and 5 V system rails together are the module's draw
-# (the system rail alone barely moves with inference).
-RAILS_SUMMED_WITHOUT_INPUT_RAIL = ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")
+def exported_latencies(path: Path) -> list:
+    """Each timed inference's latency (ms) from trtexec's --exportTimes file; [] where there is none.
 
-
-def module_power(samples: list[dict]) -> tuple[str | None, list[float]]:
-    rails = [s["rails_mw"] for s in samples if s.get("rails_mw")]
-    rail = power.module_rail(rails[0]) if rails else None
-    if rail == "VIN_SYS_5V0":
-        parts = [name for name in RAILS_SUMMED_WITHOUT_INPUT_RAIL if name in rails[0]]
-        return "+".join(parts), [sum(r[name]["now"] for name in parts) for r in rails if all(n in r for n in parts)]
-    return rail, [r[rail]["now"] for r in rails if rail in r]
+    The file is a JSON list with one entry per inference, whose latencyMs is the figure trtexec's own latency
+    summary is made of; entries without one are skipped.
+    """
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(entries, list):
+        return []
+    return [float(entry["latencyMs"]) for entry in entries
+            if isinstance(entry, dict) and isinstance(entry.get("latencyMs"), (int, float))]
 
 
 def main(job_dir: Path) -> dict:
+    state_start = measure.device_state()
     job = json.loads((job_dir / "job.json").read_text())
     recipe = job["engine_build"]
     tool = find_trtexec()
@@ -148,43 +117,48 @@ def main(job_dir: Path) -> dict:
     build_s = time.perf_counter() - t0
     engine = next((a.split("=", 1)[1] for a in build if a.startswith("--saveEngine=")), "model.engine")
 
-    sampler = PowerSampler()
-    time.sleep(2.0)  # idle power, before the timed runs
-    idle = sampler.take()
     version = trtexec.parse_trt_version(build_log)
     major, minor = (int(v) for v in (version or "8.0").split(".")[:2])  # unknown: the oldest flags are safest
-    timing_command = [tool, *trtexec.trtexec_run_command(engine, int(job["runs"]), int(job.get("warmup_ms", 500)),
+    runs = int(job["runs"])
+    timing_command = [tool, *trtexec.trtexec_run_command(engine, runs, int(job.get("warmup_ms", 500)),
                                                          job.get("dla_core"), trt_major=major,
-                                                         trt_minor=minor)[1:]]
-    timing_log = run_logged(timing_command, job_dir / "timing.log", timeout)
-    busy = sampler.take()
-    sampler.stop()
+                                                         trt_minor=minor)[1:], f"--exportTimes={TIMES_FILE}"]
+    (job_dir / TIMES_FILE).unlink(missing_ok=True)
+    idle_s, interval_s = power.job_settings(job)
+    meter = power.PowerMeter.find(interval_s=interval_s, extra=(tegrastats.OPENER,))
+    try:
+        meter.measure_idle(idle_s)
+        meter.start()
+        timing_log = run_logged(timing_command, job_dir / "timing.log", timeout)
+        meter.stop()
+    finally:
+        meter.close()
+    state_end = measure.device_state()
     timing = trtexec.parse_trtexec(timing_log)
+    throughput = timing.get("throughput_qps")
+    # --duration=0 makes the count exact, and the time the inferences took is the count over the measured
+    # throughput: the busy window's wall clock would add trtexec loading the engine. Without a throughput the
+    # energy per inference is left out rather than guessed.
+    power_report = meter.report(runs if throughput else None, seconds=runs / throughput if throughput else None)
 
-    rail, busy_mw = module_power(busy)
-    _, idle_mw = module_power(idle)
-    if rail and busy_mw and idle_mw and timing.get("throughput_qps"):
-        # --duration=0 makes the count exact; the time they took is the count over the measured throughput (the
-        # wall clock would add loading the engine).
-        inferences = int(job["runs"])
-        energy = power.energy_per_inference(busy_mw, idle_mw, inferences / timing["throughput_qps"], inferences,
-                                            rail=rail)
-        power_report = {"status": "measured", "rail": rail, "average_watts": round(sum(busy_mw) / len(busy_mw) / 1000,
-                                                                                  3), **energy}
-    else:
-        power_report = {"status": "unavailable",
-                        "reason": "no tegrastats or INA3221 power rail on this device" if not rail
-                        else "too few power samples"}
+    samples = exported_latencies(job_dir / TIMES_FILE)
     latency = timing["latency_ms"]
+    std = measure.latency_summary(samples)["std"] if samples else None
     return {
         "runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
-        "runtime": f"TensorRT {timing.get('trt_version') or 'unknown'} (trtexec)", "host": measure.host(),
+        "runtime": f"TensorRT {timing.get('trt_version') or 'unknown'} (trtexec)",
+        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
         "threads": None, "precision": recipe["precision"], "batch": 1, "warmup": int(job.get("warmup_ms", 500)),
-        "runs": int(job["runs"]), "load_ms": round(build_s * 1000, 1),
+        "runs": runs, "load_ms": round(build_s * 1000, 1),
+        # trtexec times its first inference inside its warm-up and never reports it.
+        "first_inference_ms": None,
         "latency_ms": {"p50": latency.get("median"), "p90": latency.get("p90"), "p99": latency.get("p99"),
-                       "mean": latency.get("mean"), "min": latency.get("min"), "max": latency.get("max")},
-        "fps": timing.get("throughput_qps"), "memory_mb": {"rss_before_load": None, "peak_rss": None},
-        "power": power_report, "gpu_compute_ms": timing.get("gpu_compute_ms"), "warnings": timing.get("warnings", []),
+                       "mean": latency.get("mean"), "min": latency.get("min"), "max": latency.get("max"),
+                       "std": std},
+        "samples_ms": [round(ms, 3) for ms in samples],
+        "fps": throughput, "memory_mb": {"rss_before_load": None, "peak_rss": None},
+        "power": power_report, "job": measure.echo_job(job),
+        "gpu_compute_ms": timing.get("gpu_compute_ms"), "warnings": timing.get("warnings", []),
         "engine": engine, "logs": ["build.log", "timing.log"], "jetson_device": device_facts(),
         # The host pulls these back with result.json: the engine built here, and the logs that explain it.
         "bring_back": [engine, "build.log", "timing.log"],

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from edge_deploy.pipeline.errors import DeviceError, DeviceTimeout
 from edge_deploy.pipeline.results import ProbeResult
@@ -86,6 +86,10 @@ class Transport:
         """The device and the versions of `packages` there: what probe cache keys and reports record."""
         raise NotImplementedError
 
+    async def adescribe(self, packages: tuple[str, ...]) -> dict:
+        """describe() from inside the event loop that runs jobs (remote transports ask the device)."""
+        return self.describe(packages)
+
     def python(self) -> list[str]:
         """The interpreter that runs launch.py on the device, as argv."""
         raise NotImplementedError
@@ -127,35 +131,49 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _quiet(phase: str) -> None:
+    pass
+
+
 async def run_job(transport: Transport, job_dir: Path, runner: Path, packages: tuple[str, ...] = (),
-                  timeout: float = DEFAULT_TIMEOUT, support: tuple[Path, ...] = ()) -> ProbeResult:
-    """One device job, start to finish; retried on a new session when the connection drops."""
+                  timeout: float = DEFAULT_TIMEOUT, support: tuple[Path, ...] = (),
+                  on_phase: Callable[[str], None] = _quiet) -> ProbeResult:
+    """One device job, start to finish; retried on a new session when the connection drops.
+
+    A retry runs the whole job again in a fresh folder on the device: a measurement cut off halfway is
+    never stitched to another.
+    """
     job_dir = Path(job_dir).resolve()
     job = stage_job(job_dir, Path(runner), support, timeout)
     for attempt in range(1, transport.attempts + 1):
         try:
-            return await _attempt(transport, job_dir, job, packages, timeout)
+            return await _attempt(transport, job_dir, job, packages, timeout, on_phase)
         except ConnectionDropped as exc:
             if attempt == transport.attempts:
                 raise DeviceError(f"{exc} (gave up after {attempt} attempts)") from None
-            await asyncio.sleep(transport.backoff_s * 2 ** (attempt - 1))
+            pause = transport.backoff_s * 2 ** (attempt - 1)
+            on_phase(f"retrying in {pause:.0f} s: {exc}")
+            await asyncio.sleep(pause)
     raise AssertionError("unreachable")
 
 
 async def _attempt(transport: Transport, job_dir: Path, job: dict, packages: tuple[str, ...],
-                   timeout: float) -> ProbeResult:
+                   timeout: float, on_phase: Callable[[str], None]) -> ProbeResult:
     label = transport.label
     times, started = {}, time.time()
     t = time.perf_counter()
+    on_phase("connecting")
     session = await transport.open()
     times["connect_s"] = time.perf_counter() - t
     remote = None
     try:
         t = time.perf_counter()
+        on_phase("uploading")
         remote = await session.push(job_dir)
         times["upload_s"] = time.perf_counter() - t
         argv = ["timeout", "-k", "5", str(int(timeout)), *transport.python(), f"{remote}/launch.py", remote]
         t = time.perf_counter()
+        on_phase("running")
         try:
             done = await asyncio.wait_for(session.execute(argv, remote, timeout), timeout + GRACE_S)
         except asyncio.TimeoutError:
@@ -172,6 +190,7 @@ async def _attempt(transport: Transport, job_dir: Path, job: dict, packages: tup
         if done.returncode != 0:
             raise DeviceError(f"{label}: the device job failed: {last}")
         t = time.perf_counter()
+        on_phase("downloading")
         await session.pull(remote, ["result.json"], job_dir)
         data = _read_result(job_dir, label)
         wanted = [n for n in data.get("bring_back", []) if isinstance(n, str) and "/" not in n]
@@ -186,7 +205,7 @@ async def _attempt(transport: Transport, job_dir: Path, job: dict, packages: tup
             pass  # the result is already here; a folder left on a device that dropped is no loss
         await session.close()
     times = {k: round(v, 3) for k, v in times.items()}
-    return ProbeResult.from_runner(data, transport.describe(packages), host_timings=times,
+    return ProbeResult.from_runner(data, await transport.adescribe(packages), host_timings=times,
                                    started_at=_iso(started), finished_at=_iso(time.time()))
 
 

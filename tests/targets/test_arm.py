@@ -101,7 +101,10 @@ def test_probe_runner_measures_ncnn_through_the_local_transport(compiled, tmp_pa
     assert result.device["transport"]["packages"]["ncnn"] == result.runtime.split()[1]
     latency = result.latency_ms
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
-    assert result.power["status"] == "unavailable"
+    assert len(result.samples_ms) == 50 and max(result.samples_ms) == latency["max"] and latency["std"] >= 0
+    assert result.first_inference_ms > 0 and result.job["precision"] == "fp16" and "files" not in result.job
+    assert set(result.device["state"]) == {"start", "end"}
+    assert result.power["status"] == "unavailable" and result.power["reason"]
 
 
 def test_int8_is_written_as_ncnn2int8_would(compiled):

@@ -119,8 +119,8 @@ def test_fp16_build_is_checked_with_fp16_weights(deploy_home, tmp_path):
 
 STANDIN = '''#!{python}
 """A stand-in for trtexec (TensorRT cannot be installed here): writes the engine file a build asks for and replays
-a real TensorRT log ({log}) for a timing run."""
-import sys
+a real TensorRT log ({log}) for a timing run, exporting per-inference times as trtexec's --exportTimes does."""
+import json, sys, time
 args = sys.argv[1:]
 save = [a.split("=", 1)[1] for a in args if a.startswith("--saveEngine=")]
 if save:
@@ -129,6 +129,11 @@ if save:
     print(open({log!r}).read())
     sys.exit(0)
 if any(a.startswith("--loadEngine=") for a in args):
+    time.sleep(0.3)  # long enough for power readings while it "runs"
+    times = [a.split("=", 1)[1] for a in args if a.startswith("--exportTimes=")]
+    if times:
+        json.dump([{{"count": 4}}] + [{{"startInMs": 0.0, "computeMs": ms - 0.5, "latencyMs": ms}}
+                                      for ms in (7.0, 7.5, 8.0, 9.5)], open(times[0], "w"))
     print(open({log!r}).read())
     sys.exit(0)
 sys.exit(2)
@@ -159,9 +164,49 @@ def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetso
                                         STANDIN.format(python=sys.executable, log=str(log)))
     result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
     assert result.runtime.startswith("TensorRT") and result.latency_ms["p50"] > 0 and result.fps > 0
-    assert result.power["status"] == "unavailable"  # no tegrastats on this machine: never 0
+    # The raw times trtexec exported, and their spread; its first inference is hidden in its warm-up.
+    assert result.samples_ms == [7.0, 7.5, 8.0, 9.5] and result.latency_ms["std"] == 0.935
+    assert result.first_inference_ms is None
+    assert result.job["runs"] == 50 and result.job["runner"] == "runner.py" and "files" not in result.job
+    assert set(result.device["state"]) == {"start", "end"}
+    # No INA3221 rails or tegrastats here: never 0.
+    assert result.power == {"status": "unavailable", "reason": result.power["reason"]} and result.power["reason"]
     assert (job_dir / "model.engine").read_bytes() == b"stand-in engine"
     assert (job_dir / "build.log").exists() and (job_dir / "timing.log").exists()
+
+
+def test_the_device_runner_measures_power_from_tegrastats(tmp_path, monkeypatch):
+    """The runner's power path end to end, on a job made by hand (no bundle build): tegrastats replaying a real
+    Orin Nano sample stands in for the board, trtexec for TensorRT."""
+    from edge_deploy.targets.jetson import engine_recipe
+    from edge_deploy.targets.runners import power
+    from edge_deploy.targets.transports.local import LocalTransport
+    from tests.targets.test_jetson_tegrastats import stand_in
+
+    sensor, _ = power.find_sensor()
+    if sensor is not None:
+        sensor.close()
+        pytest.skip(f"this machine's own sensor ({sensor.name}) comes before tegrastats")
+    stand_in(tmp_path, monkeypatch, REPO / "tests" / "samples" / "tegrastats" / "orin-nano-jp6-idle.txt")
+    tool = tmp_path / "trtexec-stand-in"
+    tool.write_text(STANDIN.format(python=sys.executable, log=str(next(SAMPLES.glob("trt8*.txt")))))
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("TRTEXEC", str(tool))
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "model.onnx").write_bytes(b"the stand-in never reads it")
+    np.save(job_dir / "input.npy", np.zeros((1, 3, 160, 160), np.float32))
+    (job_dir / "job.json").write_text(json.dumps({
+        "runs": 50, "warmup_ms": 200, "model": "model.onnx", "input": "input.npy",
+        "engine_build": engine_recipe("int8", 160, False), "power_idle_s": 0.2, "power_interval_ms": 20}))
+    target = TensorRtJetson()
+    result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    assert result.power["status"] == "measured" and result.power["sensor"] == "tegrastats VDD_IN"
+    assert result.power["average_watts"] == 4.761 and result.power["idle_watts"] == 4.761
+    # The time the inferences took is the count over trtexec's throughput, not the tool's whole run.
+    assert result.power["seconds"] == round(50 / result.fps, 6) and result.power["inferences"] == 50
+    assert result.power["busy_energy_per_inference_mj"] == pytest.approx(4.761 / result.fps * 1000, abs=1e-4)
+    assert result.power["energy_per_inference_mj"] == 0.0
 
 
 def test_a_failing_trtexec_is_one_line_with_the_log_tail(jetson_build, tmp_path, monkeypatch):
@@ -198,32 +243,3 @@ def test_the_engine_is_built_in_process_only_where_tensorrt_and_a_gpu_exist(jets
         assert "model.engine" not in runtime["files"].values()
         pytest.skip(f"no engine build here: {reason}")
     assert runtime["files"]["engine"] == "model.engine"
-
-
-def test_agx_orin_module_power_sums_its_rails():
-    from edge_deploy.targets.jetson import power, runner
-
-    line = (REPO / "tests" / "samples" / "tegrastats" / "agx-orin-jp6.txt").read_text().splitlines()[0]
-    sample = power.parse_tegrastats(line)
-    rail, values = runner.module_power([sample, sample])
-    assert rail == "VDD_GPU_SOC+VDD_CPU_CV+VIN_SYS_5V0"
-    expected = sum(sample["rails_mw"][n]["now"] for n in ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"))
-    assert values == [expected, expected] and expected > sample["rails_mw"]["VIN_SYS_5V0"]["now"]
-
-
-@pytest.mark.parametrize("module", ["trtexec", "power", "runner"])
-def test_device_side_modules_stand_alone_on_a_jetson(module):
-    """Copied beside each other onto a Jetson (JetPack 5 has Python 3.8): standard library and each other only."""
-    import ast
-
-    source = (REPO / "targets" / "jetson" / f"{module}.py").read_text()
-    tree = ast.parse(source, feature_version=(3, 8))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    # edge_deploy only inside the runner's try/except ImportError, which falls back to the copies beside it.
-    allowed = set(sys.stdlib_module_names) | {"__future__", "measure", "power", "trtexec"}
-    if module == "runner":
-        allowed.add("edge_deploy")
-    assert imported <= allowed, imported - allowed

@@ -1,0 +1,187 @@
+"""`deploy bench`, `deploy devices` and `deploy results` with real SSH devices (OpenSSH servers on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import sshd as sshd_helper
+from tests.conftest import DEPLOY, run_deploy
+
+pytestmark = pytest.mark.skipif(sshd_helper.unavailable() is not None, reason=str(sshd_helper.unavailable()))
+pytest.importorskip("asyncssh")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, deploy_home) -> Path:
+    out = tmp_path_factory.mktemp("bench-dist")
+    done = run_deploy(["build", "--json", "--precision", "fp32", "--runs", "50", "--output", str(out)], out,
+                      deploy_home)
+    assert done.returncode == 0, done.stderr
+    return Path(json.loads(done.stdout)["bundle"])
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """Two boards, each its own sshd, and the inventory naming them."""
+    servers = {name: sshd_helper.Sshd.prepare(tmp_path / name).start() for name in ("board-a", "board-b")}
+    workdir = tmp_path / "device-tmp"
+    workdir.mkdir()
+    inventory = {"devices": {name: {**s.inventory_entry([sys.executable], workdir), "target": "cpu",
+                                    "attempts": 1}
+                             for name, s in servers.items()}}
+    (tmp_path / "devices.yaml").write_text(yaml.safe_dump(inventory))
+    yield tmp_path, servers, workdir
+    for server in servers.values():
+        server.kill()
+
+
+def test_bench_runs_on_every_named_device_and_keeps_each_result(bundle, lab, deploy_home):
+    cwd, servers, workdir = lab
+    done = run_deploy(["bench", str(bundle), "--device", "board-a", "--device", "board-b", "--runs", "50",
+                       "--json"], cwd, deploy_home)
+    assert done.returncode == 0, done.stderr
+    outcomes = json.loads(done.stdout)
+    assert [o["device"] for o in outcomes] == ["board-a", "board-b"] and all(o["ok"] for o in outcomes)
+    for outcome in outcomes:
+        result = outcome["result"]
+        assert result["device"]["transport"]["transport"] == "ssh"
+        assert result["runtime"].startswith("onnxruntime") and len(result["samples_ms"]) == 50
+        assert result["job"]["runs"] == 50 and result["job"]["input_image"]["image"].startswith("generated")
+        assert set(result["host_timings"]) == {"connect_s", "upload_s", "run_s", "download_s"}
+    stored = json.loads(run_deploy(["results", "--json", "--bundle", bundle.name], cwd, deploy_home).stdout)
+    ids = {o["stored_id"] for o in outcomes}
+    assert ids <= {r["id"] for r in stored["results"]}
+    assert list(workdir.iterdir()) == []
+
+
+SLOW_PYTHON = [sys.executable, "-c", "import runpy, sys, time; time.sleep(60); sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')"]
+
+
+def test_a_device_dying_mid_run_loses_no_result_that_arrived(bundle, lab, deploy_home):
+    cwd, servers, workdir = lab
+    inventory = yaml.safe_load((cwd / "devices.yaml").read_text())
+    inventory["devices"]["board-b"]["python"] = SLOW_PYTHON  # a board that takes a minute to answer
+    (cwd / "devices.yaml").write_text(yaml.safe_dump(inventory))
+    before = {r["id"] for r in _results(cwd, deploy_home, "board-a")}
+    process = subprocess.Popen([str(DEPLOY), "bench", str(bundle), "--device", "board-a", "--device", "board-b",
+                                "--runs", "50", "--json"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=_env(deploy_home))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and {r["id"] for r in _results(cwd, deploy_home, "board-a")} == before:
+        time.sleep(0.2)
+    servers["board-b"].kill()  # board-b loses power while its job runs
+    out, err = process.communicate(timeout=300)
+    outcomes = {o["device"]: o for o in json.loads(out)}
+    assert process.returncode == 6, err
+    assert outcomes["board-a"]["ok"] and not outcomes["board-b"]["ok"], out
+    assert err.strip() == f"error: 1 of 2 devices failed (board-b); results that arrived are in " \
+                          f"{deploy_home / 'results.sqlite'}"
+    assert outcomes["board-a"]["stored_id"] in {r["id"] for r in _results(cwd, deploy_home, "board-a")}
+    failures = json.loads(run_deploy(["results", "--json", "--device", "board-b"], cwd, deploy_home).stdout)
+    assert any("connection lost" in f["error"] or "cannot connect" in f["error"] for f in failures["failures"])
+
+
+def _env(home: Path) -> dict:
+    import os
+
+    env = {**os.environ, "DEPLOY_HOME": str(home), "COLUMNS": "160"}
+    env.pop("DEPLOY_DEBUG", None)
+    return env
+
+
+def _results(cwd: Path, home: Path, device: str) -> list[dict]:
+    done = run_deploy(["results", "--json", "--device", device], cwd, home)
+    return json.loads(done.stdout)["results"] if done.returncode == 0 and done.stdout.strip() else []
+
+
+def _stored(cwd: Path, home: Path, device: str) -> int:
+    return len(_results(cwd, home, device))
+
+
+def test_a_busy_device_is_waited_for_and_then_reported(bundle, lab, deploy_home):
+    cwd, _, _ = lab
+    locks = deploy_home / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / "board-a.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate(0)
+        held.write("pid 4242\n")
+        held.flush()
+        done = run_deploy(["bench", str(bundle), "--device", "board-a", "--runs", "50", "--timeout", "2"], cwd,
+                          deploy_home)
+    assert done.returncode == 7
+    assert "board-a: failed: board-a: still in use by another run (pid 4242)" in done.stdout
+    # Progress lines go to stderr when it is not a terminal; the error is one line, the last.
+    assert done.stderr.count("error:") == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: 1 of 1 devices failed (board-a)")
+    assert "waiting for board-a: in use by pid 4242" in done.stderr
+
+
+def test_an_unknown_device_name_suggests_the_closest(bundle, lab, deploy_home):
+    cwd, _, _ = lab
+    done = run_deploy(["bench", str(bundle), "--device", "board-c"], cwd, deploy_home)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().startswith("error: unknown device 'board-c' (did you mean 'board-")
+    assert done.stderr.count("\n") == 1
+
+
+def test_devices_lists_the_inventory_and_says_which_answer(lab, deploy_home):
+    cwd, servers, _ = lab
+    servers["board-b"].kill()
+    done = run_deploy(["devices", "--json"], cwd, deploy_home)
+    rows = {row["device"]: row for row in json.loads(done.stdout)}
+    assert done.returncode == 6
+    assert rows["local"]["state"]["ok"] and rows["board-a"]["state"]["ok"]
+    assert "onnxruntime" in rows["board-a"]["state"]["summary"]
+    assert not rows["board-b"]["state"]["ok"] and "cannot connect" in rows["board-b"]["state"]["summary"]
+    listed = run_deploy(["devices", "--no-check"], cwd, deploy_home)
+    assert listed.returncode == 0 and "board-a" in listed.stdout and "ssh" in listed.stdout
+
+
+def test_an_inventory_mistake_is_one_line_naming_the_key(lab, deploy_home):
+    cwd, _, _ = lab
+    (cwd / "bad.yaml").write_text("devices:\n  pi:\n    transport: ssh\n    adress: 10.0.0.2\n")
+    done = run_deploy(["devices", "--inventory", str(cwd / "bad.yaml")], cwd, deploy_home)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: bad.yaml: device pi: unknown key 'adress' (did you mean 'address'?)" \
+        or "unknown key 'adress' (did you mean 'address'?)" in done.stderr
+    (cwd / "bad.yaml").write_text("devices:\n  pi:\n    transport: ssh\n    address: 10.0.0.2\n")
+    done = run_deploy(["devices", "--inventory", str(cwd / "bad.yaml")], cwd, deploy_home)
+    assert done.returncode == 2 and "a ssh device needs host_key" in done.stderr
+
+
+def test_build_probes_on_the_named_device_and_stores_both_results(lab, deploy_home):
+    cwd, _, _ = lab
+    done = run_deploy(["build", "--json", "--device", "board-a", "--runs", "50", "--output", str(cwd / "dist")], cwd,
+                      deploy_home)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    probe = next(s for s in summary["stages"] if s["stage"] == "probe")
+    assert not probe["cache_hit"]
+    metrics = probe["metrics"]
+    for role in ("reference", "artifact"):
+        assert metrics[role]["device"]["transport"]["transport"] == "ssh"
+        assert metrics[role]["device"]["transport"]["device"] == "board-a"
+    assert metrics["speedup_p50"] > 0  # both ran on the same board, so the ratio means something
+    card = (Path(summary["bundle"]) / "MODEL_CARD.md").read_text()
+    assert "reached through the `ssh` transport" in card
+    stored = json.loads(run_deploy(["results", "--json", "--device", "board-a"], cwd, deploy_home).stdout)["results"]
+    assert {r["role"] for r in stored if r["bundle"] == Path(summary["bundle"]).name} >= {"reference", "artifact"}
+
+
+def test_build_with_an_unknown_device_stops_before_any_stage(lab, deploy_home):
+    cwd, _, _ = lab
+    started = time.monotonic()
+    done = run_deploy(["build", "--device", "bord-a"], cwd, deploy_home)
+    assert done.returncode == 2 and "unknown device 'bord-a' (did you mean 'board-a'?)" in done.stderr
+    assert done.stderr.count("\n") == 1 and "load" not in done.stdout
+    assert time.monotonic() - started < 60
