@@ -11,10 +11,12 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_deploy.pipeline.errors import ConversionMismatch
@@ -243,3 +245,37 @@ def test_the_engine_is_built_in_process_only_where_tensorrt_and_a_gpu_exist(jets
         assert "model.engine" not in runtime["files"].values()
         pytest.skip(f"no engine build here: {reason}")
     assert runtime["files"]["engine"] == "model.engine"
+
+
+def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jetson_build, tmp_path, deploy_home):
+    """`deploy build --target jetson --device NAME` over real SSH (a local OpenSSH server stands for the Jetson,
+    the trtexec stand-in for TensorRT): the engine is built on the device, timed there, and comes back into the
+    bundle."""
+    from tests import sshd as sshd_helper
+
+    if sshd_helper.unavailable():
+        pytest.skip(sshd_helper.unavailable())
+    pytest.importorskip("asyncssh")
+    log = next(SAMPLES.glob("trt8*.txt"))
+    tool = tmp_path / "trtexec-stand-in"
+    tool.write_text(STANDIN.format(python=sys.executable, log=str(log)))
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    server = sshd_helper.Sshd.prepare(tmp_path / "sshd").start()
+    try:
+        entry = server.inventory_entry(["env", f"TRTEXEC={tool}", sys.executable], tmp_path)
+        (tmp_path / "devices.yaml").write_text(yaml.safe_dump({"devices": {"xavier": {**entry, "target": "jetson"}}}))
+        done = run_deploy(["build", "--target", "jetson", "--device", "xavier", "--runs", "50", "--json",
+                           "--output", str(tmp_path / "dist")], tmp_path, deploy_home)
+    finally:
+        server.kill()
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
+    assert probe["artifact"]["runtime"].startswith("TensorRT")
+    assert probe["artifact"]["device"]["transport"]["device"] == "xavier"
+    bundle = Path(summary["bundle"])
+    assert (bundle / "built_on_device" / "model.engine").read_bytes() == b"stand-in engine"
+    assert {"build.log", "timing.log"} <= {p.name for p in (bundle / "built_on_device").iterdir()}
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "## Built on the device" in card and "Not measured" not in card
+    assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
