@@ -12,6 +12,7 @@ columns beside it are copies for filtering and listing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import sqlite3
@@ -277,14 +278,37 @@ class _Transaction:
     def __init__(self, store: ResultStore):
         self.store = store
         self.connection: sqlite3.Connection | None = None
+        self.writer_lock = None
+
+    def _take_writer_lock(self) -> None:
+        """Writers take turns on a lock file first. SQLite's own busy handler is not consulted everywhere: two
+        processes creating a store at once (the switch to WAL) or upgrading locks can get "database is locked" at
+        once instead of waiting, which would turn a result that arrived into an error."""
+        store = self.store
+        self.writer_lock = open(store.path.with_name(store.path.name + ".lock"), "a")
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(self.writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InputError(f"results store {shown(store.path)} stayed locked by another process for "
+                                     f"{BUSY_TIMEOUT_S:.0f} s; try again when it has finished") from None
+                time.sleep(0.01)
 
     def __enter__(self) -> sqlite3.Connection:
         store = self.store
         try:
             store.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take_writer_lock()
         except OSError as exc:
-            raise InputError(f"cannot create the folder of results store {shown(store.path)} "
+            self._close()
+            raise InputError(f"cannot write results store {shown(store.path)} or its folder "
                              f"({exc.strerror or type(exc).__name__})") from None
+        except BaseException:
+            self._close()
+            raise
         try:
             self.connection = store._connect()
             # Persistent in the file; repeated, it changes nothing.
@@ -318,6 +342,9 @@ class _Transaction:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+        if self.writer_lock is not None:
+            self.writer_lock.close()  # drops the flock
+            self.writer_lock = None
 
 
 def p50_changes(results: list[StoredResult]) -> dict[int, float | None]:

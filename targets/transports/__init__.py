@@ -16,7 +16,6 @@ and `labgrid` (a place from a lab coordinator, reached over our own pinned-key S
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import shutil
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from edge_deploy.pipeline.artifacts import sha256_file
 from edge_deploy.pipeline.errors import DeviceError, DeviceTimeout
 from edge_deploy.pipeline.results import ProbeResult
 
@@ -116,19 +116,11 @@ def stage_job(job_dir: Path, runner: Path, support: tuple[Path, ...], timeout: f
         (job_dir / stale).unlink(missing_ok=True)
     job_file = job_dir / "job.json"
     job = json.loads(job_file.read_text()) if job_file.exists() else {}
-    files = {p.name: _sha256(p) for p in sorted(job_dir.iterdir()) if p.is_file() and p.name != "job.json"}
+    files = {p.name: sha256_file(p) for p in sorted(job_dir.iterdir()) if p.is_file() and p.name != "job.json"}
     job.update({"runner": Path(runner).name, "runner_version": runner_version(runner), "files": files,
                 "timeout_s": timeout})
     job_file.write_text(json.dumps(job, indent=1))
     return job
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quiet(phase: str) -> None:
