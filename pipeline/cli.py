@@ -345,6 +345,41 @@ def devices(inventory, no_check, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--version", "version", required=True, help="the release's version, e.g. 1.2.0")
+@click.option("--output", type=click.Path(path_type=Path), default=Path("releases"), show_default=True,
+              help="folder the archive is written to")
+@click.option("--sign-key", type=click.Path(path_type=Path),
+              help="Ed25519 private key (OpenSSH or PEM, unencrypted) to sign the manifest with")
+def release(bundle, version, output, sign_key):
+    """Pack a published bundle as name-version-target-precision.tar.gz (reproducible, optionally signed)."""
+    from edge_deploy.pipeline.archive import release as make_release
+    from edge_deploy.pipeline.userfiles import check_writable_folder
+
+    check_writable_folder(output, "release folder")
+    archive = make_release(bundle, version, output, sign_key)
+    click.echo(f"released {archive}{' (signed)' if sign_key else ''}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path),
+              help="Ed25519 public key the manifest's signature must match")
+@click.option("--json", "as_json", is_flag=True, help="print the outcome as JSON")
+def verify(archive, public_key, as_json):
+    """Check a release archive: safe to extract, every file's sha256, and its signature when a key is given."""
+    from edge_deploy.pipeline.archive import verify as verify_archive
+
+    outcome = verify_archive(archive, public_key)
+    if as_json:
+        click.echo(json.dumps(outcome, indent=1))
+    else:
+        signature = {"valid": ", signature valid", "not checked": ", signed (pass --public-key to check it)"
+                     if outcome["signed"] else ", unsigned"}[outcome["signature"]]
+        click.echo(f"ok: {outcome['files']} files of {outcome['bundle']} match their sha256{signature}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 def check(bundle):
     """Re-hash every file of a bundle against its manifest."""
     from edge_deploy.pipeline.stages.release import check_bundle
