@@ -20,7 +20,7 @@ TOOLCHAIN = ("edge-deploy", "torch", "ultralytics", "onnx", "onnxslim", "onnxrun
 class ReleaseStage(Stage):
     name = "release"
     toolchain = TOOLCHAIN
-    inputs = ("model_info", "artifact", "verify_report")
+    inputs = ("source", "model_info", "artifact", "verify_report")
 
     def __init__(self, bundle_name: str, config: dict, calibration: dict | None, pruned: bool = False,
                  quantize_report: bool = False, probed: bool = True, device_files: bool = False):
@@ -65,7 +65,8 @@ class ReleaseStage(Stage):
                                                          runtime.get("device_steps"), built_on_device(bundle)))
         files = {p.relative_to(bundle).as_posix(): sha256_tree(p) for p in sorted(bundle.rglob("*")) if p.is_file()}
         manifest = {
-            "bundle": self.bundle_name, "format": 2, "model": info.to_json(), "target": self.config["target"],
+            "bundle": self.bundle_name, "format": 2, "model": info.to_json(),
+            "model_source_sha256": inputs["source"].sha256, "target": self.config["target"],
             "precision": self.config["precision"], "files": files, "toolchain": toolchain_versions(TOOLCHAIN),
             "config": self.config, "calibration": self.calibration, "splits": {
                 "selection": quantization.selection.to_json() if quantization else None,

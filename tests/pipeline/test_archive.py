@@ -48,6 +48,8 @@ def test_a_release_is_named_by_version_and_the_same_bundle_gives_the_same_bytes(
         assert all(m.mtime == tar.getmembers()[0].mtime and m.uid == 0 and m.uname == "" for m in tar.getmembers())
     top = "yolov8n-160-1.2.0-cpu-fp32"
     assert names == sorted(names) and f"{top}/manifest.json" in names and f"{top}/model.onnx" in names
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(manifest["model_source_sha256"]) == 64 and manifest["toolchain"]["edge-deploy"]
     verified = run_deploy(["verify", str(archive), "--json"], tmp_path, deploy_home)
     assert verified.returncode == 0 and json.loads(verified.stdout)["signature"] == "not checked"
 
