@@ -53,6 +53,9 @@ class QuantRules:
     op_types: tuple[str, ...] = ()
     float_outputs_of: tuple[str, ...] = ()
     quantize_bias: bool = True
+    # Whether the search may keep sensitive units float: False where the runtime has no float kernels beside its
+    # integer ones (a full-integer microcontroller model), so a mixed candidate could not run there.
+    float_fallback: bool = True
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -74,3 +77,14 @@ TENSORRT_QDQ = QuantRules("TensorRT explicit QDQ", RANGE_METHODS, True, True, "n
                           op_types=("Conv", "ConvTranspose", "MatMul", "Gemm", "Add"),
                           float_outputs_of=("Conv", "ConvTranspose", "MatMul", "Gemm", "Add"),
                           quantize_bias=False)
+
+# The TFLite converter's full-integer quantization, as TensorFlow Lite Micro runs it: it calibrates itself with
+# the min/max of every tensor over the representative images it is given (our calibration set), so minmax is the
+# only method that describes what it does; our ranges do not reach it. INT8 per-channel symmetric weights, INT8
+# asymmetric activations (TFLite's int8 scheme has a zero point), INT32 biases, INT8 model input and outputs.
+# No float fallback: a TFLM build registers integer kernels only.
+TFLITE_FULL_INT8 = QuantRules("TFLite full-integer INT8 (converter calibration)", ("minmax",), False, True,
+                              "operator",
+                              "every tensor, model input and outputs included (the TFLite converter's own min/max "
+                              "over the calibration images)",
+                              float_fallback=False)

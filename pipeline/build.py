@@ -177,8 +177,9 @@ def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path
     transport = inventory.transport(name)
     reference_transport = transport
     if name != LOCAL:
-        versions = transport.describe(reference_target.runtime_packages).get("packages", {})
-        if any(v == "not installed" for v in versions.values()):
+        versions = ({} if not transport.runs_python_runners else
+                    transport.describe(reference_target.runtime_packages).get("packages", {}))
+        if not transport.runs_python_runners or any(v == "not installed" for v in versions.values()):
             reference_transport = inventory.transport(LOCAL)
     store = default_store(home)
 
@@ -295,7 +296,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
                 run(QuantizeStage(target, config.precision, calibration, selection, q.method, q.symmetric, budget,
                                   q.on_budget_exceeded, q.int4_method, q.int4_group,
                                   **({"trt_version": facts["tensorrt"]} if "tensorrt" in facts else {})))
-            run(CompileStage(target, config.precision, selection, q.min_sqnr_db))
+            run(CompileStage(target, config.precision, selection, q.min_sqnr_db, config.profile))
             run(VerifyStage(target, config.precision, val, budget, q.on_budget_exceeded == "fail",
                             budget + config.prune.max_map_drop if config.prune.enabled else None))
         except AccuracyGateError as exc:

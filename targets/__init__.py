@@ -11,6 +11,7 @@ TARGETS: dict[str, str] = {
     "cpu": "edge_deploy.targets.cpu:OnnxRuntimeCpu",
     "arm": "edge_deploy.targets.arm:NcnnArm",
     "jetson": "edge_deploy.targets.jetson:TensorRtJetson",
+    "stm32": "edge_deploy.targets.stm32:TfliteMicroStm32",
 }
 
 

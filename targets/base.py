@@ -70,6 +70,9 @@ class Target:
     default_profile: ClassVar[str | None] = None  # the profile a build gets when none is named
     # Artifacts of earlier stages that compile needs besides the model, per precision (e.g. a calibration cache).
     compile_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Whether compile checks the artifact against the build's profile (a microcontroller's flash and SRAM): then
+    # the compile stage passes `profile=NAME` and the profile is part of its cache key.
+    compile_takes_profile: ClassVar[bool] = False
 
     @classmethod
     def capabilities(cls) -> dict:
@@ -78,7 +81,8 @@ class Target:
             "precisions": list(cls.precisions), "default_precision": cls.default_precision,
             "int8": None if rules is None else {
                 "backend": rules.name, "methods": list(rules.methods),
-                "symmetric_activations": {True: "always", None: "optional"}[rules.symmetric_activations],
+                "symmetric_activations": {True: "always", False: "never", None: "optional"}[
+                    rules.symmetric_activations],
                 "per_channel_weights": rules.per_channel_weights, "quantized": rules.quantized_inputs},
             "input": {"layout": cls.input_layout, "dtype": cls.input_dtype},
             "outputs": dict(cls.output_dtypes), "compile_runs_on": cls.compile_runs_on,

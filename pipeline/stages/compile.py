@@ -28,8 +28,10 @@ CHECK_IMAGES = 8
 class CompileStage(Stage):
     name = "compile"
 
-    def __init__(self, target, precision: str, check_images: ImageSet, min_sqnr_db: float = 15.0):
+    def __init__(self, target, precision: str, check_images: ImageSet, min_sqnr_db: float = 15.0,
+                 profile: str | None = None):
         self.target, self.precision, self.check_images = target, precision, check_images
+        self.profile = profile if target.compile_takes_profile else None
         self.min_sqnr_db = min_sqnr_db
         self.toolchain = tuple(dict.fromkeys(("onnxruntime", *target.toolchain)))
         self.quantized = PRECISIONS[precision].calibrated
@@ -38,7 +40,8 @@ class CompileStage(Stage):
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision,
-                "min_sqnr_db": self.min_sqnr_db if self.quantized else None}
+                "min_sqnr_db": self.min_sqnr_db if self.quantized else None,
+                **({"profile": self.profile} if self.target.compile_takes_profile else {})}
 
     def fingerprints(self) -> dict:
         return {"check_images": self.check_images.fingerprint}
@@ -52,7 +55,8 @@ class CompileStage(Stage):
         artifact_dir.mkdir()
         quantized = inputs["quantized"].path if self.quantized else None
         extras = {name: inputs[name].path for name in self.extras}
-        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir, extras)
+        converted = self.target.compile(inputs["onnx"].path, quantized, self.precision, info, artifact_dir, extras,
+                                        **({"profile": self.profile} if self.target.compile_takes_profile else {}))
         check, value, count = self._check_against_parent(inputs["onnx"].path, artifact_dir)
         report = CompileReport(self.target.name, self.precision, {k: p.name for k, p in converted.files.items()},
                                sum(p.stat().st_size for p in converted.files.values()), check, value, count,

@@ -101,7 +101,7 @@ class QuantizeStage(Stage):
 
         check = np.concatenate(tensors[:SENSITIVITY_IMAGES])
         outcome = search(backend, stats, methods, symmetric, drop, self.max_map_drop, [check],
-                         work / "candidates", fallback=spec.float_fallback)
+                         work / "candidates", fallback=spec.float_fallback and rules.float_fallback)
         best = outcome.best
         report = QuantizationReport(
             precision=self.precision, method=best.method, choice=self._choice(methods, outcome),
@@ -136,6 +136,8 @@ class QuantizeStage(Stage):
         elif PRECISIONS[self.precision].activation_bits is None:
             grouping = "per output channel" if not self.int4_group else f"groups of {self.int4_group} input channels"
             text = f"weights {self.int4_method} INT4 ({grouping}), activations float"
+        elif self.method == "auto":
+            text = f"{best.method}: the only method {self.target.quant_rules.name} has"
         else:
             text = f"{best.method}: chosen by the user"
         if PRECISIONS[self.precision].activation_bits is not None and PRECISIONS[self.precision].weight_bits == 4:

@@ -77,6 +77,9 @@ class Transport:
     # Attempts per job when the connection drops (a failed measurement or a timeout is never retried).
     attempts: int = 3
     backoff_s: float = 1.0
+    # Whether the device runs the Python runners (a phone over adb runs benchncnn, a board over serial its
+    # firmware): where it does not, the FP32 reference of a build is timed on this machine instead.
+    runs_python_runners: ClassVar[bool] = True
 
     @property
     def label(self) -> str:

@@ -265,6 +265,7 @@ def _reason(exc: Exception) -> str:
 
 class AdbTransport(Transport):
     kind = "adb"
+    runs_python_runners = False
 
     def __init__(self, name: str = "", serial: str | None = None, benchncnn: Path | str | None = None, *,
                  adb_server: str | None = None, device_dir: str = DEVICE_DIR, power_sensor: str = "auto",

@@ -225,6 +225,7 @@ def board_power(reported) -> dict:
 
 class SerialTransport(Transport):
     kind = "serial"
+    runs_python_runners = False
 
     def __init__(self, name: str, port: str, baud: int = 115200, timeout_s: float | None = None):
         """timeout_s: how long to wait for the board's answer; None: the job's own time limit and a margin."""
