@@ -16,6 +16,7 @@ from edge_deploy.pipeline.artifacts import Artifact, sha256_file, sweep_stale, t
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.engine import Engine, StageRecord, write_build_record
 from edge_deploy.pipeline.errors import AccuracyGateError, ConfigError, InputError
+from edge_deploy.pipeline.results import ModelInfo
 from edge_deploy.pipeline.stages.load import check_model_path
 from edge_deploy.pipeline.userfiles import check_writable_folder, shown
 
@@ -104,7 +105,7 @@ def resolve_inputs(config: BuildConfig, home: Path):
     if config.precision is None:
         config.precision = target.default_precision
     # The device is checked now, not after minutes of work; it says which profile it is when the build does not.
-    device = probe_device(config, target) if config.probe.device else None
+    device = probe_device(config, target)[1] if config.probe.device else None
     if config.profile is None and device is not None:
         config.profile = device.profile
     if config.profile is None:
@@ -151,14 +152,16 @@ REFERENCE_TARGET = "cpu"
 
 
 def probe_device(config: BuildConfig, target):
-    """The inventory entry the probe runs on, checked against the build's target (before any stage runs)."""
+    """The inventory and the entry the probe runs on, checked against the build's target (before any stage
+    runs)."""
     from edge_deploy.targets.transports.inventory import LOCAL, Inventory
 
     name = config.probe.device or LOCAL
-    device = Inventory.load(config.probe.inventory).get(name)
+    inventory = Inventory.load(config.probe.inventory)
+    device = inventory.get(name)
     if device.target and device.target != target.name:
         raise ConfigError(f"device {name} runs target '{device.target}', the build is for '{target.name}'")
-    return device
+    return inventory, device
 
 
 def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path, bundle_name: str):
@@ -168,12 +171,11 @@ def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path
     from edge_deploy.pipeline.resultstore import default_store
     from edge_deploy.pipeline.stages.probe import ProbeStage
     from edge_deploy.targets import load_target
-    from edge_deploy.targets.transports.inventory import LOCAL, Inventory, device_lock
+    from edge_deploy.targets.transports.inventory import LOCAL, device_lock
 
     reference_target = load_target(REFERENCE_TARGET)()
     name = config.probe.device or LOCAL
-    inventory = Inventory.load(config.probe.inventory)
-    device = probe_device(config, target)
+    inventory, device = probe_device(config, target)
     transport = inventory.transport(name)
     reference_transport = transport
     if name != LOCAL:
@@ -197,7 +199,8 @@ def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path
                   config={"warmup": config.probe.warmup, "runs": config.probe.runs, "threads": config.probe.threads})
 
     return ProbeStage(target, config.precision, image, preprocess, config.probe.warmup, config.probe.runs,
-                      config.probe.threads, transport, reference_target, reference_transport, hold, on_result)
+                      config.probe.threads, transport, reference_target, reference_transport, hold, on_result,
+                      timeout=device.timeout_s)
 
 
 def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
@@ -259,6 +262,9 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         # A checkpoint brings its own classes; a model built from YAML takes the data's.
         load = run(LoadStage(home, config.imgsz, class_names(data_yaml) if data_yaml else None))
         info = json.loads(load.artifacts["model_info"].path.read_text())
+        profile = next((p for p in target.profiles if p.name == config.profile), None)
+        if not config.prune.enabled:  # a pruned model is checked once it is pruned
+            target.check_model(ModelInfo.from_json(info), profile)
         preprocess = Preprocess(imgsz=info["imgsz"], layout="NCHW")
         val = dataclasses.replace(report, preprocess=preprocess)
         selection = dataclasses.replace(selection, preprocess=preprocess)
@@ -284,6 +290,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
                                     p.target_macs, p.criterion, p.global_ranking, p.round_to, p.steps, p.epochs,
                                     p.map_floor, taylor_images))
             info = json.loads(pruned.artifacts["model_info"].path.read_text())
+            target.check_model(ModelInfo.from_json(info), profile)
 
         export = run(ExportStage(home, config.export.opset, config.export.simplify, config.export.tolerance))
         run(ReferenceStage(selection, val, config.fidelity.conf))

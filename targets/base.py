@@ -89,6 +89,10 @@ class Target:
             "default_profile": cls.default_profile,
         }
 
+    def check_model(self, info: ModelInfo, profile: Profile | None) -> None:
+        """Called once the model is known (after load, and after pruning), before quantizing: a target refuses
+        here what it can already tell will not work, instead of minutes later in compile."""
+
     def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):
         """The backend the shared INT8 search builds this target's candidates with (calibration.search)."""
         raise NotImplementedError(f"target {self.name} has no quantization backend")

@@ -68,6 +68,16 @@ def preprocess(model_info) -> Preprocess:
     return Preprocess(model_info["imgsz"])
 
 
+@pytest.fixture(scope="session")
+def cpu_fp32_bundle(tmp_path_factory, deploy_home) -> Path:
+    """A published cpu FP32 bundle of the embedded model, for the commands that take a bundle."""
+    out = tmp_path_factory.mktemp("cpu-fp32-dist")
+    done = run_deploy(["build", "--json", "--precision", "fp32", "--runs", "50", "--output", str(out)], out,
+                      deploy_home)
+    assert done.returncode == 0, done.stderr
+    return Path(json.loads(done.stdout)["bundle"])
+
+
 def run_deploy(args: list[str], cwd: Path, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEPLOY_HOME": str(home), "COLUMNS": "160"}
     env.pop("DEPLOY_DEBUG", None)

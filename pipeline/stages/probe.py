@@ -30,15 +30,15 @@ class ProbeStage(Stage):
     def __init__(self, target, precision: str, image: Path, preprocess: Preprocess, warmup: int, runs: int,
                  threads: int | None, transport, reference_target, reference_transport,
                  hold: Callable[[str], AbstractAsyncContextManager] | None = None,
-                 on_result: Callable[[str, ProbeResult, Path], None] | None = None):
+                 on_result: Callable[[str, ProbeResult, Path], None] | None = None, timeout: float = 900):
         """`hold(device)` keeps a device to this build while its job runs; `on_result(role, result, artifact)` is
-        told of each result the moment it arrives (the results store). Neither changes what is measured, so
-        neither is part of the cache key."""
+        told of each result the moment it arrives (the results store); `timeout` bounds each device job. None of
+        them changes what is measured, so none is part of the cache key."""
         self.target, self.precision, self.image, self.preprocess = target, precision, Path(image), preprocess
         self.warmup, self.runs, self.threads = warmup, runs, threads
         self.transport, self.reference_target, self.reference_transport = \
             transport, reference_target, reference_transport
-        self.hold, self.on_result = hold, on_result
+        self.hold, self.on_result, self.timeout = hold, on_result, timeout
 
     def settings(self) -> dict:
         return {"target": self.target.name, "precision": self.precision, "warmup": self.warmup,
@@ -109,7 +109,7 @@ class ProbeStage(Stage):
 
         held = self.hold(transport.label) if self.hold is not None else contextlib.nullcontext()
         async with held:
-            return await run_job(transport, job_dir, target.runner, target.runtime_packages,
+            return await run_job(transport, job_dir, target.runner, target.runtime_packages, self.timeout,
                                  support=target.runner_support)
 
 

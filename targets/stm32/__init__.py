@@ -140,6 +140,19 @@ class TfliteMicroStm32(Target):
     # compile(profile=NAME) refuses a model that does not fit that chip; the build passes its profile.
     compile_takes_profile = True
 
+    def check_model(self, info: ModelInfo, profile: Profile | None) -> None:
+        check_input_size(info.imgsz, info.strides)
+        if profile is None:
+            return
+        # An INT8 model holds at least one byte per parameter: a lower bound of its flash, known before quantizing.
+        least = info.params + RUNTIME_FLASH_BYTES
+        if least > profile.facts["flash_bytes"]:
+            share = 1 - (profile.facts["flash_bytes"] - RUNTIME_FLASH_BYTES) / info.params
+            raise ConfigError(f"stm32: the model cannot fit {profile.name}: {info.params:,} parameters take at least "
+                              f"{_kib(info.params)} of flash as INT8, + {_kib(RUNTIME_FLASH_BYTES)} runtime > "
+                              f"{_kib(profile.facts['flash_bytes'])}; it needs at least {math.ceil(share * 100)} % "
+                              "fewer weights (--prune, or a smaller model)")
+
     def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):
         if precision != "int8":
             raise ConfigError(f"target stm32 runs full-integer INT8 only, not {precision}")

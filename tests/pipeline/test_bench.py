@@ -20,12 +20,8 @@ pytest.importorskip("asyncssh")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, deploy_home) -> Path:
-    out = tmp_path_factory.mktemp("bench-dist")
-    done = run_deploy(["build", "--json", "--precision", "fp32", "--runs", "50", "--output", str(out)], out,
-                      deploy_home)
-    assert done.returncode == 0, done.stderr
-    return Path(json.loads(done.stdout)["bundle"])
+def bundle(cpu_fp32_bundle) -> Path:
+    return cpu_fp32_bundle
 
 
 @pytest.fixture

@@ -259,3 +259,16 @@ def test_a_board_job_names_the_model_for_the_firmware_and_no_python_device_runs_
 
 def probe_tensor():
     return np.zeros((1, IMGSZ, IMGSZ, 3), np.float32)
+
+
+def test_a_model_too_big_for_the_chip_is_refused_before_quantizing(tmp_path, deploy_home):
+    """3.2 M parameters need at least 3.2 MB of flash as INT8: the build says so right after loading the model,
+    not after minutes of conversion."""
+    from tests.conftest import run_deploy
+
+    done = run_deploy(["build", "--target", "stm32"], tmp_path, deploy_home)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "stm32: the model cannot fit stm32h747" in done.stderr and "fewer weights (--prune" in done.stderr
+    assert "quantize" not in done.stdout and "load: done" in done.stdout
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
