@@ -45,6 +45,11 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# What an interrupted command leaves behind, where "nothing was published" would not be the whole truth.
+INTERRUPTED = {"bench": "interrupted; the jobs still running were stopped, and results that arrived are kept in the "
+                        "results store (deploy results)"}
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
@@ -73,7 +78,7 @@ class DeployGroup(click.Group):
         except DeployError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was published", 130)
+            _fail(INTERRUPTED.get(ctx.invoked_subcommand, "interrupted; nothing was published"), 130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except OSError as exc:

@@ -174,9 +174,20 @@ class SshSession(Session):
             done = await self.connection.run(command, check=False)
         except (OSError, asyncssh.Error) as exc:
             raise self._dropped(exc, "the job ran") from None
+        except asyncio.CancelledError:
+            # Closing the channel does not stop the job (no pty, so no hangup): stop it before the folder goes.
+            await self._stop_job(remote_dir)
+            raise
         if done.exit_status is None:  # the channel closed without a status: sshd or the link went away
             raise self._dropped(RuntimeError("no exit status"), "the job ran")
         return Execution(done.exit_status, str(done.stderr or ""))
+
+    async def _stop_job(self, remote_dir: str) -> None:
+        try:
+            await asyncio.wait_for(self.connection.run(shlex.join(["pkill", "-KILL", "-f", remote_dir]), check=False),
+                                   10)
+        except (OSError, asyncio.TimeoutError, _asyncssh().Error):
+            pass  # the device's own `timeout` still ends it
 
     async def pull(self, remote_dir: str, names: list[str], job_dir: Path) -> None:
         asyncssh = _asyncssh()

@@ -181,3 +181,29 @@ def test_build_with_an_unknown_device_stops_before_any_stage(lab, deploy_home):
     assert done.returncode == 2 and "unknown device 'bord-a' (did you mean 'board-a'?)" in done.stderr
     assert done.stderr.count("\n") == 1 and "load" not in done.stdout
     assert time.monotonic() - started < 60
+
+
+def test_ctrl_c_stops_the_device_jobs_and_keeps_what_arrived(bundle, lab, deploy_home):
+    import signal
+
+    cwd, _, workdir = lab
+    inventory = yaml.safe_load((cwd / "devices.yaml").read_text())
+    inventory["devices"]["board-b"]["python"] = SLOW_PYTHON
+    (cwd / "devices.yaml").write_text(yaml.safe_dump(inventory))
+    process = subprocess.Popen([str(DEPLOY), "bench", str(bundle), "--device", "board-b", "--runs", "50"], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(deploy_home))
+    deadline = time.monotonic() + 60
+    seen = []
+    for line in process.stderr:  # progress lines: the job is running on the board once this one appears
+        seen.append(line)
+        if "board-b: running" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (seen, err)
+    assert err.strip().splitlines()[-1] == ("error: interrupted; the jobs still running were stopped, and results "
+                                            "that arrived are kept in the results store (deploy results)")
+    # The job was killed on the board and its folder removed, not left to run out its timeout.
+    alive = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
+    assert alive == [] and list(workdir.iterdir()) == []
