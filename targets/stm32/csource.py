@@ -7,6 +7,7 @@ The firmware engineer gets a folder to drop into an STM32CubeIDE project:
     detector.h/.c       portable C99: letterbox + int8 quantization of a camera frame,
                         dequantization, DFL decode and NMS; no heap, caller-owned buffers
     inference.h/.cc     the TFLM entry point (resolver, interpreter, static arena, invoke)
+    serial_probe.h/.c   the board's side of `deploy bench` over a UART (targets/stm32/serial_probe.py)
     README.md           how to build it in, flash and RAM numbers
 
 detector.c is the C twin of pipeline/detect.py: on the same dequantized outputs it
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_deploy.pipeline.errors import ConfigError, InputError
+from edge_deploy.targets.stm32 import serial_probe
 
 OUTPUT_NAMES = ("box_dist", "cls_logit")
 PAD_VALUE = 114  # calibration/preprocess.py's letterbox colour
@@ -32,7 +34,7 @@ MODEL_ALIGNMENT = 16  # TFLM reads the flatbuffer in place; its tensors' buffers
 DEFAULT_CANDIDATE_CAP = 512  # each candidate costs 33 bytes of RAM; see README "RAM"
 CANDIDATE_BYTES = 28  # sizeof(detector_candidate_t) on a 32-bit Cortex-M
 FILES = ("model_data.h", "model_data.cc", "detector_config.h", "detector.h", "detector.c", "inference.h",
-         "inference.cc", "README.md")
+         "inference.cc", "serial_probe.h", "serial_probe.c", "README.md")
 
 # TFLite builtin operator (schema name) -> MicroMutableOpResolver method, as TFLM names them. An op outside this
 # table is refused rather than guessed: a wrong method name would only show up in the firmware build.
@@ -243,6 +245,8 @@ def write_c_sources(tflite: Path, out_dir: Path, *, imgsz: int, strides: Sequenc
         "detector.c": DETECTOR_C,
         "inference.h": INFERENCE_H,
         "inference.cc": _inference_cc(settings),
+        "serial_probe.h": serial_probe.SERIAL_PROBE_H,
+        "serial_probe.c": serial_probe.SERIAL_PROBE_C,
         "README.md": _readme(settings),
     }
     try:
@@ -355,6 +359,9 @@ def _config_h(s: dict) -> str:
  * input and output tensors). */
 #define DETECTOR_MODEL_BYTES {s['model_bytes']}
 #define DETECTOR_ARENA_BYTES {s['arena_bytes']}
+
+/* What the serial probe (serial_probe.c) tells the host this firmware was built from. */
+#define DETECTOR_MODEL_SHA256 "{s['model_sha256']}"
 
 #endif /* DETECTOR_CONFIG_H */
 """
@@ -1081,6 +1088,7 @@ Regenerate rather than edit: `detector_config.h` carries this model's quantizati
 | `detector_config.h` | image size, strides, anchors, classes, quantization, thresholds, arena size | - |
 | `detector.h`, `detector.c` | preprocessing, dequantization, DFL decode, NMS; C99, no heap | any C99 compiler |
 | `inference.h`, `inference.cc` | the TFLM entry point | C++ with TFLM |
+| `serial_probe.h`, `serial_probe.c` | answers `deploy bench --device` over a UART: times the inference on the board | any C99 compiler |
 
 edge-deploy's tests compile `detector.c` and `model_data.cc` as generated here with
 `arm-none-eabi-gcc -Wall -Wextra -Werror` for Cortex-M4 and Cortex-M7 and run the decode under
@@ -1148,6 +1156,43 @@ for (int i = 0; i < n; ++i) {{
 A camera delivering RGB565 or YUV needs its frame converted to RGB888 first (the
 DMA2D can do this on most STM32s), or write your own loop into `detector_input()` using
 the same quantization table (`DETECTOR_INPUT_TABLE`).
+
+## Measuring latency on the board
+
+`serial_probe.c` is the board's side of edge-deploy's serial transport: with it in the
+firmware, `deploy bench <bundle> --device <board>` (a `transport: serial` device in
+`devices.yaml`) times the model on the board itself, with the board's own counter, and
+keeps the result like any device's. Feed it every byte the UART receives, from the main loop:
+
+```c
+#include "inference.h"
+#include "serial_probe.h"
+
+static detector_detection_t found[DETECTOR_MAX_DET];
+static serial_probe_t probe;
+
+static void uart_write(void *ctx, const char *text, size_t n) {{
+    (void)ctx; HAL_UART_Transmit(&huart3, (const uint8_t *)text, (uint16_t)n, HAL_MAX_DELAY);
+}}
+static uint32_t cycles(void *ctx) {{ (void)ctx; return DWT->CYCCNT; }}
+static int invoke(void *ctx) {{ (void)ctx; return detector_invoke(found, DETECTOR_MAX_DET) < 0 ? -1 : 0; }}
+
+static serial_probe_port_t port = {{uart_write, cycles, 0, invoke, "NUCLEO-H743ZI2",
+                                    "tflite-micro + CMSIS-NN", 0, NULL}};
+
+/* in main(), after detector_init(): */
+CoreDebug->DEMCR |= CoreDebug_DEMCR_TRCENA_Msk; DWT->CYCCNT = 0; DWT->CTRL |= DWT_CTRL_CYCCNTENA_Msk;
+port.ticks_per_second = SystemCoreClock;
+port.arena_used_bytes = detector_arena_used_bytes();
+serial_probe_init(&probe, &port);
+for (;;) {{ uint8_t b; if (HAL_UART_Receive(&huart3, &b, 1, 10) == HAL_OK) serial_probe_feed(&probe, b); }}
+```
+
+The firmware answers only with the sha256 of the model it was built from
+(`DETECTOR_MODEL_SHA256`): the host refuses a result from a board flashed with another model.
+It times up to `SERIAL_PROBE_MAX_RUNS` ({serial_probe.MAX_RUNS}) inferences per job (4 bytes of RAM each) and
+reads no power sensor (power is reported `unavailable`). edge-deploy's tests compile it for
+Cortex-M4 and run it under qemu against the host's transport over an emulated UART.
 
 ## How close to the host pipeline
 

@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def compile_sources(sources: Path, out_dir: Path, core: str = "cortex-m4") -> li
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = CORES[core].flags
     objects = []
-    for name, compiler, strict in (("detector.c", GCC, STRICT_C), ("model_data.cc", GXX, STRICT_CXX)):
+    for name, compiler, strict in (("detector.c", GCC, STRICT_C), ("serial_probe.c", GCC, STRICT_C),
+                                   ("model_data.cc", GXX, STRICT_CXX)):
         obj = out_dir / f"{Path(name).stem}.{core}.o"
         _compile([compiler, *flags, *OPTIMIZE, *strict, "-I", str(sources), "-c", str(sources / name), "-o",
                   str(obj)], f"{name} for {core}")
@@ -121,6 +123,62 @@ def build_harness(sources: Path, work: Path, core: str = "cortex-m4") -> Path:
               "--specs=nosys.specs", "-T", str(work / "link.ld"), "-Wl,--gc-sections", "-lm", "-o", str(elf)],
              f"the emulation harness for {core}")
     return elf
+
+
+def build_serial_board(sources: Path, work: Path, core: str = "cortex-m4") -> Path:
+    """A firmware ELF that answers the serial transport on the emulated board's UART0 (serial_probe.c).
+
+    The stand-in for TFLM's Invoke (TFLM cannot be built here) is the generated decode + NMS of detector.c
+    on a fixed pseudo-random output: real work of the detector's own code, timed by the board's SysTick."""
+    sources, work = Path(sources), Path(work)
+    objects = compile_sources(sources, work, core)
+    (work / "serial_board.c").write_text(SERIAL_BOARD_C)
+    (work / "link.ld").write_text(LINKER_SCRIPT.format(stack=STACK_BYTES))
+    elf = work / f"serial_board.{core}.elf"
+    _compile([GCC, *CORES[core].flags, *OPTIMIZE, "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", str(sources),
+              str(work / "serial_board.c"), *map(str, objects), "-nostartfiles", "--specs=nosys.specs", "-T",
+              str(work / "link.ld"), "-Wl,--gc-sections", "-lm", "-o", str(elf)], f"the serial board for {core}")
+    return elf
+
+
+class SerialBoard:
+    """The serial-board ELF running under qemu, its UART0 on a pseudo-terminal: `port` is what a `serial`
+    device in devices.yaml would name. Used as a context manager; leaving it powers the board off."""
+
+    def __init__(self, elf: Path, core: str = "cortex-m4", start_timeout: float = 10.0):
+        _require(run=True)
+        self.elf, self.core, self.start_timeout = Path(elf), CORES[core], start_timeout
+        self.process: subprocess.Popen | None = None
+        self.port = ""
+
+    def __enter__(self) -> "SerialBoard":
+        self.process = subprocess.Popen(
+            [QEMU, "-M", self.core.machine, "-display", "none", "-monitor", "none", "-serial", "pty", "-kernel",
+             str(self.elf)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # qemu names the pseudo-terminal it made on its first lines: "char device redirected to /dev/pts/N".
+        deadline = time.monotonic() + self.start_timeout
+        said = []
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            said.append(line.strip())
+            found = re.search(r"redirected to (/dev/pts/\d+)", line)
+            if found:
+                self.port = found[1]
+                return self
+        self.__exit__(None, None, None)
+        raise DeviceError(f"{self.core.machine} emulation gave no serial port: {' / '.join(said) or 'no output'}")
+
+    def power_off(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __exit__(self, *exc) -> None:
+        self.power_off()
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 class Emulator:
@@ -419,5 +477,112 @@ void harness_fault(void)
 __attribute__((section(".vectors"), used)) static const uintptr_t vectors[7] = {
     (uintptr_t)&__stack_top,   (uintptr_t)harness_reset, (uintptr_t)harness_fault, (uintptr_t)harness_fault,
     (uintptr_t)harness_fault, (uintptr_t)harness_fault, (uintptr_t)harness_fault,
+};
+"""
+
+
+# Firmware for the emulated board's UART: serial_probe.c behind the CMSDK APB UART0 of mps2-an386/an500.
+SERIAL_BOARD_C = r"""/* Emulated board for the serial transport (edge-deploy targets/stm32/emulate.py). */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "detector.h"
+#include "serial_probe.h"
+
+#define UART0 0x40004000u
+#define UART_DATA (*(volatile uint32_t *)(UART0 + 0x00u))
+#define UART_STATE (*(volatile uint32_t *)(UART0 + 0x04u))
+#define UART_CTRL (*(volatile uint32_t *)(UART0 + 0x08u))
+#define UART_BAUDDIV (*(volatile uint32_t *)(UART0 + 0x10u))
+#define UART_TX_FULL 1u
+#define UART_RX_FULL 2u
+#define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
+#define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
+#define SYST_CVR (*(volatile uint32_t *)0xE000E018u)
+#define SYSCLK_HZ 25000000u /* the MPS2 boards' core clock, which SysTick counts */
+#define BOX_VALUES ((uint32_t)DETECTOR_NUM_ANCHORS * 4u * DETECTOR_REG_MAX)
+#define CLS_VALUES ((uint32_t)DETECTOR_NUM_ANCHORS * DETECTOR_NUM_CLASSES)
+
+static int8_t box[BOX_VALUES];
+static int8_t cls[CLS_VALUES];
+static detector_workspace_t workspace;
+static detector_detection_t found[DETECTOR_MAX_CANDIDATES];
+static serial_probe_t probe;
+static uint32_t last_count, elapsed;
+
+static void uart_write(void *context, const char *text, size_t length)
+{
+    (void)context;
+    while (length-- > 0u) {
+        while (UART_STATE & UART_TX_FULL) {
+        }
+        UART_DATA = (uint8_t)*text++;
+    }
+}
+
+/* SysTick counts down 24 bits; extended to a 32-bit up-counter (read often enough not to miss a wrap). */
+static uint32_t ticks(void *context)
+{
+    uint32_t now = SYST_CVR & 0xFFFFFFu;
+    (void)context;
+    elapsed += (last_count - now) & 0xFFFFFFu;
+    last_count = now;
+    return elapsed;
+}
+
+static int invoke(void *context)
+{
+    const detector_params_t params = DETECTOR_PARAMS_DEFAULT;
+    (void)context;
+    return detector_decode_int8(box, cls, &params, &workspace, found, DETECTOR_MAX_CANDIDATES) < 0 ? -1 : 0;
+}
+
+static serial_probe_port_t port = {uart_write, ticks, SYSCLK_HZ, invoke, "qemu mps2 (emulated)",
+                                   "detector.c decode + NMS standing in for TFLM", 0, NULL};
+
+extern uint32_t __bss_start, __bss_end, __stack_top;
+void harness_reset(void);
+void board_fault(void);
+
+void harness_reset(void)
+{
+    uint32_t *word, i, state = 12345u;
+    *(volatile uint32_t *)0xE000ED88u |= 0xFu << 20; /* FPU on */
+    __asm__ volatile("dsb\n\tisb" ::: "memory");
+    for (word = &__bss_start; word < &__bss_end; ++word) {
+        *word = 0;
+    }
+    for (i = 0; i < BOX_VALUES + CLS_VALUES; ++i) {
+        state = state * 1664525u + 1013904223u;
+        if (i < BOX_VALUES) {
+            box[i] = (int8_t)(state >> 24);
+        } else {
+            cls[i - BOX_VALUES] = (int8_t)(state >> 24);
+        }
+    }
+    SYST_RVR = 0xFFFFFFu;
+    SYST_CVR = 0u;
+    SYST_CSR = 5u; /* enabled, core clock, no interrupt */
+    last_count = SYST_CVR & 0xFFFFFFu;
+    UART_BAUDDIV = SYSCLK_HZ / 115200u;
+    UART_CTRL = 3u; /* TX and RX enabled */
+    serial_probe_init(&probe, &port);
+    for (;;) {
+        if (UART_STATE & UART_RX_FULL) {
+            serial_probe_feed(&probe, (uint8_t)UART_DATA);
+        }
+        (void)ticks(NULL);
+    }
+}
+
+void board_fault(void)
+{
+    for (;;) {
+    }
+}
+
+__attribute__((section(".vectors"), used)) static const uintptr_t vectors[7] = {
+    (uintptr_t)&__stack_top, (uintptr_t)harness_reset, (uintptr_t)board_fault, (uintptr_t)board_fault,
+    (uintptr_t)board_fault, (uintptr_t)board_fault, (uintptr_t)board_fault,
 };
 """

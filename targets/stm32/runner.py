@@ -7,7 +7,8 @@ of model.tflite and this RUNNER_VERSION. The firmware answers
 `RESULT <nonce> {json}` with at least `model_sha256` (of the model it was built
 from), `runner_version` (this number), `runtime` (e.g. "tflite-micro <commit>")
 and `latency_ms` (its p50/p90/... over the job's `runs` after `warmup`);
-`memory_mb`, `power` and `arena_used_bytes` when it knows them.
+`memory_mb`, `power` and `arena_used_bytes` when it knows them. The bundle's
+firmware/serial_probe.c is that firmware side (targets/stm32/serial_probe.py).
 
 This file exists so that a job has a runner to hash and version like every
 other target's. Run anywhere else (the local transport, SSH, ...), it says so

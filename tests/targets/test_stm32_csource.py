@@ -179,7 +179,7 @@ def test_generated_c_compiles_with_warnings_as_errors(core, channels_last, model
     require_toolchain(run=False)
     sources = generate(tmp_path / "src", model_info, outputs, tmp_path_factory, channels_last=channels_last)
     objects = emulate.compile_sources(sources["detector.c"].parent, tmp_path / "obj", core)
-    assert [o.name for o in objects] == [f"detector.{core}.o", f"model_data.{core}.o"]
+    assert [o.name for o in objects] == [f"detector.{core}.o", f"serial_probe.{core}.o", f"model_data.{core}.o"]
     assert all(o.stat().st_size > 0 for o in objects)
 
 
