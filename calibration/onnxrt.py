@@ -14,6 +14,10 @@ import numpy as np
 
 Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
+# ONNX Runtime's and ncnn's thread count while scoring: accuracy does not depend on speed, and one thread gives
+# the same numbers on every machine whatever else runs on it.
+SCORING_THREADS = 1
+
 
 def ort_infer(model: Path, threads: int | None = None) -> Infer:
     """One ONNX file in an ONNX Runtime CPU session, as a batch -> (box_dist, cls_logit) callable."""

@@ -210,9 +210,9 @@ class OnnxQdqBackend:
         return path
 
     def runtime(self, built: Path):
-        from edge_deploy.calibration.onnxrt import ort_infer
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
 
-        return ort_infer(built)
+        return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
         return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights,

@@ -6,9 +6,20 @@ each unit alone hurts the outputs. The search is the same for all of them:
 
 1. each accepted range method builds a candidate; each is scored by its mAP50-95
    drop on the selection split (never the split that is reported);
-2. if the best misses the budget, units are ranked by sensitivity and the 1, 2,
-   4, ... most sensitive stay float until a candidate meets the budget;
-3. the first candidate within budget wins, else the one with the smallest drop.
+2. if the chosen method misses the budget, units are ranked by sensitivity and
+   the 1, 2, 4, ... most sensitive stay float until a candidate meets the budget;
+3. the first candidate within budget wins, else the best one.
+
+"Best" allows for noise. A drop scored with a bootstrap (evaluate.Drop) carries
+its value on each resample of the selection images, the same resamples for
+every candidate, so two candidates' difference has a paired interval. One
+candidate beats another only when that 95 % interval excludes zero; candidates
+the best does not beat are tied with it, and among the tied:
+- method choice takes one within budget (by point estimate, the gate's rule) if
+  any, then the earliest in the backend's list (simplest first: minmax,
+  percentile, entropy);
+- the fallback's last resort takes the fewest float units (the faster model).
+Without a bootstrap (a plain float), the smallest point estimate wins as before.
 """
 
 from __future__ import annotations
@@ -51,15 +62,44 @@ class QuantBackend(Protocol):
         """How many units are quantized when none is kept float."""
 
 
+# Two candidates differ beyond noise when the central interval of their paired drop difference, at this level,
+# excludes zero: the level every reported interval has.
+TIE_LEVEL = 0.95
+
+
 @dataclass
 class Candidate:
     method: str
     float_units: list[str]
     built: Path
     drop_points: float
+    # The drop on each bootstrap resample of the selection images (None: scored without a bootstrap).
+    samples: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def interval(self) -> list[float] | None:
+        if self.samples is None:
+            return None
+        tail = (1 - TIE_LEVEL) / 2 * 100
+        return [round(float(v), 2) for v in np.percentile(self.samples, [tail, 100 - tail])]
 
     def describe(self) -> dict:
-        return {"method": self.method, "float_units": list(self.float_units), "drop_points": self.drop_points}
+        return {"method": self.method, "float_units": list(self.float_units), "drop_points": self.drop_points,
+                "drop_interval": self.interval}
+
+
+def beats(first: Candidate, second: Candidate) -> bool:
+    """Whether `first` loses less than `second` beyond noise (paired bootstrap), or by point estimate without one."""
+    if first.samples is None or second.samples is None or len(first.samples) != len(second.samples):
+        return first.drop_points < second.drop_points
+    tail = (1 - TIE_LEVEL) / 2 * 100
+    return float(np.percentile(np.asarray(second.samples) - np.asarray(first.samples), tail)) > 0
+
+
+def tied_with_best(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates the one with the smallest drop does not beat beyond noise (itself included)."""
+    best = min(candidates, key=lambda c: c.drop_points)
+    return [c for c in candidates if c is best or not beats(best, c)]
 
 
 @dataclass
@@ -68,23 +108,29 @@ class SearchOutcome:
     within_budget: bool
     candidates: list[Candidate]
     sensitivity: list[UnitSensitivity] = field(default_factory=list)
+    reason: str = ""  # why `best` was taken, in words
 
 
 def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods: tuple[str, ...], symmetric: bool,
            drop: Callable[[Path], float], budget: float, check_batches: list[np.ndarray], work: Path,
            fallback: bool = True) -> SearchOutcome:
-    """Runs steps 1-3 above. `drop(built)` scores a candidate in points; `stats` is None for weight-only."""
+    """Runs steps 1-3 above. `drop(built)` scores a candidate in points, a float whose `samples` attribute (the
+    drop on each bootstrap resample, as pipeline.evaluate.Drop has) makes choices noise-aware; `stats` is None for
+    weight-only precisions."""
     counter = iter(range(1_000_000))
 
     def candidate(method: str, ranges: Ranges | None, float_units: list[str]) -> Candidate:
         built = backend.build(ranges, float_units, work / f"{next(counter):03d}-{method}-float{len(float_units)}")
-        return Candidate(method, list(float_units), built, drop(built))
+        scored = drop(built)
+        return Candidate(method, list(float_units), built, float(scored), getattr(scored, "samples", None))
 
     ranges_of = {m: (ranges_for(stats, m, symmetric) if stats is not None else None) for m in methods}
     tried = [candidate(m, ranges_of[m], []) for m in methods]
-    best = min(tried, key=lambda c: (c.drop_points, methods.index(c.method)))
+    tied = tied_with_best(tried)
+    best = min(tied, key=lambda c: (c.drop_points > budget, methods.index(c.method)))
+    reason = _method_reason(best, tried, tied)
     if best.drop_points <= budget or not fallback or stats is None:
-        return SearchOutcome(best, best.drop_points <= budget, tried)
+        return SearchOutcome(best, best.drop_points <= budget, tried, reason=reason)
     ranges = ranges_of[best.method]
     sensitivity = backend.rank_units(ranges, check_batches)
     count = 1
@@ -93,6 +139,24 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
         attempt = candidate(best.method, ranges, [s.unit for s in sensitivity[:count]])
         tried.append(attempt)
         if attempt.drop_points <= budget:
-            return SearchOutcome(attempt, True, tried, sensitivity)
+            return SearchOutcome(attempt, True, tried, sensitivity,
+                                 f"{reason}; {count} most sensitive units float: the fewest that meet the budget")
         count *= 2
-    return SearchOutcome(min(tried, key=lambda c: c.drop_points), False, tried, sensitivity)
+    tied = tied_with_best(tried)
+    last = min(tied, key=lambda c: (len(c.float_units), tried.index(c)))
+    return SearchOutcome(last, False, tried, sensitivity,
+                         f"no candidate meets the budget; of the {len(tied)} within noise of the smallest drop, the "
+                         f"one with the fewest float units ({len(last.float_units)})")
+
+
+def _method_reason(best: Candidate, tried: list[Candidate], tied: list[Candidate]) -> str:
+    if len(tried) == 1:
+        return f"{best.method}: the only method tried"
+    smallest = min(tried, key=lambda c: c.drop_points)
+    others = [c.method for c in tied if c is not best]
+    if best is smallest:
+        return f"{best.method}: the smallest drop of {len(tried)} methods" + (
+            f" ({', '.join(others)} within noise of it; ties go to a method within budget, then the simplest)"
+            if others else ", beyond noise")
+    return (f"{best.method}: {best.drop_points:.2f} points against {smallest.method}'s {smallest.drop_points:.2f} "
+            "is within noise; ties go to a method within budget, then the simplest")

@@ -16,10 +16,14 @@ from edge_deploy.pipeline.errors import InputError
 
 
 class JsonResult:
-    """Dataclasses that nest other JsonResults, turned into plain JSON and back."""
+    """Dataclasses that nest other JsonResults, turned into plain JSON and back.
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+    A field whose metadata says `internal` (data a later stage reads, such as bootstrap samples, not a figure to
+    show) is left out unless `internal=True`: a stage's own artifact keeps it, metrics and bundles do not.
+    """
+
+    def to_json(self, internal: bool = False) -> dict:
+        return _plain(self, internal)
 
     @classmethod
     def from_json(cls, data: dict):
@@ -36,6 +40,17 @@ class JsonResult:
                 value = nested.from_json(value)
             values[f.name] = value
         return cls(**values)
+
+
+def _plain(value, internal: bool):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name), internal) for f in dataclasses.fields(value)
+                if internal or not f.metadata.get("internal")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, internal) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v, internal) for k, v in value.items()}
+    return value
 
 
 def _json_result_type(kind) -> type | None:
@@ -71,6 +86,11 @@ class Accuracy(JsonResult):
     # (what an unlabelled set can measure); then `matched_boxes` is the share of those boxes found again.
     kind: str = "accuracy"
     matched_boxes: float | None = None
+    # The 95 % percentile interval of map50_95 over bootstrap resamples of the images (evaluate.BOOTSTRAP_*).
+    map50_95_interval: list | None = None
+    # map50_95 on each of those resamples: the same seeded resamples for every model scored on the same images,
+    # so two models' samples subtract into a paired bootstrap of their difference. Data, not a figure to show.
+    bootstrap: list | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
     def __post_init__(self):
         # An evaluator's "no data" value (-1), a NaN or a count that is not one must never pass for a measurement
@@ -87,10 +107,16 @@ class Accuracy(JsonResult):
             raise InputError("an accuracy figure needs at least one image")
 
     def describe(self) -> str:
-        if self.kind == "fidelity":
-            return f"fidelity mAP50-95 {self.map50_95:.4f}, {self.matched_boxes:.1%} of FP32 boxes found again" \
-                if self.matched_boxes is not None else f"fidelity mAP50-95 {self.map50_95:.4f}"
-        return f"mAP50-95 {self.map50_95:.4f}"
+        text = f"{'fidelity ' if self.kind == 'fidelity' else ''}mAP50-95 {self.map50_95:.4f}{self.interval_text()}"
+        if self.kind == "fidelity" and self.matched_boxes is not None:
+            text += f", {self.matched_boxes:.1%} of FP32 boxes found again"
+        return text
+
+    def interval_text(self) -> str:
+        if self.map50_95_interval is None:
+            return ""
+        low, high = self.map50_95_interval
+        return f" (95% {low:.4f}..{high:.4f})"
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,8 @@ class ReferenceAccuracy(JsonResult):
     fidelity_conf: float = 0.25
     selection_boxes: list = field(default_factory=list)
     report_boxes: list = field(default_factory=list)
+    # ONNX Runtime's intra-op threads while scoring (calibration.onnxrt.SCORING_THREADS).
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +155,16 @@ class AccuracyReport(JsonResult):
     original: Accuracy | None = None
     total_drop_points: float | None = None
     total_budget_points: float | None = None
+    # 95 % interval of each drop in points, from a paired bootstrap over the report images (the same resamples
+    # for both models); [0, 0] when the artifact is the reference itself.
+    drop_interval: list | None = None
+    total_drop_interval: list | None = None
+    # What the bootstrap was: resamples, seed, level, and that it resamples images.
+    bootstrap: dict | None = None
+    # Warnings about what the figures can say: each {"flag": name, "message": sentence} (see verify.py).
+    flags: list = field(default_factory=list)
+    # The runtime's thread count while scoring the artifact (calibration.onnxrt.SCORING_THREADS).
+    threads: int | None = None
 
     @property
     def artifact_or_reference(self) -> Accuracy:

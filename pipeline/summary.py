@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_deploy.pipeline.results import (AccuracyReport, CompileReport, QuantizationReport, ReferenceAccuracy,
@@ -27,8 +28,11 @@ def _key_metrics(name: str, metrics: dict) -> str:
                 f"{ref.report.map50_95:.4f} on {ref.report_split.images} report images")
     if name == "quantize":
         q = QuantizationReport.from_json(metrics)
-        return (f"{q.choice}; {q.calibration_images} calib images, drop {q.drop_points:.2f} pts on the selection "
-                f"split; {len(q.float_units)} of {q.units} {q.unit_kind}s float")
+        # The chosen candidate's own trial carries its interval.
+        chosen = [t for t in q.trials if t.get("method") == q.method and t.get("float_units") == q.float_units]
+        interval = _interval(chosen[-1].get("drop_interval")) if chosen else ""
+        return (f"{q.choice}; {q.calibration_images} calib images, drop {q.drop_points:.2f} pts{interval} on the "
+                f"selection split; {len(q.float_units)} of {q.units} {q.unit_kind}s float")
     if name == "compile":
         c = CompileReport.from_json(metrics)
         return f"{c.size_bytes / 2**20:.2f} MiB; {c.check} {c.check_value:g} on {c.check_images} images"
@@ -36,11 +40,13 @@ def _key_metrics(name: str, metrics: dict) -> str:
         v = AccuracyReport.from_json(metrics)
         parts = [f"FP32 {v.reference.describe()}"]
         if v.artifact is not None:
-            parts.append(f"{v.artifact_label} {v.artifact.describe()}, drop {v.drop_points:.2f} pts")
+            parts.append(f"{v.artifact_label} {v.artifact.describe()}, drop {v.drop_points:.2f} pts"
+                         f"{_interval(v.drop_interval)}")
         if v.fidelity is not None:
             parts.append(f"{v.fidelity.describe()}")
         if v.total_drop_points is not None:
-            parts.append(f"{v.total_drop_points:.2f} pts below the unpruned model (budget {v.total_budget_points:.2f})")
+            parts.append(f"{v.total_drop_points:.2f} pts{_interval(v.total_drop_interval)} below the unpruned model "
+                         f"(budget {v.total_budget_points:.2f})")
         return ", ".join(parts) + f" ({v.split.images} report images)"
     if name == "probe":
         p = SpeedReport.from_json(metrics)
@@ -53,6 +59,14 @@ def _key_metrics(name: str, metrics: dict) -> str:
     if name == "release":
         return f"{metrics['files']} files"
     return ""
+
+
+def _interval(interval) -> str:
+    return "" if not interval else f" (95% {interval[0]:.2f}..{interval[1]:.2f})"
+
+
+def _interval_bounds(interval) -> str:
+    return "not computed" if not interval else f"{interval[0]:.2f}..{interval[1]:.2f}"
 
 
 def render_summary(result, config) -> None:
@@ -76,8 +90,17 @@ def render_summary(result, config) -> None:
             latency = speed.latency_ms
             timing = (f"latency p50/p90/p99 {'/'.join(reported(latency.get(q)) for q in ('p50', 'p90', 'p99'))} ms  "
                       f"power {speed.power_text()}")
-        console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}  "
-                      f"{timing}")
+        console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}"
+                      f"{accuracy.interval_text()}  {timing}")
+    if verify.artifact is not None:
+        kind = "fidelity " if verify.artifact.kind == "fidelity" else ""
+        console.print(f"{'drop':>14}: {verify.drop_points:.2f} {kind}mAP50-95 points, 95% interval "
+                      f"{_interval_bounds(verify.drop_interval)} (paired bootstrap over the {verify.split.images} "
+                      f"report images), budget {verify.budget_points:.2f}")
+    # A verify that ran warned as it ran; a cached one did not, so its flags are repeated here.
+    if any(r.name == "verify" and r.cache_hit for r in result.records):
+        for flag in verify.flags:
+            console.print(f"[yellow]warning:[/] {escape('verify: ' + flag['message'])}", soft_wrap=True)
     if verify.reference.kind == "fidelity":
         console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= "
                       f"{ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf}), not accuracy; on "

@@ -27,6 +27,8 @@ Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 class Profile:
     name: str
     description: str
+    # Threads the probe runs the runtime with; None: every core the device runner may use, which the runner counts,
+    # sets explicitly and reports (never the runtime's own default).
     threads: int | None = None
     # Input size builds for this device default to; None keeps the checkpoint's training size, since a
     # detector is most accurate at the scale it was trained at. --imgsz overrides either.
@@ -127,7 +129,9 @@ class Target:
         }
 
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
-        """A callable running one preprocessed batch (in the target's layout) in its runtime on this machine."""
+        """A callable running one preprocessed batch (in the target's layout) in its runtime on this machine, on
+        `threads` threads (scoring passes calibration.onnxrt.SCORING_THREADS; a single-threaded runtime such as TFLM ignores
+        it)."""
         raise NotImplementedError
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:

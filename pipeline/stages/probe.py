@@ -60,6 +60,8 @@ class ProbeStage(Stage):
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         tensor, _ = load_tensor(self.image, self.preprocess)
+        # The build's profile's thread count when it names one; else None, and the device runner uses every core
+        # it may run on, sets that number on its runtime and reports it (a result never says "runtime default").
         job = {"warmup": self.warmup, "runs": self.runs, "threads": self.threads}
         reference_dir = out_dir / "fp32_reference"
         reference_dir.mkdir()

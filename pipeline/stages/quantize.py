@@ -132,7 +132,8 @@ class QuantizeStage(Stage):
     def _choice(self, methods: tuple[str, ...], outcome) -> str:
         best = outcome.best
         if len(methods) > 1:
-            text = f"{best.method}: best mAP50-95 of {len(methods)} methods on the selection split"
+            text = (f"{outcome.reason} (selection split)" if outcome.reason else
+                    f"{best.method}: best mAP50-95 of {len(methods)} methods on the selection split")
         elif PRECISIONS[self.precision].activation_bits is None:
             grouping = "per output channel" if not self.int4_group else f"groups of {self.int4_group} input channels"
             text = f"weights {self.int4_method} INT4 ({grouping}), activations float"

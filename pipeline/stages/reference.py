@@ -32,11 +32,12 @@ class ReferenceStage(Stage):
         return {"selection": self.selection.fingerprint, "report": self.report.fingerprint}
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
-        from edge_deploy.calibration.onnxrt import ort_infer
-        from edge_deploy.pipeline.evaluate import describe_split, reference_boxes, run_detections, score_split
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
+        from edge_deploy.pipeline.evaluate import (describe_split, reference_boxes, run_detections,
+                                                   score_split)
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
-        infer = ort_infer(inputs["onnx"].path)
+        infer = ort_infer(inputs["onnx"].path, SCORING_THREADS)
         measured = {}
         for role, split in (("selection", self.selection), ("report", self.report)):
             detections = run_detections(split, infer, info.strides)
@@ -44,9 +45,11 @@ class ReferenceStage(Stage):
             measured[role] = (score_split(split, detections, info, boxes, self.fidelity_conf), boxes)
         result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
                                    describe_split(self.selection, "selection"), describe_split(self.report, "report"),
-                                   self.fidelity_conf, measured["selection"][1], measured["report"][1])
+                                   self.fidelity_conf, measured["selection"][1], measured["report"][1],
+                                   SCORING_THREADS)
         path = out_dir / "reference.json"
-        path.write_text(json.dumps(result.to_json()))
+        # With the bootstrap samples: every later comparison on these images pairs its own with them.
+        path.write_text(json.dumps(result.to_json(internal=True)))
         # The boxes are data for later stages, not metrics to show.
         metrics = {k: v for k, v in result.to_json().items() if not k.endswith("_boxes")}
         return StageOutput({"reference": path}, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from edge_deploy.calibration.sets import ImageSet
@@ -13,8 +14,41 @@ from edge_deploy.pipeline.results import AccuracyReport, ModelInfo, ReferenceAcc
 from edge_deploy.pipeline.stages.quantize import in_layout
 
 
+# The gate compares the drop's point estimate with the budget. These say when the images cannot carry that
+# judgement, as a warning and a `flags` entry in the report:
+# - an interval wider than this many budgets spans both "well within" and "well over", so the split is too small
+#   (or too varied) to tell whether the budget holds;
+WIDE_INTERVAL_BUDGETS = 2.0
+# - rounding weights and activations removes information, so a lossy artifact beats its FP32 parent only by the
+#   luck of the images: the embedded model's INT8 lands 0.38 points *below* FP32 (95 % interval [0.0, 0.83]) on
+#   its 200 report images. A gain of more than a point (a 320 px INT8 model once came out "25 points better")
+#   says the evaluation set is too small or unlike what the model was trained for, not that INT8 helped.
+MAX_PLAUSIBLE_GAIN_POINTS = 1.0
+
+
 def artifact_label(target, precision: str) -> str:
     return f"{precision.upper()} on {target.name}"
+
+
+def interval_text(interval) -> str:
+    return "" if interval is None else f" (95% interval {interval[0]:.2f}..{interval[1]:.2f})"
+
+
+def judge(drop, budget: float, what: str, lossy: bool) -> list[dict]:
+    """Flags for a drop whose interval cannot judge the budget, or that no lossy step can produce."""
+    flags = []
+    interval = drop.interval
+    if interval is not None and interval[1] - interval[0] > WIDE_INTERVAL_BUDGETS * budget:
+        flags.append({"flag": "interval-wider-than-budget", "message": (
+            f"{what}'s 95% interval {interval[0]:.2f}..{interval[1]:.2f} points is wider than "
+            f"{WIDE_INTERVAL_BUDGETS:g}x the {budget:.2f} point budget: the evaluation set is too small or "
+            "unrepresentative to tell whether the budget holds; use more (and more typical) images")})
+    if lossy and -drop > MAX_PLAUSIBLE_GAIN_POINTS:
+        flags.append({"flag": "implausible-gain", "message": (
+            f"{what} is {-drop:.2f} points *better* than FP32{interval_text(interval)}: a lossy step does not "
+            f"gain more than {MAX_PLAUSIBLE_GAIN_POINTS:g} point beyond chance, so the evaluation set is too small "
+            "or unrepresentative; do not trust this comparison")})
+    return flags
 
 
 class VerifyStage(Stage):
@@ -42,35 +76,53 @@ class VerifyStage(Stage):
         return (type(self).__module__, type(self.target).__module__)
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
-        from edge_deploy.pipeline.evaluate import drop_points, fidelity, run_detections, score_split
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS
+        from edge_deploy.pipeline.evaluate import (bootstrap_settings, drop_points, fidelity,
+                                                   run_detections, score_split)
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         reference = ReferenceAccuracy.from_json(json.loads(inputs["reference"].path.read_text()))
         measured = agreement = None
         if self.precision not in self.target.reference_precisions:
-            detections = run_detections(self.report, self.target.runtime(inputs["artifact"].path), info.strides)
+            detections = run_detections(self.report, self.target.runtime(inputs["artifact"].path,
+                                                                         threads=SCORING_THREADS), info.strides)
             measured = score_split(self.report, detections, info, reference.report_boxes, reference.fidelity_conf)
             if measured.kind == "accuracy":
                 agreement = fidelity(detections, info, reference.report_boxes, reference.fidelity_conf)
-        drop = drop_points(reference.report, measured) if measured is not None else 0.0
         label = artifact_label(self.target, self.precision)
+        if measured is not None:
+            drop = drop_points(reference.report, measured)
+            interval = drop.interval
+        else:
+            drop, interval = 0.0, [0.0, 0.0]  # the artifact is the reference itself
+        what = f"{label}'s {'fidelity ' if measured is not None and measured.kind == 'fidelity' else ''}" \
+               "mAP50-95 drop"
+        flags = judge(drop, self.max_map_drop, what, lossy=True) if measured is not None else []
         original = total = None
         if self.total_budget is not None:
             original = ReferenceAccuracy.from_json(json.loads(inputs["reference_original"].path.read_text())).report
             total = drop_points(original, measured if measured is not None else reference.report)
+            # Fine-tuning after pruning may truly gain, so only the interval's width is judged here.
+            flags += judge(total, self.total_budget, "the loss against the unpruned model", lossy=False)
         within = drop <= self.max_map_drop and (total is None or total <= self.total_budget)
-        result = AccuracyReport(label, reference.report, measured, drop, self.max_map_drop, within,
-                                reference.report_split, agreement, original, total, self.total_budget)
+        result = AccuracyReport(label, reference.report, measured, float(drop), self.max_map_drop, within,
+                                reference.report_split, agreement, original,
+                                None if total is None else float(total), self.total_budget, interval,
+                                None if total is None else total.interval, bootstrap_settings(), flags,
+                                SCORING_THREADS)
+        for flag in flags:
+            warnings.warn(f"verify: {flag['message']}", stacklevel=2)
         if total is not None and total > self.total_budget and self.enforce_budget:
             raise AccuracyGateError(
-                f"verify: pruning and {self.precision.upper()} together lose {total:.2f} mAP50-95 points against "
-                f"the original model on the report split ({(measured or reference.report).map50_95:.4f} vs "
-                f"{original.map50_95:.4f}); the budget is {self.total_budget:.2f} (prune.max_map_drop + the "
-                "precision's budget); fine-tune longer (--prune-epochs), prune less, or pass --accept-drop")
+                f"verify: pruning and {self.precision.upper()} together lose {total:.2f} mAP50-95 points"
+                f"{interval_text(total.interval)} against the original model on the report split "
+                f"({(measured or reference.report).map50_95:.4f} vs {original.map50_95:.4f}); the budget is "
+                f"{self.total_budget:.2f} (prune.max_map_drop + the precision's budget); fine-tune longer "
+                "(--prune-epochs), prune less, or pass --accept-drop")
         if drop > self.max_map_drop and self.enforce_budget:
             raise AccuracyGateError(
                 f"verify: {label} loses {drop:.2f} {'fidelity ' if measured.kind == 'fidelity' else ''}mAP50-95 "
-                f"points against FP32 on the report split ({measured.map50_95:.4f} vs "
+                f"points{interval_text(interval)} against FP32 on the report split ({measured.map50_95:.4f} vs "
                 f"{reference.report.map50_95:.4f}); the budget is "
                 f"{self.max_map_drop:.2f} (quantize.max_map_drop)")
         path = out_dir / "verify.json"

@@ -180,20 +180,22 @@ class NcnnInt8Backend:
         return out
 
     def runtime(self, built: Path):
-        return self.target.runtime(built)
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS
+
+        return self.target.runtime(built, threads=SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]):
         from edge_deploy.calibration.ranges import sqnr_db
         from edge_deploy.calibration.search import UnitSensitivity
 
         check = np.concatenate(batches)
-        reference = self.target.runtime(self.fp32_dir)(check)
+        reference = self.runtime(self.fp32_dir)(check)
         names = [layer.name for layer in self.convs]
         results = []
         for layer in self.convs:
             # Only this layer quantized: how much the model's outputs suffer from it alone.
             single = self.build(ranges, [n for n in names if n != layer.name], self.fp32_dir.parent / "alone")
-            produced = self.target.runtime(single)(check)
+            produced = self.runtime(single)(check)
             results.append(UnitSensitivity(layer.name, layer.kind,
                                            round(min(sqnr_db(r, p) for r, p in zip(reference, produced)), 2)))
             shutil.rmtree(single)

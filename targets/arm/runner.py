@@ -19,14 +19,21 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 2
+RUNNER_VERSION = 3
+
+
+def thread_count(job: dict) -> int:
+    """The job's thread count, else every core this process may run on: always a number, set and reported."""
+    if job.get("threads"):
+        return int(job["threads"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def open_net(job_dir: Path, job: dict):
     import ncnn
 
     net = ncnn.Net()
-    net.opt.num_threads = int(job.get("threads") or os.cpu_count() or 1)
+    net.opt.num_threads = thread_count(job)
     fp16 = job.get("precision") == "fp16"
     net.opt.use_fp16_storage = fp16
     net.opt.use_fp16_packed = fp16
@@ -92,7 +99,8 @@ def main(job_dir: Path) -> dict:
     return {
         "runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
         "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
-        "threads": int(net.opt.num_threads), "precision": job.get("precision", "fp32"),
+        "threads": int(net.opt.num_threads), "threads_from": "job" if job.get("threads") else "every core available",
+        "precision": job.get("precision", "fp32"),
         "batch": 1, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
         "first_inference_ms": round(first_ms, 3),
         "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],

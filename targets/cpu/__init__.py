@@ -25,7 +25,7 @@ class OnnxRuntimeCpu(Target):
     input_layout = "NCHW"
     reference_precisions = frozenset({"fp32"})
     runner = Path(__file__).parent / "runner.py"
-    profiles = (Profile("host", "this machine, the runtime's default thread count"),
+    profiles = (Profile("host", "this machine, every core the probe may run on (counted and recorded)"),
                 Profile("host-1-thread", "this machine, one thread (a single-core budget)", threads=1))
 
     def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):

@@ -10,6 +10,7 @@ result.json is written there atomically.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,15 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 3
+RUNNER_VERSION = 4
+
+
+def thread_count(job: dict) -> int:
+    """The job's thread count, else every core this process may run on: always a number, set on the session
+    and reported, never left to the runtime (ONNX Runtime would pick its own default per machine)."""
+    if job.get("threads"):
+        return int(job["threads"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main(job_dir: Path) -> dict:
@@ -32,8 +41,8 @@ def main(job_dir: Path) -> dict:
     images = int(batch.shape[0])
     rss_before = measure.status_mb("VmRSS")
     options = ort.SessionOptions()
-    if job.get("threads"):
-        options.intra_op_num_threads = int(job["threads"])
+    threads = thread_count(job)
+    options.intra_op_num_threads = threads
     t0 = time.perf_counter()
     session = ort.InferenceSession(str(job_dir / job["model"]), options, providers=["CPUExecutionProvider"])
     load_ms = (time.perf_counter() - t0) * 1000
@@ -64,7 +73,7 @@ def main(job_dir: Path) -> dict:
         "runner": "ort_probe", "runner_version": RUNNER_VERSION,
         "runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers(),
         "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
-        "threads": job.get("threads") or "runtime default",
+        "threads": threads, "threads_from": "job" if job.get("threads") else "every core available",
         "batch": images, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
         "first_inference_ms": round(first_ms, 3),
         "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],

@@ -13,6 +13,7 @@ from edge_deploy.targets.runners.measure import percentile
 
 
 def test_probe_measures_real_runs_and_never_invents_power(exported, model_info, preprocess, shapes_yaml, tmp_path):
+    from edge_deploy.targets.cpu import runner as cpu_runner
     from edge_deploy.targets.transports.local import LocalTransport
 
     target = OnnxRuntimeCpu()
@@ -33,7 +34,8 @@ def test_probe_measures_real_runs_and_never_invents_power(exported, model_info, 
     assert len(result.samples_ms) == 50 and min(result.samples_ms) == latency["min"]
     assert max(result.samples_ms) == latency["max"] and result.first_inference_ms > 0
     assert result.job == {"warmup": 3, "runs": 50, "threads": 1, "model": "model.onnx", "input": "input.npy",
-                          "runner": "runner.py", "runner_version": 3, "timeout_s": result.job["timeout_s"]}
+                          "runner": "runner.py", "runner_version": cpu_runner.RUNNER_VERSION,
+                          "timeout_s": result.job["timeout_s"]}
     assert set(result.device["state"]) == {"start", "end"} and "kernel" in result.device
     assert result.fps > 0 and result.load_ms > 0
     assert result.memory_mb["peak_rss"] >= result.memory_mb["rss_before_load"] > 0

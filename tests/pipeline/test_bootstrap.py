@@ -1,0 +1,159 @@
+"""The bootstrap over images: the re-weighted mAP is pycocotools' own, and its intervals behave."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from edge_deploy.pipeline import evaluate
+from edge_deploy.pipeline.evaluate import (Detections, bootstrap_weights, drop_points, measured, resampled_map,
+                                           score_images)
+from edge_deploy.pipeline.stages.verify import MAX_PLAUSIBLE_GAIN_POINTS, WIDE_INTERVAL_BUDGETS, judge
+
+CLASSES = 4
+
+
+def scene(seed: int, images: int, miss: float = 0.1, jitter: float = 3.0, false_per_image: int = 6,
+          digits: int | None = 2):
+    """Labels and a detector's answers on `images` images: most objects found with jittered boxes, some missed,
+    a few false boxes, scores that partly agree with quality (rounded to `digits`: exact ties, which the ranking
+    must order as pycocotools does)."""
+    def rounded(value: float) -> float:
+        return round(value, digits) if digits is not None else value
+
+    rng = np.random.default_rng(seed)
+    labels, per_image, sizes = [], [], []
+    for i in range(images):
+        w, h = 320, 240
+        sizes.append((w, h))
+        boxes, dets = [], []
+        # Class 3 never appears in the labels: pycocotools leaves such a category out of the mean.
+        for _ in range(rng.integers(0, 6)):
+            c = int(rng.integers(0, CLASSES - 1))
+            bw, bh = rng.uniform(10, 80, 2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            boxes.append((c, x, y, bw, bh))
+            if rng.random() > miss:
+                dx, dy, dw, dh = rng.normal(0, jitter, 4)
+                score = rounded(float(np.clip(rng.uniform(0.3, 1.0) - abs(dx) / 50, 0.01, 1)))
+                dets.append([x + dx, y + dy, x + dx + bw + dw, y + dy + bh + dh, score, c])
+        for _ in range(rng.integers(0, false_per_image + 1)):
+            x, y = rng.uniform(0, w - 20), rng.uniform(0, h - 20)
+            dets.append([x, y, x + 20, y + 20, rounded(float(rng.uniform(0.001, 0.6))), int(rng.integers(0, CLASSES))])
+        labels.append(boxes)
+        per_image.append(np.array(dets, np.float32).reshape(-1, 6))
+    return labels, Detections(sizes, per_image)
+
+
+def plain_pycocotools(labels, detections) -> tuple[float, float]:
+    """COCOeval as anyone would call it (every area range, maxDets 1/10/300), read at all areas, 300 boxes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, found = [], [], []
+    for image_id, ((w, h), boxes, dets) in enumerate(zip(detections.sizes, labels, detections.per_image), 1):
+        images.append({"id": image_id, "width": w, "height": h})
+        for c, x, y, bw, bh in boxes:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        for x1, y1, x2, y2, score, c in dets:
+            found.append({"image_id": image_id, "category_id": int(c), "score": float(score),
+                          "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(CLASSES)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        run = COCOeval(gt, gt.loadRes(found), "bbox")
+        run.params.maxDets = [1, 10, 300]
+        run.evaluate()
+        run.accumulate()
+    precision = run.eval["precision"][:, :, :, 0, -1]
+    return float(precision[0][precision[0] > -1].mean()), float(precision[precision > -1].mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reweighting_reproduces_pycocotools_on_the_full_set(seed):
+    labels, detections = scene(seed, 40)
+    expected = plain_pycocotools(labels, detections)
+    scores = score_images(labels, detections, CLASSES)
+    map50, map50_95 = resampled_map(scores, np.ones((1, 40)))
+    assert map50[0] == pytest.approx(expected[0], abs=1e-12) and map50_95[0] == pytest.approx(expected[1], abs=1e-12)
+    assert (scores.map50, scores.map50_95) == (round(expected[0], 4), round(expected[1], 4))
+
+
+def test_a_resample_scores_as_pycocotools_scores_the_images_repeated():
+    # Untied scores: with two equal scores in one image, pycocotools' order of the copies depends on where the
+    # repeated images sit, an arbitrary choice; a model's float scores rarely tie.
+    labels, detections = scene(3, 30, digits=None)
+    scores = score_images(labels, detections, CLASSES)
+    weights = bootstrap_weights(30)
+    for row in weights[:4]:
+        drawn = np.repeat(np.arange(30), row)  # each image as often as the resample draws it, in order
+        repeated = Detections([detections.sizes[i] for i in drawn], [detections.per_image[i] for i in drawn])
+        expected = plain_pycocotools([labels[i] for i in drawn], repeated)
+        map50, map50_95 = resampled_map(scores, row[None, :])
+        assert map50[0] == pytest.approx(expected[0], abs=1e-12)
+        assert map50_95[0] == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_interval_contains_the_point_estimate_and_is_reproducible():
+    labels, detections = scene(4, 60)
+    first = measured(score_images(labels, detections, CLASSES))
+    again = measured(score_images(labels, detections, CLASSES))
+    low, high = first.map50_95_interval
+    assert low < first.map50_95 < high
+    assert first.bootstrap == again.bootstrap and first.map50_95_interval == again.map50_95_interval
+    assert len(first.bootstrap) == evaluate.BOOTSTRAP_RESAMPLES
+    assert np.array_equal(bootstrap_weights(60), bootstrap_weights(60))
+    assert not np.array_equal(bootstrap_weights(60), bootstrap_weights(60, seed=evaluate.BOOTSTRAP_SEED + 1))
+    assert (bootstrap_weights(60).sum(axis=1) == 60).all()
+
+
+def test_drop_interval_is_paired_and_contains_the_drop():
+    labels, reference = scene(5, 80)
+    _, worse = scene(5, 80, jitter=6.0)  # the same scenes found with looser boxes
+    ref = measured(score_images(labels, reference, CLASSES))
+    cand = measured(score_images(labels, worse, CLASSES))
+    drop = drop_points(ref, cand)
+    low, high = drop.interval
+    assert low <= drop <= high and drop > 0
+    # Pairing: the drop's interval is narrower than either model's own, since both see the same resamples.
+    assert high - low < (ref.map50_95_interval[1] - ref.map50_95_interval[0]) * 100
+
+
+def test_identical_models_give_a_zero_interval_and_no_flag():
+    labels, detections = scene(6, 20)
+    one = measured(score_images(labels, detections, CLASSES))
+    other = measured(score_images(labels, Detections(detections.sizes, [d.copy() for d in detections.per_image]),
+                                  CLASSES))
+    drop = drop_points(one, other)
+    assert drop == 0.0 and drop.interval == [0.0, 0.0]
+    assert judge(drop, 0.5, "INT8", lossy=True) == []
+
+
+def test_a_small_noisy_set_is_flagged_and_so_is_an_implausible_gain():
+    labels, reference = scene(7, 8, jitter=2.0)
+    _, noisy = scene(7, 8, jitter=8.0, miss=0.4)
+    ref = measured(score_images(labels, reference, CLASSES))
+    cand = measured(score_images(labels, noisy, CLASSES))
+    too_wide = judge(drop_points(ref, cand), 0.5, "INT8's mAP50-95 drop", lossy=True)
+    assert [f["flag"] for f in too_wide] == ["interval-wider-than-budget"]
+    assert f"{WIDE_INTERVAL_BUDGETS:g}x the 0.50 point budget" in too_wide[0]["message"]
+    # The other way round, the lossy model would be far better than its parent: not something INT8 does.
+    better = drop_points(cand, ref)
+    assert -better > MAX_PLAUSIBLE_GAIN_POINTS
+    assert "implausible-gain" in [f["flag"] for f in judge(better, 100.0, "INT8's mAP50-95 drop", lossy=True)]
+    # A gain is allowed where it can be real (fine-tuning after pruning).
+    assert judge(better, 100.0, "the loss against the unpruned model", lossy=False) == []
+
+
+def test_bootstrap_is_quick_on_a_realistic_split():
+    """200 images with ~60 boxes each, as the embedded model's report split; 1000 resamples."""
+    import time
+
+    labels, detections = scene(8, 200, false_per_image=60)
+    scores = score_images(labels, detections, CLASSES)
+    start = time.perf_counter()
+    measured(scores)
+    assert time.perf_counter() - start < 20  # about 1-2 s on an idle core; generous for a shared CI machine
