@@ -87,10 +87,9 @@ def main() -> None:
 
     accuracy = {}
     for label, (net, detect, outputs) in models.items():
-        infer = None
-        if detect is None:
-            def infer(tensor, net=net, outputs=outputs):
-                return tuple(o[None] for o in ncnn_probe.run_once(net, tensor[0], outputs))
+        def raw_maps(tensor, net=net, outputs=outputs):
+            return tuple(o[None] for o in ncnn_probe.run_once(net, tensor[0], outputs))
+        infer = raw_maps if detect is None else None
         accuracy[label] = coco_map(val, infer, [8, 16, 32], 4, detect=detect)["map50_95"]
 
     from edge_deploy.calibration.preprocess import load_tensor

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_deploy.pipeline.errors import ConfigError, InputError
-from edge_deploy.targets.stm32 import serial_probe
+from edge_deploy.targets.stm32.serial_probe import MAX_RUNS as PROBE_MAX_RUNS, SERIAL_PROBE_C, SERIAL_PROBE_H
 
 OUTPUT_NAMES = ("box_dist", "cls_logit")
 PAD_VALUE = 114  # calibration/preprocess.py's letterbox colour
@@ -245,8 +245,8 @@ def write_c_sources(tflite: Path, out_dir: Path, *, imgsz: int, strides: Sequenc
         "detector.c": DETECTOR_C,
         "inference.h": INFERENCE_H,
         "inference.cc": _inference_cc(settings),
-        "serial_probe.h": serial_probe.SERIAL_PROBE_H,
-        "serial_probe.c": serial_probe.SERIAL_PROBE_C,
+        "serial_probe.h": SERIAL_PROBE_H,
+        "serial_probe.c": SERIAL_PROBE_C,
         "README.md": _readme(settings),
     }
     try:
@@ -1190,7 +1190,7 @@ for (;;) {{ uint8_t b; if (HAL_UART_Receive(&huart3, &b, 1, 10) == HAL_OK) seria
 
 The firmware answers only with the sha256 of the model it was built from
 (`DETECTOR_MODEL_SHA256`): the host refuses a result from a board flashed with another model.
-It times up to `SERIAL_PROBE_MAX_RUNS` ({serial_probe.MAX_RUNS}) inferences per job (4 bytes of RAM each) and
+It times up to `SERIAL_PROBE_MAX_RUNS` ({PROBE_MAX_RUNS}) inferences per job (4 bytes of RAM each) and
 reads no power sensor (power is reported `unavailable`). edge-deploy's tests compile it for
 Cortex-M4 and run it under qemu against the host's transport over an emulated UART.
 
