@@ -47,6 +47,11 @@ class Stage:
     name: ClassVar[str]
     toolchain: ClassVar[tuple[str, ...]] = ()
     inputs: ClassVar[tuple[str, ...]] = ()
+    # A stage that reports how the build went (release) sets this; the engine then gives it, in `timeline`, the
+    # records of the stages run before it. They are not part of its key: they describe this build, not what the
+    # stage computes, so an unchanged build reuses the release (and its report) as it is.
+    wants_timeline: ClassVar[bool] = False
+    timeline: tuple[dict, ...] = ()
 
     def settings(self) -> dict:
         """Everything besides input artifacts that the result depends on."""
@@ -76,10 +81,18 @@ class StageRecord:
     seconds: float
     artifacts: dict[str, Artifact]
     metrics: dict
+    # Seconds from the engine's start to this stage's, and how long its work took when it ran (for a cache hit,
+    # as its cache entry recorded it; None for an entry written before entries recorded it).
+    started: float = 0.0
+    work_seconds: float | None = None
+
+    def timeline_entry(self) -> dict:
+        return {"stage": self.name, "cache_hit": self.cache_hit, "started": round(self.started, 3),
+                "seconds": round(self.seconds, 3),
+                "work_seconds": None if self.work_seconds is None else round(self.work_seconds, 3)}
 
     def to_json(self) -> dict:
-        return {"stage": self.name, "key": self.key, "cache_hit": self.cache_hit,
-                "seconds": round(self.seconds, 3), "metrics": self.metrics,
+        return {**self.timeline_entry(), "key": self.key, "metrics": self.metrics,
                 "artifacts": {k: {"path": str(a.path), "sha256": a.sha256} for k, a in self.artifacts.items()}}
 
 
@@ -90,6 +103,8 @@ class Engine:
         self.use_cache = use_cache
         self.on_event = on_event
         self._uncached: list[Path] = []
+        self._t0 = time.perf_counter()
+        self.records: list[StageRecord] = []
 
     def key(self, stage: Stage, inputs: dict[str, Artifact]) -> str:
         return hash_json({
@@ -105,12 +120,15 @@ class Engine:
         inputs = {name: available[name] for name in stage.inputs}
         key = self.key(stage, inputs)
         entry = self.cache_dir / stage.name / key[:32]
+        if stage.wants_timeline:
+            stage.timeline = tuple(r.timeline_entry() for r in self.records)
         started = time.perf_counter()
         cached = self._load(entry) if self.use_cache else None
         if cached is not None:
-            artifacts, metrics = cached
+            artifacts, metrics, work_seconds = cached
             self.on_event(stage.name, "cached")
-            return StageRecord(stage.name, key, True, time.perf_counter() - started, artifacts, metrics)
+            return self._recorded(StageRecord(stage.name, key, True, time.perf_counter() - started, artifacts,
+                                              metrics, started - self._t0, work_seconds))
 
         self.on_event(stage.name, "running")
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +142,9 @@ class Engine:
                 if work not in path.parents:
                     raise DeployError(f"stage {stage.name} wrote {name} outside its folder")
                 index[name] = {"path": path.relative_to(work).as_posix(), "sha256": sha256_tree(path)}
-            (work / "stage.json").write_text(json.dumps({"key": key, "files": index, "metrics": output.metrics},
-                                                        indent=1, sort_keys=True))
+            work_seconds = time.perf_counter() - started
+            (work / "stage.json").write_text(json.dumps({"key": key, "files": index, "metrics": output.metrics,
+                                                         "seconds": round(work_seconds, 3)}, indent=1, sort_keys=True))
             if not output.cacheable:
                 # A temporary name (with our pid): removed by close(), or swept after a killed build.
                 entry = self.cache_dir / "uncached" / f"{temp_prefix(f'{stage.name}-{key[:16]}')}{time.time_ns()}"
@@ -139,7 +158,12 @@ class Engine:
                 shutil.rmtree(work, ignore_errors=True)
         artifacts = {n: Artifact(entry / f["path"], f["sha256"]) for n, f in index.items()}
         self.on_event(stage.name, "done")
-        return StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts, output.metrics)
+        return self._recorded(StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts,
+                                          output.metrics, started - self._t0, work_seconds))
+
+    def _recorded(self, record: StageRecord) -> StageRecord:
+        self.records.append(record)
+        return record
 
     def close(self) -> None:
         """Drops the results that were for this build only (see StageOutput.cacheable)."""
@@ -148,7 +172,7 @@ class Engine:
         self._uncached.clear()
 
     @staticmethod
-    def _load(entry: Path) -> tuple[dict[str, Artifact], dict] | None:
+    def _load(entry: Path) -> tuple[dict[str, Artifact], dict, float | None] | None:
         record = entry / "stage.json"
         if not record.exists():
             return None
@@ -160,7 +184,7 @@ class Engine:
             if not path.exists() or sha256_tree(path) != f["sha256"]:
                 return None
             artifacts[name] = Artifact(path, f["sha256"])
-        return artifacts, data["metrics"]
+        return artifacts, data["metrics"], data.get("seconds")
 
 
 def write_build_record(path: Path, records: list[StageRecord], extra: dict) -> None:

@@ -151,7 +151,7 @@ CASES = {
     "check a manifest of the wrong shape": case("check", "{tmp}/bundles/files_list", code=8,
                                                 words="'files' must map each file name"),
     "check a tampered bundle": case("check", "{tmp}/bundles/tampered", code=8, words="sha256 differs: model.onnx"),
-    "check a bundle missing a file": case("check", "{tmp}/bundles/missing_file", code=8, words="missing MODEL_CARD.md"),
+    "check a bundle missing a file": case("check", "{tmp}/bundles/missing_file", code=8, words="missing README.md"),
     "check a bundle with an extra file": case("check", "{tmp}/bundles/extra", code=8,
                                               words="not in manifest: extra.txt"),
     "check a bundle with a link": case("check", "{tmp}/bundles/link", code=8, words="a link, not a file: metrics.json"),
@@ -262,7 +262,7 @@ def _make_bad_inputs(tmp: Path, shapes_yaml: Path, good: Path) -> None:
     (bundles / "files_list" / "manifest.json").write_text(json.dumps({"files": ["model.onnx"]}))
     with open(bundles / "tampered" / "model.onnx", "ab") as f:
         f.write(b"\0")
-    (bundles / "missing_file" / "MODEL_CARD.md").unlink()
+    (bundles / "missing_file" / "README.md").unlink()
     (bundles / "extra" / "extra.txt").write_text("x")
     (bundles / "link" / "metrics.json").unlink()
     (bundles / "link" / "metrics.json").symlink_to("/etc/hostname")

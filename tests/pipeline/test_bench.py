@@ -168,7 +168,7 @@ def test_build_probes_on_the_named_device_and_stores_both_results(lab, deploy_ho
         assert metrics[role]["device"]["transport"]["transport"] == "ssh"
         assert metrics[role]["device"]["transport"]["device"] == "board-a"
     assert metrics["speedup_p50"] > 0  # both ran on the same board, so the ratio means something
-    card = (Path(summary["bundle"]) / "MODEL_CARD.md").read_text()
+    card = (Path(summary["bundle"]) / "README.md").read_text()
     assert "reached through the `ssh` transport" in card
     stored = json.loads(run_deploy(["results", "--json", "--device", "board-a"], cwd, deploy_home).stdout)["results"]
     assert {r["role"] for r in stored if r["bundle"] == Path(summary["bundle"]).name} >= {"reference", "artifact"}

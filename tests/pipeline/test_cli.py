@@ -29,7 +29,7 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     power = manifest["metrics"]["speed"]["artifact"]["power"]
     assert ("power unavailable" in done.stdout) == (power["status"] == "unavailable")
     assert set(manifest["files"]) == {"model.onnx", "runtime.json", "postprocess.py", "metrics.json",
-                                      "MODEL_CARD.md"}
+                                      "README.md", "report.html", "report.md"}
     assert manifest["calibration"]["images"] == 200 and len(manifest["calibration"]["fingerprint"]) == 64
     assert manifest["toolchain"]["onnxruntime"] == "1.31.1"
     assert manifest["config"]["precision"] == "int8"
@@ -41,7 +41,7 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     assert manifest["splits"]["selection"]["fingerprint"] != manifest["splits"]["report"]["fingerprint"]
     assert manifest["splits"]["selection"]["source"].endswith("images/selection")
     check = run_deploy(["check", str(bundle)], cwd, deploy_home)
-    assert check.returncode == 0 and check.stdout.startswith("ok: 5 files")
+    assert check.returncode == 0 and check.stdout.startswith("ok: 7 files")
     record = json.loads((cwd / "dist" / "yolov8n-160-cpu-int8.build.json").read_text())
     assert [s["stage"] for s in record["stages"]] == ["load", "export", "reference", "quantize", "compile", "verify",
                                                       "probe", "release"]
@@ -117,7 +117,7 @@ def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_
     assert prune["metrics"]["macs_ratio"] > 2.5
     bundle = tmp_path / "dist" / "yolo11n-96-pruned-cpu-fp32"
     assert (bundle / "prune_history.png").exists()
-    assert "## Pruning" in (bundle / "MODEL_CARD.md").read_text()
+    assert "## Pruning" in (bundle / "README.md").read_text()
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
 
 

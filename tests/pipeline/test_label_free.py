@@ -41,7 +41,7 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     assert quantize["selection"]["images"] == 12 and quantize["calibration_images"] == 24
     assert not (home / "data").exists()  # the embedded shapes set is never used for a user's model
     bundle = user / "dist" / "yolov8n-160-cpu-int8"
-    card = (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "README.md").read_text()
     assert "## Fidelity to the FP32 model (no labels were given)" in card and "not accuracy figures" in card
     assert run_deploy(["check", str(bundle)], user, home).returncode == 0
 

@@ -84,7 +84,7 @@ def test_a_new_target_builds_through_every_stage(dummy_registered, deploy_home, 
     assert accuracy.artifact is not None and abs(accuracy.drop_points) <= 0.01
     speed = SpeedReport.from_json(result.metrics("probe"))
     assert speed.artifact is not None and speed.artifact.runtime.startswith("onnxruntime")
-    assert "FP32 on dummy" in (result.bundle / "MODEL_CARD.md").read_text()
+    assert "FP32 on dummy" in (result.bundle / "README.md").read_text()
 
 
 def test_what_a_target_does_not_declare_is_refused_before_any_stage(dummy_registered, deploy_home, tmp_path):

@@ -39,12 +39,12 @@ def test_default_jetson_build_ships_a_tensorrt_ready_bundle(jetson_build, deploy
     bundle = cwd / "dist" / "yolov8n-160-jetson-int8"
     names = {p.name for p in bundle.iterdir()}
     assert {"model.onnx", "model.fp32.onnx", "calibration.cache", "build_engine.sh", "runtime.json",
-            "MODEL_CARD.md", "manifest.json"} <= names
+            "README.md", "report.html", "manifest.json"} <= names
     # The INT8 model's accuracy in onnxruntime, next to FP32, and no latency pretending to be a Jetson's.
     assert "INT8 on jetson: mAP50" in done.stdout and "latency not measured here" in done.stdout
     # The Xavier NX profile is the default: the cache is for its TensorRT 8.5.
     assert (bundle / "calibration.cache").read_text().splitlines()[0] == "TRT-8502-EntropyCalibration2"
-    card = (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "README.md").read_text()
     assert "## On the device" in card and "sh build_engine.sh" in card and "Not measured" in card
     script = (bundle / "build_engine.sh").read_text()
     assert "--int8" in script and "--fp16" in script and "--onnx=model.onnx" in script
@@ -276,6 +276,6 @@ def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jets
     bundle = Path(summary["bundle"])
     assert (bundle / "built_on_device" / "model.engine").read_bytes() == b"stand-in engine"
     assert {"build.log", "timing.log"} <= {p.name for p in (bundle / "built_on_device").iterdir()}
-    card = (bundle / "MODEL_CARD.md").read_text()
+    card = (bundle / "README.md").read_text()
     assert "## Built on the device" in card and "Not measured" not in card
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
