@@ -47,7 +47,9 @@ def _fail(message: str, code: int) -> None:
 
 # What an interrupted command leaves behind, where "nothing was published" would not be the whole truth.
 INTERRUPTED = {"bench": "interrupted; the jobs still running were stopped, and results that arrived are kept in the "
-                        "results store (deploy results)"}
+                        "results store (deploy results)",
+               "search": "interrupted; the trials still running were stopped, finished trials are kept (OUTPUT/search/"
+                         "trials) and running the same search again resumes from them"}
 
 
 def _terminated(signum, frame):
@@ -202,6 +204,125 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
         from edge_deploy.pipeline.summary import render_summary
 
         render_summary(result, result.config)
+
+
+def _listed(text: str | None, kind: type, option: str):
+    """A comma-separated flag value (`--precisions int8,fp32`) as a list, each item checked for its type."""
+    if text is None:
+        return None
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.UsageError(f"{option} {text!r}: expected a comma-separated list of {kind.__name__}s") from None
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=str),
+              help="deploy.yaml to read (default: ./deploy.yaml when present); its search: section holds these flags")
+@click.option("--model", type=click.Path(path_type=str), help="Ultralytics .pt checkpoint or .yaml model")
+@click.option("--data", type=click.Path(path_type=str), help="Ultralytics data YAML (labelled: trials are scored by mAP)")
+@click.option("--target", help="target name, see `deploy targets`")
+@click.option("--profile", help="device profile of the target, e.g. raspberry-pi-5")
+@click.option("--imgsz", type=int, help="the baseline's input size (default: the profile's or the checkpoint's)")
+@click.option("--output", type=click.Path(path_type=str),
+              help="where the search's records (OUTPUT/search) and a picked bundle go (default: dist)")
+@click.option("--max-map-drop", type=float, help="mAP50-95 points a trial may lose against the baseline (default 1.0)")
+@click.option("--sizes", help="input sizes to try, e.g. 96,128,160 (multiples of the model's stride)")
+@click.option("--size-range", nargs=2, type=int, help="smallest and largest input size: every stride multiple between")
+@click.option("--prune-ratios", help="prune ratios to try, e.g. 0,0.25,0.5 (0: unpruned)")
+@click.option("--prune-criteria", help="pruning criteria to try, e.g. bn_scale,l1")
+@click.option("--precisions", help="precisions to try (default: every precision the target supports)")
+@click.option("--quant-methods", help="INT8 range methods to try, e.g. auto or minmax,percentile")
+@click.option("--epochs", help="fine-tune epochs per fidelity rung, cheapest first, e.g. 1,4,12")
+@click.option("--eta", type=int, help="successive halving: about 1 in eta trials of a rung goes on (default 3)")
+@click.option("--max-trials", type=int, help="trials (builds) the search may use, including those on record")
+@click.option("--time-budget", type=float, help="seconds after which no new trial starts")
+@click.option("--workers", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
+@click.option("--cpus-per-trial", type=int, help="CPUs each trial declares to Ray (default 1)")
+@click.option("--ray-address", help="join this Ray cluster (host:port) instead of starting a local instance")
+@click.option("--pick", type=click.Choice(["none", "best-under-budget"]),
+              help="best-under-budget publishes the fastest trial within --max-map-drop as a bundle")
+@click.option("--accept-drop", is_flag=True, default=None,
+              help="exit 0 when no trial is within the budget (and --pick publishes the least lossy one)")
+@click.option("--calib", type=click.Path(path_type=str), help="calibration image folder, data YAML or video")
+@click.option("--calib-size", type=int, help="number of calibration images")
+@click.option("--min-sqnr", type=float, help="lowest output SQNR (dB) of a quantized artifact (default 15)")
+@click.option("--runs", type=int, help="timed probe runs per trial (at least 50)")
+@click.option("--device", help="time every trial on this device from devices.yaml (one trial at a time there)")
+@click.option("--inventory", type=click.Path(path_type=str), help="device inventory (default: ./devices.yaml)")
+@click.option("--print-config", is_flag=True, help="print the resolved config as YAML and exit")
+@click.option("--json", "as_json", is_flag=True, help="print only the machine-readable summary")
+def search(config_path, model, data, target, profile, imgsz, output, max_map_drop, sizes, size_range, prune_ratios,
+           prune_criteria, precisions, quant_methods, epochs, eta, max_trials, time_budget, workers, cpus_per_trial,
+           ray_address, pick, accept_drop, calib, calib_size, min_sqnr, runs, device, inventory, print_config,
+           as_json):
+    """Search prune ratio, precision and input size for the Pareto front of latency against mAP (on Ray)."""
+    from edge_deploy.pipeline.config import dump_config, load_config
+
+    if config_path is None and DEFAULT_CONFIG.exists():
+        config_path = DEFAULT_CONFIG
+    config = load_config(config_path, {
+        "model": model, "data": data, "target": target, "profile": profile, "imgsz": imgsz, "output": output,
+        "calibration.source": calib, "calibration.size": calib_size, "quantize.min_sqnr_db": min_sqnr,
+        "probe.runs": runs, "probe.device": device, "probe.inventory": inventory,
+        "search.max_map_drop": max_map_drop, "search.imgsz": _listed(sizes, int, "--sizes"),
+        "search.imgsz_range": list(size_range) if size_range else None,
+        "search.prune_ratios": _listed(prune_ratios, float, "--prune-ratios"),
+        "search.prune_criteria": _listed(prune_criteria, str, "--prune-criteria"),
+        "search.precisions": _listed(precisions, str, "--precisions"),
+        "search.quant_methods": _listed(quant_methods, str, "--quant-methods"),
+        "search.epochs": _listed(epochs, int, "--epochs"), "search.eta": eta, "search.max_trials": max_trials,
+        "search.time_budget_s": time_budget, "search.workers": workers, "search.cpus_per_trial": cpus_per_trial,
+        "search.ray_address": ray_address, "search.pick": pick, "search.accept_drop": accept_drop,
+    })
+    if print_config:
+        click.echo(dump_config(config), nl=False)
+        return
+    from edge_deploy.pipeline.search import budget_error, front_row, FRONT_COLUMNS, publish_pick, run_search
+
+    started = time.monotonic()
+
+    def on_event(what: str, event: str) -> None:
+        if not as_json:
+            click.echo(f"[{time.monotonic() - started:7.1f} s] {what}: {event}")
+
+    result = run_search(config, home_dir(), on_event)
+    settings = result.plan.config.search
+    unmet = result.best is None
+    if settings.pick == "best-under-budget" and (not unmet or settings.accept_drop):
+        publish_pick(result, home_dir())
+    if as_json:
+        from edge_deploy.pipeline.search import search_record
+
+        click.echo(json.dumps({**search_record(result), "record": str(result.record_path),
+                               "picked": str(result.picked) if result.picked else None}, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        b = result.baseline
+        table = Table(*FRONT_COLUMNS, title=f"Pareto front ({result.plan.target_name}): baseline {b.spec.label()} "
+                                            f"mAP50-95 {b.map50_95:.4f}, p50 {b.p50_ms:.2f} ms")
+        for trial in result.front:
+            table.add_row(*front_row(trial), style="bold" if trial is result.best else None)
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console.width = 140  # a log keeps each row on one line
+        console.print(table)
+        click.echo(f"{len(result.trials)} trials ({result.executed} run, {result.reused} on record) in "
+                   f"{result.seconds:.0f} s{'; stopped by ' + result.stopped_by if result.stopped_by else ''}; "
+                   f"record: {result.record_path}, front: {result.table_path}")
+        failed = [t for t in result.trials if t.status == "failed"]
+        if failed:
+            click.echo(f"{len(failed)} trial(s) failed (their errors are in the record): "
+                       + "; ".join(f"{t.spec.label()}: {t.error}" for t in failed[:3]))
+        if result.best:
+            click.echo(f"fastest within {settings.max_map_drop:.2f} points: {result.best.spec.label()} "
+                       f"({result.best.drop_points:.2f} points, p50 {result.best.p50_ms:.2f} ms)")
+        if result.picked:
+            click.echo(f"published: {result.picked}")
+    if unmet and not settings.accept_drop:
+        raise budget_error(result)
 
 
 @main.command()

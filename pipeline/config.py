@@ -113,6 +113,84 @@ class ProbeConfig(Section):
     inventory: Optional[Path] = Field(None, description="device inventory (default: ./devices.yaml)")
 
 
+PRECISION = Literal["fp32", "fp16", "int8", "w4a8", "int4"]
+
+
+class SearchConfig(Section):
+    """`deploy search`: the space, the fidelities and the budget of a Pareto search over builds."""
+
+    max_map_drop: float = Field(1.0, ge=0, description="mAP50-95 points a trial may lose against the baseline (the "
+                                                        "FP32 unpruned model at the build's input size)")
+    imgsz: Optional[list[int]] = Field(None, description="input sizes to try (multiples of the model's largest "
+                                                         "stride); default: imgsz_range")
+    imgsz_range: Optional[tuple[int, int]] = Field(None, description="smallest and largest input size; every "
+                                                                     "multiple of the stride between them is tried; "
+                                                                     "default: half the build's size to all of it")
+    prune_ratios: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="shares of channels to prune "
+                                                                                   "(0: unpruned)")
+    prune_criteria: list[Literal["l1", "l2", "bn_scale", "taylor", "fpgm", "lamp", "random"]] = Field(
+        ["bn_scale"], min_length=1)
+    precisions: Optional[list[PRECISION]] = Field(None, description="default: every precision the target supports")
+    quant_methods: list[Literal["auto", "minmax", "entropy", "percentile"]] = Field(
+        ["auto"], min_length=1, description="INT8 range methods tried per quantized precision (auto: the build's own "
+                                            "choice); mixed precision engages inside each build when its budget is "
+                                            "missed")
+    epochs: list[int] = Field([1, 4, 12], min_length=1, description="fine-tune epochs of pruned trials, one per "
+                                                                    "fidelity rung, cheapest first; the last is the "
+                                                                    "full budget")
+    eta: int = Field(3, ge=2, le=10, description="successive halving: about 1 in eta trials of a rung is promoted")
+    max_trials: Optional[int] = Field(None, ge=1, description="trials (builds) the search may use, finished ones "
+                                                              "of an earlier run included")
+    time_budget_s: Optional[float] = Field(None, gt=0, description="wall time after which no new trial starts")
+    workers: Optional[int] = Field(None, ge=1, le=1024, description="trials at once (default: CPUs / "
+                                                                     "cpus_per_trial)")
+    cpus_per_trial: int = Field(1, ge=1, le=256, description="CPUs each trial's Ray task declares")
+    ray_address: Optional[str] = Field(None, description="an existing Ray cluster (host:port or ray://host:port); "
+                                                         "default: a local Ray instance")
+    pick: Literal["none", "best-under-budget"] = Field(
+        "none", description="best-under-budget publishes the fastest trial within max_map_drop as a bundle")
+    accept_drop: bool = Field(False, description="exit 0 (and pick the least lossy trial) when no trial is within "
+                                                 "max_map_drop")
+
+    @field_validator("imgsz")
+    @classmethod
+    def _sizes(cls, value):
+        if value is not None and not value:
+            raise ValueError("give at least one input size")
+        for size in value or ():
+            if size < 1:
+                raise ValueError(f"input size {size} must be positive")
+        return value
+
+    @field_validator("imgsz_range")
+    @classmethod
+    def _range(cls, value):
+        if value is not None and not 1 <= value[0] <= value[1]:
+            raise ValueError(f"imgsz_range [{value[0]}, {value[1]}] must be two positive sizes, smallest first")
+        return value
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios(cls, value):
+        for ratio in value:
+            if not 0 <= ratio < 1:
+                raise ValueError(f"prune ratio {ratio} must be in [0, 1)")
+        return value
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, value):
+        if any(e < 0 for e in value) or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"epochs {value} must be non-negative and increasing (cheapest rung first)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_size_source(self):
+        if self.imgsz is not None and self.imgsz_range is not None:
+            raise ValueError("give search.imgsz or search.imgsz_range, not both")
+        return self
+
+
 class BuildConfig(Section):
     model: Optional[Path] = Field(None, description="Ultralytics .pt or .yaml; default: the embedded YOLOv8n")
     data: Optional[Path] = Field(None, description="Ultralytics data YAML; default: the embedded shapes set, or with "
@@ -132,6 +210,7 @@ class BuildConfig(Section):
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     probe: ProbeConfig = ProbeConfig()
+    search: SearchConfig = SearchConfig()  # read by `deploy search` only
 
 
 def _unknown_key_message(error: dict, model: type[BaseModel]) -> str:

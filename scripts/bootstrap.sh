@@ -20,7 +20,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]
     fi
     echo "setting up $venv (first run takes a few minutes: PyTorch is large)..." >&2
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$root[test,arm,remote,adb,serial,lab,stm32]" >&2
+    "$venv/bin/python" -m pip install -qq --disable-pip-version-check -e "$root[test,arm,remote,adb,serial,lab,stm32,search]" >&2
     # Their own pins would replace TensorFlow and numpy pinned above; the stm32 extra supplies what they need.
     "$venv/bin/python" -m pip install -qq --disable-pip-version-check --no-deps tf-keras==2.21.0 onnx2tf==1.29.24 >&2
     echo "$wanted" > "$stamp"
