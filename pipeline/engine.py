@@ -150,9 +150,8 @@ class Engine:
                 entry = self.cache_dir / "uncached" / f"{temp_prefix(f'{stage.name}-{key[:16]}')}{time.time_ns()}"
                 entry.parent.mkdir(parents=True, exist_ok=True)
                 self._uncached.append(entry)
-            if entry.exists():
-                shutil.rmtree(entry)
-            work.rename(entry)
+            if not self._place(work, entry):
+                index = json.loads((entry / "stage.json").read_text())["files"]
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
@@ -160,6 +159,30 @@ class Engine:
         self.on_event(stage.name, "done")
         return self._recorded(StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts,
                                           output.metrics, started - self._t0, work_seconds))
+
+    def _place(self, work: Path, entry: Path) -> bool:
+        """Moves a finished stage's folder to its cache entry; False when another build's valid entry for the same
+        key got there first. That one stays (a build running beside this one may be reading it) and ours is
+        dropped; a damaged entry is renamed away before ours takes its place, so no reader sees a half-deleted one."""
+        if entry.exists() and self._load(entry) is not None:
+            return False
+        stale = None
+        if entry.exists():
+            stale = entry.parent / f"{temp_prefix(entry.name)}{time.time_ns()}"
+            try:
+                entry.rename(stale)
+            except FileNotFoundError:
+                stale = None
+        try:
+            work.rename(entry)
+        except OSError:
+            if self._load(entry) is None:  # not a race with another build of this key: a real failure
+                raise
+            return False
+        finally:
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        return True
 
     def _recorded(self, record: StageRecord) -> StageRecord:
         self.records.append(record)

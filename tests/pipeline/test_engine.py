@@ -90,6 +90,18 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, text):
     assert again.artifacts["upper"].path.read_text() == "HELLO"
 
 
+def test_a_valid_entry_another_build_placed_first_stays_for_its_readers(tmp_path, text):
+    """Two builds computing the same stage at once (a search's workers): the second to finish keeps the first's
+    entry, which a build beside it may be reading, instead of deleting it to put its own in place."""
+    first = Engine(tmp_path / "cache").run(Upper(), text)
+    placed = first.artifacts["upper"].path
+    inode = placed.stat().st_ino
+    second = Engine(tmp_path / "cache", use_cache=False).run(Upper(), text)
+    assert not second.cache_hit and second.artifacts["upper"].path == placed
+    assert placed.stat().st_ino == inode and placed.read_text() == "HELLO"
+    assert [p.name for p in placed.parents[1].iterdir()] == [placed.parent.name]  # nothing of the second left
+
+
 def test_missing_input_is_a_typed_error(tmp_path):
     with pytest.raises(DeployError, match="needs text"):
         Engine(tmp_path / "cache").run(Upper(), {})
