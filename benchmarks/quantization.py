@@ -9,6 +9,8 @@ Runtime on this CPU, interleaved with the FP32 model so machine noise hits all
 alike.
 
     .venv/bin/python benchmarks/quantization.py [--budget 0.1 --rounds 15 --block 10]
+    .venv/bin/python benchmarks/quantization.py --model tests/fixtures/yolov8n-deepforest.pt \
+        --data "$(.venv/bin/python scripts/make_deepforest_fixture.py)"      # the real-image fixture
 """
 
 from __future__ import annotations
@@ -48,16 +50,18 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1, help="mAP50-95 points for the mixed-precision rows")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="a .pt checkpoint (default: embedded)")
+    parser.add_argument("--data", type=Path, help="its labelled data YAML (default: the embedded shapes set)")
     args = parser.parse_args()
     import onnxruntime as ort
 
     config = BuildConfig()
     engine = Engine(args.home / "cache")
-    available = {"source": Artifact.of(EMBEDDED_MODEL)}
+    available = {"source": Artifact.of(args.model)}
     available.update(engine.run(LoadStage(args.home, None), available).artifacts)
     available.update(engine.run(ExportStage(args.home, 17, True, 1e-4), available).artifacts)
     info = ModelInfo.from_json(json.loads(available["model_info"].path.read_text()))
-    data = embedded_data(args.home)
+    data = args.data or embedded_data(args.home)
     pre = Preprocess(info.imgsz)
     selection, val = choice_splits(data, pre, config.selection.size, config.selection.seed)
     calibration = calibration_set(data, pre, config.calibration.size, config.calibration.seed,
@@ -108,15 +112,19 @@ def main() -> None:
     p50 = [statistics.median(timings[label]) for label, _, _ in rows]
     reported = [accuracy(val, ort_infer(path), info) for _, path, _ in rows]
 
-    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; yolov8n imgsz "
-          f"{info.imgsz}; calibration {len(calibration.files)} images; choices on {len(selection.files)} selection "
+    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; "
+          f"{args.model.name} ({info.family}) imgsz {info.imgsz} on {data}; calibration {len(calibration.files)} images; choices on {len(selection.files)} selection "
           f"images, reported on {len(val.files)} val images; mixed-precision budget {args.budget} pts; "
           f"quantization took {build_minutes:.1f} min\n")
-    print("| model | mAP50-95 (val) | drop (pts) | p50 ms | speed vs FP32 | size MiB | note |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | mAP50-95 (val) | drop (pts) | drop 95% interval | p50 ms | speed vs FP32 | size MiB | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for (label, path, note), latency, score in zip(rows, p50, reported):
-        print(f"| {label} | {score.map50_95:.4f} | {drop_points(reported[0], score):.2f} | {latency:.2f} | "
+        drop = drop_points(reported[0], score)
+        interval = "-" if drop.interval is None else f"{drop.interval[0]:.2f}..{drop.interval[1]:.2f}"
+        print(f"| {label} | {score.map50_95:.4f} | {drop:.2f} | {interval} | {latency:.2f} | "
               f"{p50[0] / latency:.2f}x | {path.stat().st_size / 2**20:.2f} | {note} |")
+    print(f"\ndrop intervals: paired bootstrap over the {len(val.files)} val images "
+          "(the same resamples for every model)")
 
 
 if __name__ == "__main__":

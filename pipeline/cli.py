@@ -342,7 +342,7 @@ def targets(as_json):
     table = Table("target", "toolchain", "precisions", "INT8", "layout", "profiles", "description")
     for name in sorted(TARGETS):
         t = load_target(name)
-        profiles = "\n".join(f"{p.name}: threads {p.threads or 'default'}, imgsz {p.imgsz or 'model'}"
+        profiles = "\n".join(f"{p.name}: threads {p.threads or 'every core'}, imgsz {p.imgsz or 'model'}"
                               + "".join(f", {k} {v}" for k, v in p.facts.items())
                               + (" (default)" if p.name == t.default_profile else "") for p in t.profiles)
         rules = t.quant_rules
