@@ -658,6 +658,9 @@ def convert_to_tflite(fp32_onnx: Path, batches: list[np.ndarray], out: Path, wor
             raise ToolchainMissing(f"target stm32 needs onnx2tf and tensorflow-cpu ({name} is missing): "
                                    "pip install 'edge-deploy[stm32]' && pip install --no-deps tf-keras==2.21.0 "
                                    "onnx2tf==1.29.24")
+    # The child runs inside `work`: a relative path (a relative DEPLOY_HOME, the default ./.deploy) would not
+    # name the same folder from there.
+    work, out = Path(work).resolve(), Path(out).resolve()
     images = np.concatenate(batches).astype(np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise DeployError(f"stm32: calibration batches must be NHWC RGB, got shape {images.shape}")

@@ -9,6 +9,8 @@ runtime runs the model with the arena the firmware would get.
 
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -91,9 +93,16 @@ def built(tiny, images, tmp_path_factory):
     onnx_path, info = tiny
     work = tmp_path_factory.mktemp("stm32-work")
     target = TfliteMicroStm32()
-    backend = target.quant_backend("int8", onnx_path, info, work / "backend",
-                                   {"calibration_batches": [images[:8], images[8:]], "symmetric": False})
-    candidate = backend.build(None, [], work / "candidates" / "000-minmax-float0")
+    # Relative folders, as the default DEPLOY_HOME (./.deploy) makes every stage's: the conversion's child process
+    # works in another folder and must still find its files.
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        backend = target.quant_backend("int8", onnx_path, info, Path("backend"),
+                                       {"calibration_batches": [images[:8], images[8:]], "symmetric": False})
+        candidate = work / backend.build(None, [], Path("candidates") / "000-minmax-float0")
+    finally:
+        os.chdir(here)
     artifact = tmp_path_factory.mktemp("stm32-artifact")
     converted = target.compile(onnx_path, candidate, "int8", info, artifact, profile="stm32h747")
     return {"backend": backend, "candidate": candidate, "artifact": artifact, "converted": converted,
