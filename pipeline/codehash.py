@@ -30,12 +30,26 @@ def module_file(name: str) -> Path | None:
     return Path(spec.origin)
 
 
-def imported_modules(name: str, path: Path, package_name: str = PACKAGE) -> set[str]:
-    """Project modules `name` imports anywhere in its body (relative imports resolved)."""
+def _import_nodes(tree: ast.Module, module_level: bool):
+    if not module_level:
+        yield from ast.walk(tree)
+        return
+    # What runs when the module is imported: its top-level statements, conditionals and try blocks included,
+    # but no function or class body.
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+
+
+def imported_modules(name: str, path: Path, package_name: str = PACKAGE, module_level: bool = False) -> set[str]:
+    """Project modules `name` imports anywhere in its body, or only at import time (relative imports resolved)."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _import_nodes(tree, module_level):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -53,22 +67,28 @@ def imported_modules(name: str, path: Path, package_name: str = PACKAGE) -> set[
 
 @lru_cache(maxsize=None)
 def closure(roots: tuple[str, ...], package_name: str = PACKAGE) -> tuple[str, ...]:
-    """Every project module reachable from `roots` through imports, sorted."""
-    seen: set[str] = set()
-    todo = list(roots)
+    """Every project module reachable from `roots` through imports, sorted.
+
+    A module a stage imports counts whole, functions included. A package that is only the parent of such a
+    module counts with what runs when it is imported: the package `edge_deploy` imports the whole pipeline
+    inside its `build()` function, and following that would make every stage's key change with any edit
+    anywhere (the report's layout would re-run a fine-tune).
+    """
+    whole: set[str] = set()
+    parents_only: set[str] = set()
+    todo = [(name, False) for name in roots]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, as_parent = todo.pop()
+        if name in whole or (as_parent and name in parents_only):
             continue
         path = module_file(name)
         if path is None:
             continue
-        seen.add(name)
-        # A module's parent packages run first when it is imported.
+        (parents_only if as_parent else whole).add(name)
         parts = name.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
-        todo.extend(imported_modules(name, path, package_name) - seen)
-    return tuple(sorted(seen))
+        todo.extend((".".join(parts[:i]), True) for i in range(1, len(parts)))
+        todo.extend((m, False) for m in imported_modules(name, path, package_name, module_level=as_parent))
+    return tuple(sorted(whole | parents_only))
 
 
 @lru_cache(maxsize=None)
