@@ -4,6 +4,9 @@
     result = edge_deploy.build(target="arm", precision="int8", prune={"ratio": 0.5})
     print(result.bundle, result.accuracy.drop_points, result.speed.speedup_p50)
 
+    found = edge_deploy.search(target="cpu", search={"max_map_drop": 1.0, "max_trials": 8})
+    print(found.best.spec.label(), found.best.p50_ms, [t.spec.label() for t in found.front])
+
 The framework lives in `edge_deploy.pipeline`, the targets in
 `edge_deploy.targets`, calibration and quantization in
 `edge_deploy.calibration`; the source tree keeps them as the top-level folders
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["build", "target_capabilities", "BuildConfig", "BuildResult"]
+__all__ = ["build", "search", "target_capabilities", "BuildConfig", "BuildResult", "SearchResult"]
 
 
 def __getattr__(name: str):
@@ -28,6 +31,10 @@ def __getattr__(name: str):
         from edge_deploy.pipeline.build import BuildResult
 
         return BuildResult
+    if name == "SearchResult":
+        from edge_deploy.pipeline.search import SearchResult
+
+        return SearchResult
     raise AttributeError(name)
 
 
@@ -39,6 +46,34 @@ def build(config=None, *, home: str | os.PathLike | None = None, use_cache: bool
     `edge_deploy.pipeline.errors.DeployError` subclasses.
     """
     from edge_deploy.pipeline.build import run_build
+
+    resolved = _resolved(config, settings, "edge_deploy.build()")
+    return run_build(resolved, _home(home), use_cache=use_cache)
+
+
+def search(config=None, *, home: str | os.PathLike | None = None, **settings):
+    """Runs a search like `deploy search` and returns its SearchResult (front, best, every trial).
+
+    Settings as for build(); the search's own keys go in `search={...}` (max_map_drop, prune_ratios,
+    precisions, imgsz, max_trials, time_budget_s, workers, ray_address, pick, accept_drop). With
+    `pick="best-under-budget"` the fastest trial within the budget is published as a bundle
+    (`result.picked`). A search with no trial within the budget raises AccuracyGateError unless
+    `accept_drop` is set; then `result.best` is None and `result.best_found` is the least lossy trial.
+    """
+    from edge_deploy.pipeline.search import budget_error, publish_pick, run_search
+
+    resolved = _resolved(config, settings, "edge_deploy.search()")
+    home_dir = _home(home)
+    result = run_search(resolved, home_dir)
+    chosen = result.plan.config.search
+    if chosen.pick == "best-under-budget" and (result.best is not None or chosen.accept_drop):
+        publish_pick(result, home_dir)
+    if result.best is None and not chosen.accept_drop:
+        raise budget_error(result)
+    return result
+
+
+def _resolved(config, settings: dict, where: str):
     from edge_deploy.pipeline.config import load_config, validate
 
     if config is None or isinstance(config, (str, os.PathLike)):
@@ -50,9 +85,11 @@ def build(config=None, *, home: str | os.PathLike | None = None, use_cache: bool
             base[key] = {**base[key], **value}
         else:
             base[key] = value
-    resolved = validate(base, "edge_deploy.build()")
-    home = Path(home if home is not None else os.environ.get("DEPLOY_HOME", ".deploy"))
-    return run_build(resolved, home, use_cache=use_cache)
+    return validate(base, where)
+
+
+def _home(home) -> Path:
+    return Path(home if home is not None else os.environ.get("DEPLOY_HOME", ".deploy"))
 
 
 def target_capabilities() -> dict[str, dict]:

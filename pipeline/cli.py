@@ -311,7 +311,7 @@ def search(config_path, model, data, target, profile, imgsz, output, max_map_dro
         console.print(table)
         click.echo(f"{len(result.trials)} trials ({result.executed} run, {result.reused} on record) in "
                    f"{result.seconds:.0f} s{'; stopped by ' + result.stopped_by if result.stopped_by else ''}; "
-                   f"record: {result.record_path}, front: {result.table_path}")
+                   f"record: {result.record_path}, front: {result.table_path}, plot: {result.plot_path}")
         failed = [t for t in result.trials if t.status == "failed"]
         if failed:
             click.echo(f"{len(failed)} trial(s) failed (their errors are in the record): "

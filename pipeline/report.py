@@ -68,17 +68,21 @@ def render_html(inputs: ReportInputs) -> str:
            f"<h1>{_esc(inputs.name)}: build report</h1>", '<nav><ul>']
     out += [f'<li><a href="#{s.anchor}">{_esc(s.title)}</a></li>' for s in sections]
     out.append("</ul></nav>")
-    for section in sections:
-        out.append(f'<section id="{section.anchor}"><h2>{_esc(section.title)}</h2>')
-        for block in section.blocks:
-            if isinstance(block, str):
-                out.append(f"<p>{_inline(block)}</p>")
-            elif isinstance(block, Chart):
-                out.append(f"<figure>{block.svg}<figcaption>{_inline(block.caption)}</figcaption></figure>")
-            else:
-                out.append(_html_table(block))
-        out.append("</section>")
+    out += [_html_section(section) for section in sections]
     out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def _html_section(section: Section) -> str:
+    out = [f'<section id="{section.anchor}"><h2>{_esc(section.title)}</h2>']
+    for block in section.blocks:
+        if isinstance(block, str):
+            out.append(f"<p>{_inline(block)}</p>")
+        elif isinstance(block, Chart):
+            out.append(f"<figure>{block.svg}<figcaption>{_inline(block.caption)}</figcaption></figure>")
+        else:
+            out.append(_html_table(block))
+    out.append("</section>")
     return "\n".join(out)
 
 
@@ -88,15 +92,74 @@ def render_markdown(inputs: ReportInputs) -> str:
            "The same numbers as `report.html`, which also draws them (timeline, latency distributions, pruning "
            "history, quantization sensitivity, latency against mAP50-95).", ""]
     for section in sections:
-        out += [f"## {section.title}", ""]
-        for block in section.blocks:
-            if isinstance(block, str):
-                out += [_md_text(block), ""]
-            elif isinstance(block, Table):
-                out += [_md_row(block.headers), "|" + "---|" * len(block.headers)]
-                out += [_md_row(row) for row in block.rows]
-                out.append("")
+        out += _md_section(section)
     return "\n".join(out)
+
+
+def _md_section(section: Section) -> list[str]:
+    out = [f"## {section.title}", ""]
+    for block in section.blocks:
+        if isinstance(block, str):
+            out += [_md_text(block), ""]
+        elif isinstance(block, Table):
+            out += [_md_row(block.headers), "|" + "---|" * len(block.headers)]
+            out += [_md_row(row) for row in block.rows]
+            out.append("")
+    return out
+
+
+def add_search_section(page: str, markdown: str, search: dict) -> tuple[str, str]:
+    """A released report with the section of the search that picked its bundle (a manifest's `search`) added
+    last. The release stage renders the build alone, before any search has chosen it."""
+    section = search_section(search["plot"])
+    nav_end, body_end = page.index("</ul></nav>"), page.rindex("</body>")
+    page = (page[:nav_end] + f'<li><a href="#{section.anchor}">{_esc(section.title)}</a></li>'
+            + page[nav_end:body_end] + _html_section(section) + "\n" + page[body_end:])
+    return page, markdown.rstrip("\n") + "\n\n" + "\n".join(_md_section(section))
+
+
+def search_section(plot: dict) -> Section:
+    """The search a bundle was picked by: every trial, its front, the baseline and the pick, from the record
+    `search.plot_record` makes."""
+    chosen = plot["chosen"]
+    blocks = [f"This bundle is {_chosen_text(chosen)} of a search over {plot['trials']} trials: each trial an "
+              "ordinary build with a few settings changed, compared on latency against mAP50-95. "
+              + search_caption(plot)]
+    rows = tuple((p["label"], f"{p['map50_95']:.4f}", f"{p['drop_points']:.2f}" if p["drop_points"] is not None
+                  else "not recorded", _f(p["p50_ms"]) + (" (busy)" if p["busy"] else ""),
+                  "yes" if p["front"] else "no",
+                  "baseline" if p["key"] == plot["baseline"]["key"] else
+                  "picked" if chosen and p["key"] == chosen["key"] else "")
+                 for p in sorted(plot["points"], key=lambda p: (p["p50_ms"], -p["map50_95"])))
+    blocks += [Chart(search_svg(plot), "p50 latency (ms) against mAP50-95 on the selection split, one point per "
+                                       "timed trial; the line joins the Pareto front."),
+               Table(("trial", "mAP50-95 (selection)", "drop (pts)", "p50 ms", "on the front", "mark"), rows)]
+    return Section("search", "Search: latency against mAP50-95 of every trial", tuple(blocks))
+
+
+def _chosen_text(chosen: dict | None) -> str:
+    if chosen is None:
+        return "not the choice"
+    return f"the trial {chosen['label']} ({chosen['how']})"
+
+
+def search_caption(plot: dict) -> str:
+    drawn, selection = len(plot["points"]), plot["selection"]
+    split = (f"the selection split ({selection['images']} images from `{selection['source']}`)" if selection
+             else "the selection split")
+    left = [f"{plot['failed']} failed"] + ([f"{plot['not_timed']} not timed"] if plot["not_timed"] else [])
+    chosen = plot["chosen"]
+    text = (f"{drawn} of {plot['trials']} trials drawn ({', '.join(left)}: not drawn). Latency: the p50 each trial's "
+            f"probe measured on {'; '.join(plot['timed_on']) or 'no device'}"
+            + (", so the points are not directly comparable" if len(plot["timed_on"]) > 1 else "")
+            + f". mAP50-95: on {split}, where the search chooses; the report split is never chosen on. "
+            f"Square: the baseline ({plot['baseline']['label']}). ")
+    if chosen is not None:
+        text += f"Ring: {chosen['how']} ({chosen['label']}, {chosen['drop_points']:.2f} points). "
+    busy = sum(p["busy"] for p in plot["points"])
+    if busy:
+        text += f"{busy} of the timings saw a busy machine (marked busy in the table). "
+    return text + (f"Dashed line: the budget, {plot['max_map_drop']:.2f} points of mAP50-95 below the baseline.")
 
 
 def build_sections(r: ReportInputs) -> list[Section]:
@@ -635,6 +698,91 @@ def _pareto_svg(points: list, frontier: set, y_title: str) -> str:
         body.append(_text(cx + 9, cy - 8, f"{label}: {res.latency_ms['p50']} ms, {acc.map50_95:.4f}", 10,
                           halo=True))
     return _svg(width, height, body)
+
+
+def search_svg(plot: dict, standalone: bool = False) -> str:
+    """Every timed trial (grey), the Pareto front (joined, coloured), the baseline (square), the chosen trial
+    (ring) and the budget (dashed). Standalone, it is a file of its own and carries its caption."""
+    width, height = 1000, 400
+    left, right, top, bottom = 80, width - 250, 20, height - 45
+    points, base, chosen = plot["points"], plot["baseline"], plot["chosen"]
+    budget = base["map50_95"] - plot["max_map_drop"] / 100
+    # A baseline whose runtime reported no p50 sets the budget but is not drawn.
+    timed_base = base["p50_ms"] is not None
+    lats = [p["p50_ms"] for p in points] + ([base["p50_ms"]] if timed_base else [])
+    maps = [p["map50_95"] for p in points] + [base["map50_95"], budget]
+    if not lats:
+        lats = [1.0]
+    pad_x = max((max(lats) - min(lats)) * 0.1, max(lats) * 0.05)
+    pad_y = max((max(maps) - min(maps)) * 0.1, 0.005)
+    xa = _Axis(max(min(lats) - pad_x, 0.0), max(lats) + pad_x, left, right)
+    ya = _Axis(max(min(maps) - pad_y, 0.0), min(max(maps) + pad_y, 1.0), bottom, top)
+    body = _y_axis(ya, left, "mAP50-95 (selection split)", right) + _x_axis(xa, bottom, "p50 latency (ms)", top)
+    by = ya(budget)
+    body.append(f'<line class="budget" x1="{_f(left)}" y1="{_f(by)}" x2="{_f(right)}" y2="{_f(by)}" '
+                f'stroke="{PALETTE[1]}" stroke-width="1.5" stroke-dasharray="5,3"/>')
+    body.append(_text(left + 6, by - 5, f"budget: {plot['max_map_drop']:.2f} points below the baseline", 10,
+                      fill=PALETTE[1], halo=True))
+    front = sorted((p for p in points if p["front"]), key=lambda p: (p["p50_ms"], -p["map50_95"]))
+    if len(front) > 1:
+        path = " ".join(f"{'M' if i == 0 else 'L'}{_f(xa(p['p50_ms']))},{_f(ya(p['map50_95']))}"
+                        for i, p in enumerate(front))
+        body.append(f'<path class="front" d="{path}" fill="none" stroke="{PALETTE[0]}" stroke-width="2"/>')
+    # The front last, so a dominated point never hides one of it.
+    for p in sorted(points, key=lambda p: p["front"]):
+        title = f"{p['label']}: p50 {p['p50_ms']} ms, mAP50-95 {p['map50_95']:.4f}" + (" (busy)" if p["busy"] else "")
+        kind, colour, r = ("trial front", PALETTE[0], 5) if p["front"] else ("trial", GREY, 4)
+        body.append(f'<circle class="{kind}" cx="{_f(xa(p["p50_ms"]))}" cy="{_f(ya(p["map50_95"]))}" r="{r}" '
+                    f'fill="{colour}"><title>{_esc(title)}</title></circle>')
+    for p in front:
+        body.append(_text(xa(p["p50_ms"]) + 8, ya(p["map50_95"]) + 14, p["label"], 9, halo=True))
+    if timed_base:
+        bx, byy = xa(base["p50_ms"]), ya(base["map50_95"])
+        body.append(f'<rect class="baseline" x="{_f(bx - 7)}" y="{_f(byy - 7)}" width="14" height="14" '
+                    'fill="none" stroke="#222" stroke-width="1.5"/>')
+        body.append(_text(bx, byy - 11, "baseline", 10, "middle", halo=True))
+    if chosen is not None and chosen["p50_ms"] is not None:
+        cx, cy = xa(chosen["p50_ms"]), ya(chosen["map50_95"])
+        body.append(f'<circle class="picked" cx="{_f(cx)}" cy="{_f(cy)}" r="10" fill="none" stroke="{PALETTE[3]}" '
+                    f'stroke-width="2.5"/>')
+    # The legend, right of the plot, names the marks in full; labels beside the points would cover each other.
+    x, y = right + 20, top + 8
+    legend = [(lambda y: f'<circle cx="{_f(x)}" cy="{_f(y)}" r="5" fill="{PALETTE[0]}"/>',
+               ["the Pareto front, joined"]),
+              (lambda y: f'<circle cx="{_f(x)}" cy="{_f(y)}" r="4" fill="{GREY}"/>', ["another trial"])]
+    if timed_base:
+        legend.append((lambda y: f'<rect x="{_f(x - 7)}" y="{_f(y - 7)}" width="14" height="14" fill="none" '
+                                 'stroke="#222" stroke-width="1.5"/>', [f"the baseline: {base['label']}"]))
+    if chosen is not None and chosen["p50_ms"] is not None:
+        legend.append((lambda y: f'<circle cx="{_f(x)}" cy="{_f(y)}" r="10" fill="none" stroke="{PALETTE[3]}" '
+                                 'stroke-width="2.5"/>',
+                       _wrap(f"{chosen['how']}: {chosen['label']}, p50 {chosen['p50_ms']:.2f} ms, mAP50-95 "
+                             f"{chosen['map50_95']:.4f}", 34)))
+    for mark, lines in legend:
+        body.append(mark(y))
+        body += [_text(x + 16, y + 4 + 13 * i, line, 10) for i, line in enumerate(lines)]
+        y += 13 * len(lines) + 14
+    if not standalone:
+        return _svg(width, height, body)
+    # A file of its own has no figcaption: the caption is drawn under the plot, wrapped to the width.
+    title = f"Pareto front: latency against mAP50-95 ({plot['target']}, profile {plot['profile'] or 'none'})"
+    body.append(_text(left, height + 6, title, 12))
+    lines = _wrap(search_caption(plot).replace("`", ""), 150)
+    for i, line in enumerate(lines):
+        body.append(_text(left, height + 24 + 14 * i, line, 10))
+    svg = _svg(width, height + 36 + 14 * len(lines), body)
+    return svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + ([line] if line else [])
 
 
 def _ci(interval, form: str) -> str:

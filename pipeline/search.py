@@ -95,6 +95,7 @@ class Trial:
     p50_ms: float | None = None
     p90_ms: float | None = None
     contended: str | None = None
+    timed_on: str | None = None  # the host and device its latency came from: trials may run on several nodes
     size_bytes: int | None = None
     params: int | None = None
     macs: int | None = None
@@ -131,6 +132,7 @@ class Plan:
     pruned: list[TrialSpec]  # at the first rung
     rungs: list[int]
     inputs_digest: str  # model and data contents: a trial on record was measured on these
+    selection: dict = field(default_factory=dict)  # the split every choice is made on: images, source, fingerprint
 
     def describe(self) -> dict:
         return {"target": self.target_name, "profile": self.config.profile, "stride": self.stride,
@@ -212,7 +214,8 @@ def plan_search(config: BuildConfig, home: Path) -> Plan:
     config.data = data_yaml
     config.model = model_path if config.model else None
     return Plan(config, Path(home), Path(config.output) / SEARCH_FOLDER, target.name, stride, baseline, sizes,
-                unpruned, pruned, list(search.epochs), digest)
+                unpruned, pruned, list(search.epochs), digest,
+                {"images": len(selection.files), "source": selection.source, "fingerprint": selection.fingerprint})
 
 
 def trial_config(plan: Plan, spec: TrialSpec, output: Path) -> BuildConfig:
@@ -291,6 +294,7 @@ def _measure(config: BuildConfig, home: Path, spec: TrialSpec, key: str) -> Tria
         probe = speed.artifact or speed.reference  # no artifact: the FP32 ONNX is the reference itself
         trial.p50_ms, trial.p90_ms = probe.latency_ms.get("p50"), probe.latency_ms.get("p90")
         trial.contended = speed.contended
+        trial.timed_on = timed_on(probe.device)
     trial.size_bytes = result.metrics("compile").get("size_bytes")
     checkpoint = next(r.artifacts["checkpoint"].path for r in reversed(result.records) if "checkpoint" in r.artifacts)
     trial.macs, trial.params = _macs_params(checkpoint, spec.imgsz)
@@ -298,6 +302,12 @@ def _measure(config: BuildConfig, home: Path, spec: TrialSpec, key: str) -> Tria
     shutil.rmtree(result.bundle, ignore_errors=True)
     trial.bundle = result.bundle.name
     return trial
+
+
+def timed_on(device: dict) -> str:
+    from edge_deploy.pipeline.report import device_text
+
+    return f"{device.get('hostname') or 'unknown host'}: {device_text(device)}"
 
 
 def _macs_params(checkpoint: Path, imgsz: int) -> tuple[int, int]:
@@ -365,6 +375,7 @@ class SearchResult:
     stopped_by: str | None  # "max_trials" / "time_budget" when the budget ended the search early
     record_path: Path
     table_path: Path
+    plot_path: Path | None = None
     picked: Path | None = None
 
     @property
@@ -624,10 +635,40 @@ def _conclude(plan: Plan, scheduler: _Scheduler, order: list[Trial], executed: i
     record = plan.folder / "search.json"
     table = plan.folder / "front.md"
     result = SearchResult(plan, order, baseline, front, best, best_found, executed, reused, round(seconds, 1),
-                          stopped_by, record, table)
+                          stopped_by, record, table, plan.folder / FRONT_PLOT)
     atomic_write_text(record, json.dumps(search_record(result), indent=1, sort_keys=True))
     atomic_write_text(table, front_markdown(result))
+    _write_plot(result, best or best_found, "fastest within budget" if best else "least lossy, none within budget")
     return result
+
+
+FRONT_PLOT = "front.svg"
+
+
+def plot_record(result: SearchResult, chosen: Trial | None, choice: str | None) -> dict:
+    """What the front's plot is drawn from. A picked bundle's manifest carries it, and the bundle's report draws
+    it from there: a bundle moved elsewhere keeps its plot without the search folder."""
+    front = {t.key for t in result.front}
+    timed = measured(result.trials)
+    b = result.baseline
+    return {"points": [{"key": t.key, "label": t.spec.label(), "p50_ms": t.p50_ms, "map50_95": t.map50_95,
+                        "drop_points": t.drop_points, "front": t.key in front, "busy": bool(t.contended)}
+                       for t in timed],
+            "failed": sum(t.status == "failed" for t in result.trials),
+            "not_timed": sum(t.status == "done" and t not in timed for t in result.trials),
+            "trials": len(result.trials), "timed_on": sorted({t.timed_on or "not recorded" for t in timed}),
+            "selection": result.plan.selection, "max_map_drop": result.plan.config.search.max_map_drop,
+            "baseline": {"key": b.key, "label": b.spec.label(), "p50_ms": b.p50_ms, "map50_95": b.map50_95},
+            "chosen": None if chosen is None else {"key": chosen.key, "label": chosen.spec.label(),
+                                                   "p50_ms": chosen.p50_ms, "map50_95": chosen.map50_95,
+                                                   "drop_points": chosen.drop_points, "how": choice},
+            "target": result.plan.target_name, "profile": result.plan.config.profile}
+
+
+def _write_plot(result: SearchResult, chosen: Trial | None, choice: str | None) -> None:
+    from edge_deploy.pipeline.report import search_svg
+
+    atomic_write_text(result.plot_path, search_svg(plot_record(result, chosen, choice), standalone=True))
 
 
 def search_record(result: SearchResult) -> dict:
@@ -693,8 +734,10 @@ def budget_error(result: SearchResult) -> AccuracyGateError:
 def publish_pick(result: SearchResult, home: Path) -> Path:
     """Builds the chosen trial again into the output folder (every stage a cache hit where the workers share this
     machine's cache) and adds the search's record to its manifest."""
+    from edge_deploy.pipeline.artifacts import sha256_tree
     from edge_deploy.pipeline.build import run_build
-    from edge_deploy.pipeline.stages.release import MANIFEST
+    from edge_deploy.pipeline.report import add_search_section
+    from edge_deploy.pipeline.stages.release import MANIFEST, REPORT_HTML, REPORT_MD
 
     chosen = result.best or result.best_found
     if chosen is None:
@@ -703,6 +746,8 @@ def publish_pick(result: SearchResult, home: Path) -> Path:
     built = run_build(trial_config(plan, chosen.spec, Path(plan.config.output)), home)
     manifest_path = built.bundle / MANIFEST
     manifest = json.loads(manifest_path.read_text())
+    choice = "picked: fastest within budget" if result.best else "picked: least lossy (--accept-drop)"
+    plot = plot_record(result, chosen, choice)
     manifest["search"] = {"record": str(result.record_path.resolve()), "trial": chosen.key,
                           "choice": "best-under-budget" if result.best else "least lossy (--accept-drop)",
                           "spec": asdict(chosen.spec), "max_map_drop": plan.config.search.max_map_drop,
@@ -710,7 +755,15 @@ def publish_pick(result: SearchResult, home: Path) -> Path:
                           "baseline": {"spec": asdict(result.baseline.spec), "map50_95": result.baseline.map50_95},
                           "front": [{"spec": asdict(t.spec), "map50_95": t.map50_95, "p50_ms": t.p50_ms}
                                     for t in result.front],
-                          "trials": len(result.trials)}
+                          "trials": len(result.trials), "plot": plot}
+    # The release stage wrote the report before the search was known: its page gains the search's section here,
+    # and the manifest the new files' hashes, so `deploy check` still holds.
+    page, text = add_search_section((built.bundle / REPORT_HTML).read_text(),
+                                    (built.bundle / REPORT_MD).read_text(), manifest["search"])
+    for name, content in ((REPORT_HTML, page), (REPORT_MD, text)):
+        atomic_write_text(built.bundle / name, content)
+        manifest["files"][name] = sha256_tree(built.bundle / name)
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+    _write_plot(result, chosen, choice)
     result.picked = built.bundle
     return built.bundle

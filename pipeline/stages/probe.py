@@ -8,13 +8,14 @@ and the runtime versions the transport reports, not the host's packages.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import shutil
+import time
 import warnings
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.pipeline.artifacts import Artifact, sha256_file
@@ -109,10 +110,22 @@ class ProbeStage(Stage):
     async def _held_job(self, target, transport, job_dir: Path):
         from edge_deploy.targets.transports import run_job
 
-        held = self.hold(transport.label) if self.hold is not None else contextlib.nullcontext()
-        async with held:
-            return await run_job(transport, job_dir, target.runner, target.runtime_packages, self.timeout,
-                                 support=target.runner_support)
+        return await held_job(self.hold, transport.label, lambda: run_job(
+            transport, job_dir, target.runner, target.runtime_packages, self.timeout, support=target.runner_support))
+
+
+async def held_job(hold: Callable[[str], AbstractAsyncContextManager] | None, device: str,
+                   job: Callable[[], Awaitable[ProbeResult]]) -> ProbeResult:
+    """One device job under the device's lock (this machine's too: two builds timing here at once would each
+    measure the other's load), the wait recorded in the result's host timings (`lock_wait_s`). Only the job is
+    held: whatever a build does before or after it runs alongside other builds' jobs."""
+    if hold is None:
+        return await job()
+    asked = time.monotonic()
+    async with hold(device):
+        waited = time.monotonic() - asked
+        result = await job()
+    return dataclasses.replace(result, host_timings={**result.host_timings, "lock_wait_s": round(waited, 3)})
 
 
 def same_device(first, second) -> bool:

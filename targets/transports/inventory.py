@@ -22,6 +22,7 @@ import asyncio
 import difflib
 import fcntl
 import os
+import socket
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -182,13 +183,20 @@ def make_transport(name: str, device: Device):
     return transport
 
 
+def lock_file(home: Path, name: str) -> Path:
+    """`local` is whichever machine runs the job: its lock is named for the host, so nodes of a cluster sharing one
+    DEPLOY_HOME each time their own jobs one at a time instead of all taking turns on one file."""
+    stem = f"{LOCAL}-{socket.gethostname()}" if name == LOCAL else name
+    return Path(home) / "locks" / f"{stem}.lock"
+
+
 @asynccontextmanager
 async def device_lock(home: Path, name: str, wait_s: float, on_wait=None):
     """Holds the device for one run. An flock on a file under home/locks: released by the kernel if the holder
     dies, so a crashed run never leaves a board locked. Polled, so other devices' jobs go on while one waits."""
-    folder = Path(home) / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / f"{name}.lock", "a+")
+    path = lock_file(home, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
     try:
         deadline, told = time.monotonic() + wait_s, False
         while True:

@@ -5,7 +5,10 @@ trial recorded, an impossible budget, a pick published."""
 from __future__ import annotations
 
 import ast
+import html
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +42,67 @@ def test_pareto_front_keeps_only_undominated_trials_fastest_first():
     trials = [trial(s[0], 2.0, 0.50), trial(s[1], 3.0, 0.60), trial(s[2], 3.5, 0.55),  # s2 dominated by s1
               trial(s[3], 5.0, 0.70), trial(s[4], 5.0, 0.65)]  # s4: as fast as s3, less accurate
     assert [t.spec for t in pareto_front(trials)] == [s[0], s[1], s[3]]
+
+
+TIMED_ON = "bench-host: Test CPU (2 CPUs, x86_64), via local"
+
+
+def _drawn(svg: str) -> dict[str, list[tuple[str, str]]]:
+    """The plot's round marks by class, each as its centre."""
+    marks: dict[str, list[tuple[str, str]]] = {}
+    for kind, cx, cy in re.findall(r'<circle class="([^"]+)" cx="([\d.]+)" cy="([\d.]+)"', svg):
+        marks.setdefault(kind, []).append((cx, cy))
+    return marks
+
+
+def _point(svg: str, label: str) -> tuple[str, str]:
+    """The centre of the trial point whose tooltip names `label`."""
+    found = re.findall(r'<circle class="trial[^"]*" cx="([\d.]+)" cy="([\d.]+)"[^>]*><title>([^<]+):', svg)
+    return next((cx, cy) for cx, cy, title in found if title == label)
+
+
+def test_the_front_plot_draws_every_timed_trial_the_front_the_baseline_and_the_pick(tmp_path):
+    from edge_deploy.pipeline.report import add_search_section, render_html, render_markdown
+    from edge_deploy.pipeline.search import _conclude, plot_record
+    from tests.pipeline.test_report import assert_self_contained, full_inputs
+
+    base, small, small_int8 = TrialSpec(96, "fp32"), TrialSpec(64, "fp32"), TrialSpec(64, "int8")
+    pruned_1, pruned_4 = (TrialSpec(64, "int8", "auto", 0.5, "bn_scale", e) for e in (1, 4))
+    broken = TrialSpec(96, "int8")
+    config = BuildConfig(search=SearchConfig(epochs=[1, 4], max_map_drop=4.5))
+    plan = Plan(config, tmp_path, tmp_path / "search", "cpu", 32, base, [64, 96], [base, small, small_int8, broken],
+                [pruned_1], [1, 4], "digest", {"images": 40, "source": "/data/val (selection)", "fingerprint": "ab"})
+    scheduler = _Scheduler(plan)
+    # Made-up figures: the lower rung of the pruned arm is drawn but not on the front (its higher rung replaces it).
+    order = [trial(base, 10.0, 0.70), trial(small, 6.0, 0.66), trial(small_int8, 3.0, 0.65),
+             trial(pruned_1, 1.9, 0.40), trial(pruned_4, 2.0, 0.60), trial(broken, 0, 0, status="failed")]
+    order[-1].p50_ms = order[-1].map50_95 = None
+    for t in order:
+        t.timed_on = TIMED_ON if t.status == "done" else None
+        scheduler.done[t.spec] = t
+    result = _conclude(plan, scheduler, order, 6, 0, 12.0, None)
+    assert result.best.spec == small  # 4 points down: the fastest within 4.5
+    svg = (tmp_path / "search" / "front.svg").read_text()
+    assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg" ') and result.plot_path.name == "front.svg"
+    marks = _drawn(svg)
+    assert len(marks["trial"]) + len(marks["trial front"]) == 5 and len(marks["trial front"]) == 4
+    # The choice's ring is centred on its own point, the baseline's square on the baseline's.
+    assert marks["picked"] == [_point(svg, "64px fp32")]
+    x, y = (float(v) for v in _point(svg, "96px fp32"))
+    assert f'class="baseline" x="{x - 7:.2f}" y="{y - 7:.2f}"' in svg
+    assert svg.count('class="baseline"') == 1 and svg.count('class="budget"') == 1 and svg.count("<path") == 1
+    for text in ("5 of 6 trials drawn (1 failed: not drawn)", TIMED_ON, "40 images from /data/val (selection)",
+                 "fastest within budget (64px fp32, 4.00 points)", "4.50 points of mAP50-95 below the baseline"):
+        assert text in svg, text
+
+    # A picked bundle's report: the same plot and a table, after the build's own sections.
+    plot = plot_record(result, result.best, "picked: fastest within budget")
+    page, md = add_search_section(render_html(full_inputs()), render_markdown(full_inputs()), {"plot": plot})
+    assert_self_contained(page)
+    assert page.index('<li><a href="#search">') < page.index('<section id="search">') < page.index("</body>")
+    section = page[page.index('<section id="search">'):]
+    assert _drawn(section)["picked"] == marks["picked"] and "picked: fastest within budget" in section
+    assert "`/data/val (selection)`" in md and md.count("| 64px fp32 | 0.6600 | 4.00 | 6.00 | yes | picked |") == 1
 
 
 def _plan(pruned: list[TrialSpec], unpruned: list[TrialSpec], rungs: list[int], eta: int) -> Plan:
@@ -214,23 +278,66 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(searched):
     assert summary["reused"] == len(before) and summary["executed"] == 4 - len(before)
 
 
-def test_an_impossible_budget_exits_non_zero_with_the_best_found(searched, deploy_home, small_shapes_yaml):
+def _impossible_budget(data: Path, out: Path) -> list[str]:
+    args = _search_args(data, out, "--max-map-drop", "0.01")
+    args[args.index("--sizes") + 1] = "64"
+    return args
+
+
+@pytest.fixture(scope="module")
+def picked(searched, deploy_home, small_shapes_yaml):
+    """The least lossy trial of a budget nobody meets, published with --accept-drop (every trial is on record)."""
+    done = cli([*_impossible_budget(small_shapes_yaml, searched["out"]), "--accept-drop", "--pick",
+                "best-under-budget", "--json"], deploy_home)
+    assert done.exit_code == 0, done.stderr
+    return Path(json.loads(done.stdout)["picked"])
+
+
+def test_an_impossible_budget_exits_non_zero_with_the_best_found(searched, picked, deploy_home, small_shapes_yaml):
     out = searched["out"]
     # Every trial of this space is on record: no Ray starts.
-    args = _search_args(small_shapes_yaml, out, "--max-map-drop", "0.01")
-    args[args.index("--sizes") + 1] = "64"
-    done = cli(args, deploy_home)
+    done = cli(_impossible_budget(small_shapes_yaml, out), deploy_home)
     assert done.exit_code == 4, done.stderr
     assert done.stderr.count("\n") == 1 and "no trial is within 0.01" in done.stderr
     assert "the best found is 64px fp32 at" in done.stderr and "] ray:" not in done.stdout
-    picked = cli([*args, "--accept-drop", "--pick", "best-under-budget", "--json"], deploy_home)
-    assert picked.exit_code == 0, picked.stderr
-    bundle = Path(json.loads(picked.stdout)["picked"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((picked / "manifest.json").read_text())
     assert manifest["search"]["spec"]["imgsz"] == 64 and manifest["search"]["choice"].startswith("least lossy")
     assert Path(manifest["search"]["record"]).is_file()
-    checked = run_deploy(["check", str(bundle)], out, deploy_home)
+    checked = run_deploy(["check", str(picked)], out, deploy_home)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_picked_bundles_report_and_the_search_folder_plot_the_search(searched, picked):
+    from tests.pipeline.test_report import assert_self_contained
+
+    page = (picked / "report.html").read_text()
+    assert_self_contained(page)
+    section = page[page.index('<section id="search">'):]
+    # The baseline (96 px) and the 64 px FP32 trial are timed; the 64 px INT8 trial failed at compile.
+    assert "2 of 3 trials drawn (1 failed: not drawn)" in section
+    assert _drawn(section)["picked"] == [_point(section, "64px fp32")] and "least lossy" in section
+    x, y = (float(v) for v in _point(section, "96px fp32"))
+    assert f'class="baseline" x="{x - 7:.2f}" y="{y - 7:.2f}"' in section and 'class="budget"' in section
+    plot = json.loads((picked / "manifest.json").read_text())["search"]["plot"]
+    # The caption names where the latencies were timed (this machine, by its host name) and the split.
+    assert len(plot["timed_on"]) == 1 and plot["timed_on"][0].startswith(f"{socket.gethostname()}: ")
+    assert plot["timed_on"][0] in html.unescape(section)
+    assert f"the selection split ({plot['selection']['images']} images from" in section
+    assert "## Search: latency against mAP50-95 of every trial" in (picked / "report.md").read_text()
+    # The search folder's own plot, beside front.md, marks the same pick.
+    front = (searched["out"] / "search" / "front.svg").read_text()
+    assert _drawn(front)["picked"] == _drawn(section)["picked"] and "least lossy" in front
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary (./run-tests installs it as root)")
+def test_the_search_plot_renders_in_a_headless_browser(searched, picked, tmp_path):
+    from edge_deploy.pipeline.report import GREY, PALETTE
+    from tests.pipeline.test_report import _pixels_of, screenshot
+
+    image = screenshot(searched["out"] / "search" / "front.svg", tmp_path / "front.png")
+    # The front's point, the other trial's, the pick's ring and the budget line are on screen.
+    for colour in (PALETTE[0], GREY, PALETTE[3], PALETTE[1]):
+        assert _pixels_of(image, colour) > 30, colour
 
 
 def test_a_worker_dying_mid_trial_is_retried_and_the_search_goes_on(searched):
