@@ -6,11 +6,16 @@ and W4A8. Every choice (how many nodes stay float) is made by the project's
 one search on the held-out selection split; every model is then scored by COCO
 mAP on the 200-image val split, which no choice has seen, and timed in ONNX
 Runtime on this CPU, interleaved with the FP32 model so machine noise hits all
-alike.
+alike, the whole timing repeated (median and spread over repeats).
 
-    .venv/bin/python benchmarks/quantization.py [--budget 0.1 --rounds 15 --block 10]
+With --keep DIR the quantized models and their scores are kept and reused by a
+later run with the same model, data, budget and quantization code, so that the
+quantization can run while the machine is busy and the timing when it is quiet.
+
+    .venv/bin/python benchmarks/quantization.py [--budget 0.1 --repeats 3 --rounds 15 --block 10 --keep DIR]
     .venv/bin/python benchmarks/quantization.py --model tests/fixtures/yolov8n-deepforest.pt \
-        --data "$(.venv/bin/python scripts/make_deepforest_fixture.py)"      # the real-image fixture
+        --data .deploy/data/deepforest-5dc18ea420d909b9/data.yaml   # the real-image fixture: the "data" path
+                                                                    # scripts/make_deepforest_fixture.py prints
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from interleave import interleaved_timings
+from interleave import load_average, ratios, repeated_p50s, spread
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
@@ -32,8 +37,9 @@ from edge_deploy.calibration.ranges import collect_statistics
 from edge_deploy.calibration.rules import RANGE_METHODS
 from edge_deploy.calibration.search import search
 from edge_deploy.calibration.sets import calibration_set, choice_splits
-from edge_deploy.pipeline.artifacts import Artifact
+from edge_deploy.pipeline.artifacts import Artifact, atomic_write_text, hash_json
 from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data
+from edge_deploy.pipeline.codehash import source_hash
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.engine import Engine
 from edge_deploy.pipeline.evaluate import accuracy, drop_points
@@ -48,10 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
     parser.add_argument("--budget", type=float, default=0.1, help="mAP50-95 points for the mixed-precision rows")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the whole interleaved timing (>= 3)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="a .pt checkpoint (default: embedded)")
     parser.add_argument("--data", type=Path, help="its labelled data YAML (default: the embedded shapes set)")
+    parser.add_argument("--keep", type=Path, help="keep the quantized models and scores here, reuse them if valid")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -74,7 +82,51 @@ def main() -> None:
     def selection_drop(backend):
         return lambda built: drop_points(reference_selection, accuracy(selection, backend.runtime(built), info))
 
-    work = Path(tempfile.mkdtemp(prefix="quant-bench-"))
+    key = hash_json({"model": Artifact.of(args.model).sha256, "data": [selection.fingerprint, val.fingerprint,
+                                                                      calibration.fingerprint],
+                     "budget": args.budget, "code": source_hash(QUANT_CODE), "onnxruntime": ort.__version__})
+    kept = load_kept(args.keep, key)
+    if kept is not None:
+        rows, build_minutes = kept
+    else:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        rows, build_minutes = quantize_all(args, fp32, batches, check, selection_drop,
+                                           Path(tempfile.mkdtemp(prefix="models-", dir=args.keep)))
+        if args.keep:
+            save_kept(args.keep, key, rows, build_minutes)
+    reported = [accuracy(val, ort_infer(path), info) for _, path, _ in rows]
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    feed = batches[0][:1]
+    sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for _, path, _ in rows]
+    name = sessions[0].get_inputs()[0].name
+    load_start = load_average()
+    p50s = repeated_p50s(
+        {label: (lambda s=session: s.run(None, {name: feed})) for (label, _, _), session in zip(rows, sessions)},
+        args.repeats, args.rounds, args.block, warmup=10)
+
+    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; "
+          f"{args.model.name} ({info.family}) imgsz {info.imgsz} on {data}; calibration {len(calibration.files)} images; choices on {len(selection.files)} selection "
+          f"images, reported on {len(val.files)} val images; mixed-precision budget {args.budget} pts; "
+          f"quantization took {build_minutes:.1f} min{' (an earlier run, kept)' if kept else ''}; "
+          f"{args.repeats} repeats x {args.rounds} rounds x {args.block} runs per model, interleaved; "
+          f"load average {load_start} at the start, {load_average()} at the end\n")
+    print("| model | mAP50-95 (val) | drop (pts) | drop 95% interval | p50 ms | speed vs FP32, median [min-max] | "
+          "size MiB | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    first = rows[0][0]
+    for (label, path, note), score in zip(rows, reported):
+        drop = drop_points(reported[0], score)
+        interval = "-" if drop.interval is None else f"{drop.interval[0]:.2f}..{drop.interval[1]:.2f}"
+        print(f"| {label} | {score.map50_95:.4f} | {drop:.2f} | {interval} | {statistics.median(p50s[label]):.2f} | "
+              f"{spread(ratios(p50s, first, label))} | {path.stat().st_size / 2**20:.2f} | {note} |")
+    print(f"\ndrop intervals: paired bootstrap over the {len(val.files)} val images "
+          "(the same resamples for every model)")
+
+
+def quantize_all(args, fp32: Path, batches, check, selection_drop, work: Path) -> tuple[list, float]:
     rows: list[tuple[str, Path, str]] = [("FP32", fp32, "")]
     started = time.time()
     backend = OnnxQdqBackend(fp32, work / "int8")
@@ -99,32 +151,28 @@ def main() -> None:
         chosen = search(w4a8, w4a8_stats, ("minmax",), False, selection_drop(w4a8), 100.0, check,
                         work / f"w4a8{int4_method}")
         rows.append((f"W4A8 {int4_method}", chosen.best.built, "activations INT8 minmax"))
-    build_minutes = (time.time() - started) / 60
+    return rows, (time.time() - started) / 60
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    feed = batches[0][:1]
-    sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for _, path, _ in rows]
-    name = sessions[0].get_inputs()[0].name
-    timings = interleaved_timings(
-        {label: (lambda s=session: s.run(None, {name: feed})) for (label, _, _), session in zip(rows, sessions)},
-        args.rounds, args.block, warmup=10)
-    p50 = [statistics.median(timings[label]) for label, _, _ in rows]
-    reported = [accuracy(val, ort_infer(path), info) for _, path, _ in rows]
 
-    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; "
-          f"{args.model.name} ({info.family}) imgsz {info.imgsz} on {data}; calibration {len(calibration.files)} images; choices on {len(selection.files)} selection "
-          f"images, reported on {len(val.files)} val images; mixed-precision budget {args.budget} pts; "
-          f"quantization took {build_minutes:.1f} min\n")
-    print("| model | mAP50-95 (val) | drop (pts) | drop 95% interval | p50 ms | speed vs FP32 | size MiB | note |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (label, path, note), latency, score in zip(rows, p50, reported):
-        drop = drop_points(reported[0], score)
-        interval = "-" if drop.interval is None else f"{drop.interval[0]:.2f}..{drop.interval[1]:.2f}"
-        print(f"| {label} | {score.map50_95:.4f} | {drop:.2f} | {interval} | {latency:.2f} | "
-              f"{p50[0] / latency:.2f}x | {path.stat().st_size / 2**20:.2f} | {note} |")
-    print(f"\ndrop intervals: paired bootstrap over the {len(val.files)} val images "
-          "(the same resamples for every model)")
+# The modules whose code decides the quantized models; a kept run from other code is not reused.
+QUANT_CODE = ("edge_deploy.calibration.qdq", "edge_deploy.calibration.search", "edge_deploy.calibration.ranges",
+              "edge_deploy.calibration.int4", "edge_deploy.pipeline.evaluate")
+
+
+def load_kept(folder: Path | None, key: str):
+    index = folder / "kept.json" if folder else None
+    if index is None or not index.exists():
+        return None
+    kept = json.loads(index.read_text())
+    if kept["key"] != key or not all(Path(path).exists() for _, path, _ in kept["rows"]):
+        return None
+    return [(label, Path(path), note) for label, path, note in kept["rows"]], kept["build_minutes"]
+
+
+def save_kept(folder: Path, key: str, rows, build_minutes: float) -> None:
+    atomic_write_text(folder / "kept.json", json.dumps(
+        {"key": key, "rows": [(label, str(path), note) for label, path, note in rows],
+         "build_minutes": build_minutes}))
 
 
 if __name__ == "__main__":
