@@ -186,3 +186,44 @@ def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, info
     _, layers = read_param(outcome.best.built / "model.ncnn.param")
     kept = {layer.name for layer in layers if layer.kind == "Convolution" and layer.param("8") is None}
     assert kept == set(outcome.best.float_units)
+
+
+def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_run(exported, info, calibration_images,
+                                                                                   tmp_path):
+    """Two batches through collect_statistics: one inference per image (its progress line counts them), extremes
+    of the full tensors, a bounded sample for the histograms, and the same numbers from a second run."""
+    import io
+
+    from edge_deploy.calibration.ranges import collect_statistics
+    from edge_deploy.targets.arm import Progress, SampledTap, ncnn_net, runner
+
+    batches = [np.stack(calibration_images[:8]), np.stack(calibration_images[8:16])]
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend",
+                                      {"calibration_batches": batches})
+    per_image = 4096  # below the largest convolution inputs at 160 px, so those are sampled
+    blobs = list(dict.fromkeys(layer.bottoms[0] for layer in backend.convs))
+    runs = []
+    for _ in range(2):
+        said = io.StringIO()
+        tap = SampledTap(ncnn_net(backend.fp32_dir, "fp32", threads=1), blobs, Progress("calibrating: image", 16, said),
+                         per_image)
+        runs.append(collect_statistics(tap, batches))
+        lines = said.getvalue().splitlines()
+        assert lines[-1].startswith("quantize[arm]: calibrating: image 16/16") and "image 17" not in said.getvalue()
+    first, second = runs
+    assert first.keys() == second.keys() == set(blobs)
+    for name in blobs:
+        assert (first[name].lowest, first[name].highest) == (second[name].lowest, second[name].highest)
+        assert np.array_equal(first[name].hist, second[name].hist)
+        assert np.array_equal(first[name].abs_hist, second[name].abs_hist)
+
+    net = ncnn_net(backend.fp32_dir, "fp32", threads=1)
+    full = [runner.run_once(net, image, blobs) for image in calibration_images[:16]]
+    sizes = [full[0][i].size for i in range(len(blobs))]
+    assert max(sizes) > per_image >= min(sizes)
+    for i, name in enumerate(blobs):
+        assert first[name].lowest == min(float(values[i].min()) for values in full)
+        assert first[name].highest == max(float(values[i].max()) for values in full)
+        # Every image contributes the same number of values: its whole tensor or the sample, plus two extremes
+        # per batch.
+        assert first[name].hist.sum() == 16 * min(sizes[i], per_image) + 2 * len(batches)
