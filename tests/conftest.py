@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ from edge_deploy.pipeline.stages.load import LoadStage
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(sys.executable).parent / "deploy"
 EMBEDDED_MODEL = REPO / "pipeline" / "embedded" / "yolov8n-shapes.pt"
+
+# A shell without job control starts background commands (`./run-tests &`, `nohup .ci/run &`) with SIGINT ignored,
+# and an ignored signal stays ignored through exec: the `deploy` processes the Ctrl-C tests interrupt would never
+# see it. Handling it here makes every child start with the default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
