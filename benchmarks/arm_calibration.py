@@ -87,6 +87,10 @@ def main() -> None:
         backend = NcnnArm().quant_backend("int8", available["onnx"].path, info, work / "backend",
                                           {"calibration_batches": batches})
         rows, stats = [], {}
+        from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
+
+        print(json.dumps({"host": f"{cpu_name()} ({vector_extensions()})", "cpus": os.cpu_count(),
+                          "imgsz": info.imgsz, "images": len(chosen.files)}), flush=True)
         for r in range(args.rounds):
             for kind in (("old", "new") if r % 2 == 0 else ("new", "old")):
                 tap, spent = timed(old_tap(backend) if kind == "old" else backend.tap())

@@ -76,9 +76,10 @@ def main() -> None:
     space = ["--sizes", args.sizes, "--precisions", args.precisions, "--prune-ratios", args.prune_ratios,
              "--epochs", args.epochs, "--max-map-drop", "1.0", "--accept-drop"]
     work = args.work or Path(tempfile.mkdtemp(prefix="search-bench-"))
-    from edge_deploy.targets.runners.measure import cpu_name
+    from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
-    print(f"host: {cpu_name()}, {os.cpu_count()} CPUs; target {args.target}; space {' '.join(space[:-3])}; "
+    print(f"host: {cpu_name()} ({vector_extensions()}), {os.cpu_count()} CPUs; load average "
+          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; target {args.target}; space {' '.join(space[:-3])}; "
           f"work folder {work}", flush=True)
 
     if not args.only_workers:
