@@ -4,8 +4,9 @@
    pruning with 12 epochs + INT8 for `arm`) is built and probed now, on this machine, so both sides are timed in
    the same conditions.
 2. `deploy search` runs on the embedded model with a wall-time budget; its fastest trial within the mAP budget is
-   set against the hand-picked build: latency ratio (p50 of each build's own probe, taken at different moments:
-   not interleaved) and mAP50-95 (report split, 200 images).
+   set against the hand-picked build: latency ratio (both compiled artifacts timed side by side at one thread,
+   interleaved and repeated; each build's own probe p50 is shown beside, taken minutes apart) and mAP50-95
+   (report split, 200 images).
 3. The same search (a fixed space, no time budget) from an empty cache with 1 worker of 2 CPUs and with 2 workers
    of 1 CPU each: the wall-time ratio. This machine has 2 cores, so 2 workers can at best halve the time, and
    only where trials do not wait for each other's shared stages.
