@@ -39,6 +39,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -568,21 +569,31 @@ def measure_arena(path: Path) -> dict:
             return False
         return True
 
-    high = reported + 4 * KIB
-    while not runs(high):  # the wrapper's own alignment may want a little more than the report
+    # The wrapper's own alignment may want a little more than the report.
+    high = smallest_arena(runs, reported + 4 * KIB, HOST_ARENA_BYTES)
+    if high is None:
+        raise ConversionMismatch("stm32: TensorFlow Lite Micro runs the model in no arena near its own report")
+    interpreter = tflm_interpreter(path, high)
+    interpreter.set_input(image, 0)
+    interpreter.invoke()
+    return {"arena_bytes": high, "reported_bytes": reported}
+
+
+def smallest_arena(runs: Callable[[int], bool], start: int, limit: int) -> int | None:
+    """The smallest arena size (to ARENA_SEARCH_STEP) for which `runs` holds: doubling from `start` until it runs
+    (None past `limit`), then bisecting down. Assumes a larger arena never fails where a smaller one runs."""
+    high = start
+    while not runs(high):
         high *= 2
-        if high > HOST_ARENA_BYTES:
-            raise ConversionMismatch("stm32: TensorFlow Lite Micro runs the model in no arena near its own report")
+        if high > limit:
+            return None
     low = 0
     while high - low > ARENA_SEARCH_STEP:
         middle = (low + high) // 2 // ARENA_SEARCH_STEP * ARENA_SEARCH_STEP
         if middle <= low:
             break
         low, high = (low, middle) if runs(middle) else (middle, high)
-    interpreter = tflm_interpreter(path, high)
-    interpreter.set_input(image, 0)
-    interpreter.invoke()
-    return {"arena_bytes": high, "reported_bytes": reported}
+    return high
 
 
 def firmware_inputs(meta: dict) -> dict:

@@ -29,7 +29,7 @@ if any(importlib.util.find_spec(m) is None for m in ("tflite_micro", "onnx2tf", 
 
 from edge_deploy.targets.stm32 import (  # noqa: E402
     META, MODEL_FILE, TFLM_BUILTINS, ArenaTooSmall, TfliteMicroStm32, check_input_size, describe_tflite, litert_infer,
-    require_fit, tflm_infer, tflm_interpreter)
+    require_fit, smallest_arena, tflm_infer, tflm_interpreter)
 
 IMGSZ = 96
 # YOLOv8's layout at width 0.125 of its n scale: a detector small enough for any of the chips' flash.
@@ -153,6 +153,18 @@ def test_the_measured_arena_runs_the_model_and_much_less_does_not(built, images)
         tflm_interpreter(model, arena * 3 // 4)
     assert notes["flash_model_bytes"] == model.stat().st_size
     assert "not measured" in notes["latency"]
+
+
+def test_the_arena_search_finds_the_smallest_size_to_its_step_and_gives_up_past_its_limit():
+    asked = []
+
+    def runs(size: int) -> bool:
+        asked.append(size)
+        return size >= 1000
+
+    assert smallest_arena(runs, 512, 1 << 20) == 1008  # 1000 rounded up to TFLM's 16-byte alignment
+    assert all(size % 16 == 0 for size in asked)
+    assert smallest_arena(lambda size: False, 512, 4096) is None
 
 
 def test_fit_is_recorded_for_every_chip_and_a_chip_too_small_is_refused_with_the_numbers(built):
