@@ -34,14 +34,14 @@ def _import_nodes(tree: ast.Module, module_level: bool):
     if not module_level:
         yield from ast.walk(tree)
         return
-    # What runs when the module is imported: its top-level statements, conditionals and try blocks included,
-    # but no function or class body.
+    # What runs when the module is imported: everything but function bodies (a class body runs at import, and so
+    # do conditionals, try blocks and their except handlers).
     todo = list(tree.body)
     while todo:
         node = todo.pop()
         yield node
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            todo.extend(child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt))
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
 
 
 def imported_modules(name: str, path: Path, package_name: str = PACKAGE, module_level: bool = False) -> set[str]:
@@ -62,6 +62,8 @@ def imported_modules(name: str, path: Path, package_name: str = PACKAGE, module_
             found.add(module)
             # `from package import module` names a module, not an attribute, as often as not.
             found.update(f"{module}.{alias.name}" for alias in node.names)
+    # A package's `from . import submodule` names the package itself: that is not a call into its own functions.
+    found.discard(name)
     return {m for m in found if m == package_name or m.startswith(package_name + ".")}
 
 

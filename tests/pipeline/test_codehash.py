@@ -43,15 +43,20 @@ def test_a_parent_package_counts_with_its_import_time_code_only(tmp_path, monkey
     # stage's key depend on every module; what the package runs when it is imported still counts.
     package = tmp_path / "fakeroot"
     (package / "stages").mkdir(parents=True)
-    (package / "__init__.py").write_text("from .settings import X\n\ndef build():\n    from fakeroot import report\n")
+    (package / "__init__.py").write_text(
+        "from .settings import X\n\ntry:\n    import numpy\nexcept ImportError:\n    from . import fallback\n\n"
+        "class Loaded:\n    from . import plugins\n\ndef build():\n    from fakeroot import report\n")
     (package / "settings.py").write_text("X = 1\n")
+    (package / "fallback.py").write_text("Y = 1\n")
+    (package / "plugins.py").write_text("Z = 1\n")
     (package / "report.py").write_text("LAYOUT = 1\n")
     (package / "stages" / "__init__.py").write_text("")
     (package / "stages" / "prune.py").write_text("def run():\n    return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     _clear()
     assert codehash.closure(("fakeroot.stages.prune",), "fakeroot") == (
-        "fakeroot", "fakeroot.settings", "fakeroot.stages", "fakeroot.stages.prune")
+        "fakeroot", "fakeroot.fallback", "fakeroot.plugins", "fakeroot.settings", "fakeroot.stages",
+        "fakeroot.stages.prune")
     before = codehash.source_hash(("fakeroot.stages.prune",), "fakeroot")
     (package / "report.py").write_text("LAYOUT = 2\n")
     _clear()
