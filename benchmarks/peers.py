@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from interleave import interleaved_timings
+from interleave import load_average, ratios as speed_ratios, repeated_p50s, spread
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.sets import choice_splits
@@ -234,10 +234,6 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
@@ -257,7 +253,7 @@ def main() -> None:
         parser.error("--repeats must be at least 3: every ratio is shown with its spread")
     args.home = args.home.resolve()
     started_at = datetime.datetime.now(datetime.timezone.utc)
-    load_start = load()
+    load_start = load_average()
     checkpoint = (args.model or EMBEDDED_MODEL).resolve()
     data = (args.data or embedded_data(args.home)).resolve()
     wanted = (lambda label: not args.rows or any(w in label for w in args.rows))
@@ -293,20 +289,14 @@ def main() -> None:
         row.map50_95 = coco_map(val, row.infer, info.strides, len(info.names), detect=row.detect)["map50_95"]
 
     tensor = load_tensor(val.files[0], Preprocess(info.imgsz))[0]
-    p50s: dict[str, list[float]] = {r.label: [] for r in live}
-    for repeat in range(args.repeats):
-        print(f"timing, repeat {repeat + 1} of {args.repeats} ...", file=sys.stderr, flush=True)
-        # Each repeat starts the interleaving at another row, so no row always follows the same neighbour.
-        order = live[repeat % len(live):] + live[:repeat % len(live)]
-        timings = interleaved_timings({r.label: (lambda run=r.run: run(tensor)) for r in order},
-                                      args.rounds, args.block, warmup=5)
-        for label, values in timings.items():
-            p50s[label].append(statistics.median(values))
-    load_end = load()
+    print(f"timing, {args.repeats} repeats ...", file=sys.stderr, flush=True)
+    p50s = repeated_p50s({r.label: (lambda run=r.run: run(tensor)) for r in live}, args.repeats, args.rounds,
+                         args.block, warmup=5, minimum=1 if args.rows else 3)
+    load_end = load_average()
 
     base = p50s.get(BASELINE)
     reference = next((r.map50_95 for r in live if r.label == BASELINE), None)
-    ratios = {label: [b / v for b, v in zip(base, values)] for label, values in p50s.items()} if base else {}
+    ratios = {label: speed_ratios(p50s, BASELINE, label) for label in p50s} if base else {}
 
     print(f"host: {cpu_name()} ({vector_extensions()}), {os.cpu_count()} CPUs; {versions()}")
     print(f"date {started_at:%Y-%m-%d %H:%M} UTC; load average (1/5/15 min) at start {load_start}, at end {load_end}")
@@ -325,7 +315,7 @@ def main() -> None:
             print(f"| {row.label} | {row.runtime} | failed | | | | | {row.error} |")
             continue
         r = ratios.get(row.label)
-        speed = f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]" if r else "n/a"
+        speed = spread(r) if r else "n/a"
         drop = f"{(reference - row.map50_95) * 100:.2f}" if reference is not None else "n/a"
         build = "cached" if row.build_s is None else f"{row.build_s:.0f}"
         print(f"| {row.label} | {row.runtime} | {build} | {row.mib:.2f} | {statistics.median(p50s[row.label]):.2f} "
