@@ -97,8 +97,28 @@ def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True) ->
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
+def thin_convs(model_path: Path, below_channels: int) -> list[str]:
+    """Conv nodes whose input has fewer than `below_channels` channels (weight in-channels x groups)."""
+    if below_channels <= 0:
+        return []
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    weight_dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    thin = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weight_dims:
+            continue
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        dims = weight_dims[node.input[1]]
+        if len(dims) > 1 and dims[1] * groups < below_channels:
+            thin.append(node.name)
+    return thin
+
+
 def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
-                     symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = ()) -> list[UnitSensitivity]:
+                     symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
+                     skip: tuple[str, ...] = ()) -> list[UnitSensitivity]:
     """SQNR of each quantizable node's output with only that node's inputs quantized, least first.
 
     Every node is run alone (a one-node graph in onnxruntime) on the inputs it
@@ -129,7 +149,8 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
     results = []
     for node in model.graph.node:
         # onnxruntime's QDQ quantizer (given no op-type list) quantizes every node's float inputs.
-        if not node.output or node.output[0] not in values or (op_types and node.op_type not in op_types):
+        if (not node.output or node.output[0] not in values or (op_types and node.op_type not in op_types)
+                or node.name in skip):
             continue
         feeds_inputs = [i for i in node.input if i and i not in initializers]
         if any(i not in values for i in feeds_inputs) or not any(i in ranges for i in feeds_inputs):
@@ -190,6 +211,8 @@ class OnnxQdqBackend:
             self.weights = quantize_weights(self.prepared, int4_method, int4_group, calibration_batches)
             # Activation ranges are measured on the model the activations will flow through.
             self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
+        # Nodes the rules keep float for speed are never quantized: not candidates for the fallback, not counted.
+        self.fixed_float_units = tuple(thin_convs(self.prepared, rules.float_convs_below_channels))
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import onnx_activation_tap
@@ -203,8 +226,8 @@ class OnnxQdqBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
-        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, float_units,
-                 rules=self.rules)
+        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric,
+                 [*self.fixed_float_units, *float_units], rules=self.rules)
         if self.weights is not None:
             replace_int8_weights(path, self.weights, path)
         return path
@@ -216,10 +239,11 @@ class OnnxQdqBackend:
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
         return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights,
-                                self.rules.op_types)
+                                self.rules.op_types, self.fixed_float_units)
 
     def units(self) -> int:
         import onnx
 
         nodes = onnx.load(str(self.prepared), load_external_data=False).graph.node
-        return sum(1 for n in nodes if not self.rules.op_types or n.op_type in self.rules.op_types)
+        return sum(1 for n in nodes if (not self.rules.op_types or n.op_type in self.rules.op_types)
+                   and n.name not in self.fixed_float_units)

@@ -56,6 +56,10 @@ class QuantRules:
     # Whether the search may keep sensitive units float: False where the runtime has no float kernels beside its
     # integer ones (a full-integer microcontroller model), so a mixed candidate could not run there.
     float_fallback: bool = True
+    # Convs whose input has fewer channels than this stay float, whatever the search decides: a stem conv on the
+    # 3-channel image has too short a reduction for the integer GEMM to pay, and quantizing the image costs a pass
+    # of its own (benchmarks/ort_operators.py measures it; 0 = none).
+    float_convs_below_channels: int = 0
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -63,7 +67,7 @@ class QuantRules:
 
 ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node",
                              "every float input of every node onnxruntime's quantizer supports",
-                             calibration_files=("tensorrt-cache",))
+                             calibration_files=("tensorrt-cache",), float_convs_below_channels=8)
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
                        "the input blob of every Convolution (ncnn's int8_scale_term)")
 

@@ -45,6 +45,9 @@ class UnitSensitivity:
 
 class QuantBackend(Protocol):
     rules: QuantRules
+    # Units the rules keep float whatever the search decides (quantizing them would slow the model down); they are
+    # neither ranked nor counted in units().
+    fixed_float_units: tuple[str, ...]
 
     def tap(self) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         """Intermediate tensors of the float model for a batch, for statistics."""

@@ -260,6 +260,9 @@ class QuantizationReport(JsonResult):
     calibration_images: int
     trials: list
     sensitivity: list
+    # Kept float by the backend's rules because their integer kernels are slower (not by the search, not counted in
+    # `units`).
+    float_for_speed: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

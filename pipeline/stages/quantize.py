@@ -104,12 +104,13 @@ class QuantizeStage(Stage):
                          work / "candidates", fallback=spec.float_fallback and rules.float_fallback)
         best = outcome.best
         report = QuantizationReport(
-            precision=self.precision, method=best.method, choice=self._choice(methods, outcome),
+            precision=self.precision, method=best.method, choice=self._choice(methods, outcome, backend),
             selection=describe_split(self.selection, "selection"), budget_points=self.max_map_drop,
             drop_points=best.drop_points, within_budget=outcome.within_budget, float_units=best.float_units,
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
             trials=[c.describe() for c in outcome.candidates],
-            sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity])
+            sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity],
+            float_for_speed=list(backend.fixed_float_units))
         (out_dir / "quantize_report.json").write_text(json.dumps(report.to_json(), indent=1))
         outputs["quantize_report"] = out_dir / "quantize_report.json"
         if not outcome.within_budget and self.on_budget_exceeded == "fail":
@@ -129,7 +130,7 @@ class QuantizeStage(Stage):
         shutil.rmtree(work)
         return StageOutput(outputs, report.to_json())
 
-    def _choice(self, methods: tuple[str, ...], outcome) -> str:
+    def _choice(self, methods: tuple[str, ...], outcome, backend) -> str:
         best = outcome.best
         if len(methods) > 1:
             text = (f"{outcome.reason} (selection split)" if outcome.reason else
@@ -146,4 +147,8 @@ class QuantizeStage(Stage):
         if best.float_units and outcome.within_budget:
             text += (f"; {len(best.float_units)} most sensitive {self.target.quant_rules.unit_kind}s kept float to "
                      f"meet the {self.max_map_drop} point budget")
+        if backend.fixed_float_units:
+            text += (f"; {len(backend.fixed_float_units)} conv(s) on fewer than "
+                     f"{self.target.quant_rules.float_convs_below_channels} input channels kept float (slower in "
+                     "INT8)")
         return text

@@ -252,6 +252,8 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         if quantization.float_units:
             lines += [f"{quantization.unit_kind.capitalize()}s kept float ({len(quantization.float_units)} of "
                       f"{quantization.units}): {', '.join(quantization.float_units)}.", ""]
+        if quantization.float_for_speed:
+            lines += [f"Kept float because INT8 is slower there: {', '.join(quantization.float_for_speed)}.", ""]
     lines += _limits(info, config, verify, probe, quantization, pruning)
     return "\n".join(lines)
 

@@ -51,6 +51,22 @@ def test_int8_keeps_accuracy_and_writes_calibration_files(referenced, engine, se
     assert report.selection.images == 48 and report.selection.source.endswith("images/selection")
 
 
+def test_the_stem_conv_on_the_image_stays_float_and_is_said_so(referenced, engine, sets):
+    record = engine.run(stage(sets), referenced)
+    graph = onnx.load(str(record.artifacts["quantized"].path)).graph
+    report = QuantizationReport.from_json(record.metrics)
+    stem = [n for n in graph.node if n.op_type == "Conv" and n.input[0] == "images"]
+    assert [n.name for n in stem] == report.float_for_speed and len(stem) == 1
+    initializers = {i.name for i in graph.initializer}
+    assert stem[0].input[1] in initializers  # a float weight, not a DequantizeLinear's output
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
+    # Every other conv is quantized: its weight comes through a DequantizeLinear.
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    others = [n for n in graph.node if n.op_type == "Conv" and n not in stem]
+    assert others and all(n.input[1] in dequantized for n in others)
+    assert "1 conv(s) on fewer than 8 input channels kept float" in report.choice
+
+
 def test_selection_images_are_never_calibrated_on(sets):
     calibration, selection = sets
     assert not set(calibration.file_hashes) & set(selection.file_hashes)

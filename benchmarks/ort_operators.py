@@ -1,0 +1,163 @@
+"""Where ONNX Runtime's INT8 time goes on this CPU: per-operator profiles of FP32 and INT8 at one thread.
+
+Builds (or reuses from cache) a cpu INT8 bundle, then:
+1. times three models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
+   and the same INT8 model with the stem conv quantized too (what the build did before the cpu rules kept convs
+   on fewer than 8 input channels float), all from the build's own activation statistics;
+2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
+   INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
+   higher than the plain timings; compare them within a column, not with step 1.
+
+    .venv/bin/python benchmarks/ort_operators.py [--model M.pt --data D.yaml] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+from interleave import load_average, ratios, repeated_p50s, spread
+
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.qdq import prepare, quantize
+from edge_deploy.calibration.ranges import load_statistics, ranges_for
+from edge_deploy.pipeline.build import run_build
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.results import QuantizationReport
+from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
+
+PROFILED_RUNS = 200
+SKIPPED_RUNS = 50  # warm-up runs left out of the profile
+PROFILE_BLOCK = 10
+
+
+def profiles(paths: dict[str, Path], feed: dict, prefix: str) -> dict[str, dict[str, float]]:
+    """Median kernel microseconds of every node of each model, keyed 'op|node'; the models are profiled in turn,
+    a block of runs each, so that the machine's drift hits all alike."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for index, (label, path) in enumerate(paths.items()):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = f"{prefix}-{index}"
+        sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(PROFILED_RUNS // PROFILE_BLOCK):
+        for session in sessions.values():
+            for _ in range(PROFILE_BLOCK):
+                session.run(None, feed)
+    result = {}
+    for label, session in sessions.items():
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+        trace.unlink()
+        durations: dict[str, list[int]] = collections.defaultdict(list)
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                key = f"{event['args']['op_name']}|{event['name'][:-len('_kernel_time')]}"
+                durations[key].append(event["dur"])
+        result[label] = {key: statistics.median(values[SKIPPED_RUNS:]) for key, values in durations.items()}
+    return result
+
+
+def by_op(profiled: dict[str, float]) -> dict[str, float]:
+    totals: dict[str, float] = collections.defaultdict(float)
+    for key, us in profiled.items():
+        totals[key.split("|")[0]] += us
+    return dict(totals)
+
+
+def conv_times(profiled: dict[str, float], op: str) -> dict[str, float]:
+    # onnxruntime renames fused nodes (…_output_0_nchwc in FP32, …_token_N in INT8); the source node's name is
+    # what is left when the suffix goes.
+    return {re.sub(r"(_output_0_nchwc|_token_\d+|_output_0)$", "", key.split("|")[1]): us
+            for key, us in profiled.items() if key.split("|")[0] == op}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
+    parser.add_argument("--model", type=Path, help="a .pt checkpoint (default: the embedded YOLOv8n)")
+    parser.add_argument("--data", type=Path, help="its data YAML (default: the embedded shapes set)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--block", type=int, default=20)
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    config = BuildConfig(output=args.home / "bench-dist" / (args.model.stem if args.model else ""))
+    config.model, config.data = args.model, args.data
+    result = run_build(config, args.home)
+    records = {r.name: r for r in result.records}
+    fp32_path = records["export"].artifacts["onnx"].path
+    int8_path = records["quantize"].artifacts["quantized"].path
+    report = QuantizationReport.from_json(records["quantize"].metrics)
+    symmetric = result.config.quantize.symmetric
+    stats = load_statistics(records["quantize"].artifacts["activation_stats"].path)
+    info = records["load"].metrics
+    data = Path(result.config.data or json.loads(result.record_path.read_text())["data"])
+    image = sorted(data.parent.glob("images/val/*"))[0]
+    tensor, _ = load_tensor(image, Preprocess(info["imgsz"]))
+    feed = {"images": tensor}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prepared = prepare(fp32_path, tmp / "prepared.onnx")
+        # The build's method and float units, without the rule: every conv quantized, the stem included.
+        stem_int8 = quantize(prepared, tmp / "stem-int8.onnx", ranges_for(stats, report.method, symmetric), True,
+                             symmetric, report.float_units)
+        models = {"FP32": fp32_path, "INT8 (build)": int8_path, "INT8, stem conv quantized": stem_int8}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    for label, path in models.items()}
+        load_start = load_average()
+        p50s = repeated_p50s({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
+                             args.repeats, args.rounds, args.block, warmup=20)
+        load_end = load_average()
+        profiled = profiles(models, feed, str(tmp / "trace"))
+
+    print(f"host: {cpu_name()} ({vector_extensions()}), onnxruntime {ort.__version__}, 1 thread; model "
+          f"{info['family']} imgsz {info['imgsz']} ({args.model or 'embedded default'}); {args.repeats} repeats x "
+          f"{args.rounds} rounds x {args.block} runs per model, interleaved; load average {load_start} at the "
+          f"start, {load_end} at the end\n")
+    print("| model | p50 ms | speed vs FP32, median [min-max] |")
+    print("|---|---|---|")
+    for label in models:
+        print(f"| {label} | {statistics.median(p50s[label]):.3f} | {spread(ratios(p50s, 'FP32', label))} |")
+    print(f"\nKept float by the cpu rules: {', '.join(report.float_for_speed) or 'none'}; by the search: "
+          f"{len(report.float_units)}.\n")
+    runs = PROFILED_RUNS - SKIPPED_RUNS
+    print(f"Profiler kernel time per operator type, ms per inference (median node time over {runs} runs, "
+          "summed):\n")
+    totals = {label: by_op(p) for label, p in profiled.items()}
+    print("| " + " | ".join(["model", "total"] + ["top operators"]) + " |")
+    print("|---|---|---|")
+    for label, ops in totals.items():
+        top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+        print(f"| {label} | {sum(ops.values()) / 1000:.2f} | "
+              + ", ".join(f"{op} {us / 1000:.2f}" for op, us in top) + " |")
+    float_convs = conv_times(profiled["FP32"], "Conv")
+    int8_convs = conv_times(profiled["INT8, stem conv quantized"], "QLinearConv")
+    paired = [(name, float_convs[name], us) for name, us in int8_convs.items() if name in float_convs]
+    slower = sorted((row for row in paired if row[2] > row[1]), key=lambda row: row[1] / row[2])
+    print(f"\nConvs whose INT8 kernel is slower than FP32 (of {len(paired)} paired, profiler us):\n")
+    print("| conv | FP32 us | INT8 us | INT8 speed |")
+    print("|---|---|---|---|")
+    for name, f, q in slower:
+        print(f"| {name} | {f:.0f} | {q:.0f} | {f / q:.2f}x |")
+    all_float, all_int8 = sum(r[1] for r in paired), sum(r[2] for r in paired)
+    print(f"\nAll paired convs: FP32 {all_float / 1000:.2f} ms, INT8 {all_int8 / 1000:.2f} ms "
+          f"({all_float / all_int8:.2f}x).")
+
+
+if __name__ == "__main__":
+    main()
