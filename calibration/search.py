@@ -40,7 +40,7 @@ Ranges = dict[str, tuple[float, float]]
 class UnitSensitivity:
     unit: str
     kind: str  # op or layer type
-    sqnr_db: float  # of the outputs with only this unit quantized: lower hurts more
+    sqnr_db: float  # of its own output, alone quantized and fed float inputs: lower hurts more
 
 
 class QuantBackend(Protocol):

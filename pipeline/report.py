@@ -358,8 +358,8 @@ def _sensitivity(r: ReportInputs) -> Section:
     kept = set(q.float_units)
     rows = tuple((str(i), s["unit"], s["kind"], _db(s["sqnr_db"]), "yes" if s["unit"] in kept else "no")
                  for i, s in enumerate(q.sensitivity, 1))
-    text = (f"Each {q.unit_kind} quantized alone (everything else float), scored by the SQNR of the model's "
-            f"outputs on calibration images: lower hurts more. {len(q.float_units)} of {q.units} "
+    text = (f"Each {q.unit_kind} quantized alone, fed the float model's values at its inputs, scored by the SQNR "
+            f"of its own output on calibration images: lower hurts more. {len(q.float_units)} of {q.units} "
             f"{q.unit_kind}s were kept float to meet the budget.")
     shown = q.sensitivity[:SENSITIVITY_SHOWN]
     caption = (f"The {len(shown)} most sensitive of {len(q.sensitivity)} {q.unit_kind}s (red: kept float); "

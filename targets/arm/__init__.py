@@ -193,22 +193,44 @@ class NcnnInt8Backend:
         return self.target.runtime(built, threads=SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]):
-        from edge_deploy.calibration.ranges import sqnr_db
+        """Each convolution's own output error with only it in INT8, fed the float model's input blob.
+
+        One INT8 model (every convolution quantized) is fed, layer by layer, the float model's values at that
+        layer's input, so each layer's error is its own and not what earlier layers passed on; the onnxruntime
+        backend ranks its nodes the same way. Scoring each layer alone through the whole network instead cost a
+        model write and a full inference per layer per image: 10 minutes at 640 px.
+        """
+        import ncnn
+
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS
         from edge_deploy.calibration.search import UnitSensitivity
+        from edge_deploy.targets.arm import runner
 
         check = np.concatenate(batches)
-        reference = self.runtime(self.fp32_dir)(check)
-        names = [layer.name for layer in self.convs]
-        results = []
-        progress = Progress("ranking layers (each alone INT8): layer", len(self.convs))
-        for layer in self.convs:
-            # Only this layer quantized: how much the model's outputs suffer from it alone.
-            single = self.build(ranges, [n for n in names if n != layer.name], self.fp32_dir.parent / "alone")
-            produced = self.runtime(single)(check)
-            results.append(UnitSensitivity(layer.name, layer.kind,
-                                           round(min(sqnr_db(r, p) for r, p in zip(reference, produced)), 2)))
-            shutil.rmtree(single)
+        quantized = self.build(ranges, [], self.fp32_dir.parent / "ranking")
+        float_net = ncnn_net(self.fp32_dir, "fp32", threads=SCORING_THREADS)
+        int8_net = ncnn_net(quantized, "int8", threads=SCORING_THREADS)
+        # In graph order, as for the tap: the extractor frees a blob once its one consumer has run.
+        blobs = list(dict.fromkeys(b for layer in self.convs for b in (layer.bottoms[0], layer.tops[0])))
+        signal, noise = np.zeros(len(self.convs)), np.zeros(len(self.convs))
+        progress = Progress("ranking layers (each alone INT8, on its float input): image", len(check))
+        for image in check:
+            values = dict(zip(blobs, runner.run_once(float_net, image, blobs)))
+            for i, layer in enumerate(self.convs):
+                extractor = int8_net.create_extractor()
+                extractor.input(layer.bottoms[0], ncnn.Mat(np.ascontiguousarray(values[layer.bottoms[0]])).clone())
+                ret, mat = extractor.extract(layer.tops[0])
+                if ret != 0:
+                    raise ConversionMismatch(f"quantize[arm]: ncnn could not run INT8 layer {layer.name} alone")
+                reference = values[layer.tops[0]].astype(np.float64)
+                signal[i] += float(np.sum(reference ** 2))
+                noise[i] += float(np.sum((reference - np.array(mat)) ** 2))
             progress.step()
+        del float_net, int8_net
+        shutil.rmtree(quantized)
+        results = [UnitSensitivity(layer.name, layer.kind,
+                                   round(float("inf") if n == 0 else 10 * np.log10(max(s, 1e-30) / n), 2))
+                   for layer, s, n in zip(self.convs, signal, noise)]
         return sorted(results, key=lambda r: r.sqnr_db)
 
     def units(self) -> int:

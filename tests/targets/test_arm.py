@@ -188,6 +188,24 @@ def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, info
     assert kept == set(outcome.best.float_units)
 
 
+def test_ranking_finds_the_layer_whose_range_was_spoiled(exported, info, calibration_images, tmp_path):
+    """Every convolution is ranked once, by its own output error fed the float input; a layer whose input range
+    is cut to a hundredth (so INT8 clips almost everything) comes first."""
+    from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend", {})
+    ranges = ranges_for(collect_statistics(backend.tap(), [np.stack(calibration_images[:8])]), "minmax", True)
+    victim = backend.convs[len(backend.convs) // 2]
+    low, high = ranges[victim.bottoms[0]]
+    spoiled = {**ranges, victim.bottoms[0]: (low / 100, high / 100)}
+    ranked = backend.rank_units(spoiled, [np.stack(calibration_images[:4])])
+    assert sorted(r.unit for r in ranked) == sorted(layer.name for layer in backend.convs)
+    assert ranked[0].unit == victim.name
+    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.stack(calibration_images[:4])])}
+    assert ranked[0].sqnr_db < honest[victim.name] - 10
+    assert not (tmp_path / "backend" / "ranking").exists()
+
+
 def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_run(exported, info, calibration_images,
                                                                                    tmp_path):
     """Two batches through collect_statistics: one inference per image (its progress line counts them), extremes
