@@ -187,9 +187,13 @@ def build(config_path, model, data, target, profile, precision, imgsz, output, p
         if event == "running":
             status = console.status(f"[bold]{stage}[/] running…")
             status.start()
+        elif event in ("done", "cached"):
+            if status is not None:
+                status.stop()
+                status = None
         elif status is not None:
-            status.stop()
-            status = None
+            # A stage's progress line ('calibrating: image 40/200 (35 s)') replaces the spinner's text.
+            status.update(f"[bold]{stage}[/] {event}")
 
     try:
         result = run_build(config, home_dir(), use_cache=not no_cache, on_event=on_event)

@@ -53,6 +53,10 @@ class Stage:
     wants_timeline: ClassVar[bool] = False
     timeline: tuple[dict, ...] = ()
 
+    def progress(self, text: str) -> None:
+        """Where a long stage says how far it is ('image 40/200 (35 s)'); the engine routes it to its on_event,
+        so the CLI shows it beside the stage's own lines. Not part of the key."""
+
     def settings(self) -> dict:
         """Everything besides input artifacts that the result depends on."""
         return {}
@@ -131,6 +135,7 @@ class Engine:
                                               metrics, started - self._t0, work_seconds))
 
         self.on_event(stage.name, "running")
+        stage.progress = lambda text, name=stage.name: self.on_event(name, text)
         entry.parent.mkdir(parents=True, exist_ok=True)
         work = entry.parent / f"{temp_prefix(entry.name)}{time.time_ns()}"
         work.mkdir()

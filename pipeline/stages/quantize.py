@@ -83,7 +83,7 @@ class QuantizeStage(Stage):
         work = out_dir / "work"
         backend = self.target.quant_backend(self.precision, inputs["onnx"].path, info, work / "backend", {
             "symmetric": symmetric, "int4_method": self.int4_method, "int4_group": self.int4_group,
-            "calibration_batches": batches})
+            "calibration_batches": batches, "progress": self.progress})
         outputs: dict[str, Path] = {}
         stats = None
         if spec.activation_bits is not None:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,8 @@ class NcnnArm(Target):
     def quant_backend(self, precision: str, fp32_onnx: Path, info: ModelInfo, work: Path, settings: dict):
         batches = settings.get("calibration_batches")
         return NcnnInt8Backend(self, fp32_onnx, info, work,
-                               sum(len(b) for b in batches) if batches is not None else None)
+                               sum(len(b) for b in batches) if batches is not None else None,
+                               settings.get("progress"))
 
     def convert(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
                 out_dir: Path) -> Converted:
@@ -150,10 +152,10 @@ class NcnnInt8Backend:
     fixed_float_units: tuple[str, ...] = ()
 
     def __init__(self, target: NcnnArm, fp32_onnx: Path, info: ModelInfo, work: Path,
-                 calibration_images: int | None = None):
+                 calibration_images: int | None = None, say: Callable[[str], None] | None = None):
         from edge_deploy.targets.arm.ncnn_int8 import read_param
 
-        self.target, self.imgsz, self.calibration_images = target, info.imgsz, calibration_images
+        self.target, self.imgsz, self.calibration_images, self.say = target, info.imgsz, calibration_images, say
         self.fp32_dir = work / "fp32"
         self.fp32_dir.mkdir(parents=True)
         pnnx_convert(fp32_onnx, info.imgsz, False, self.fp32_dir)
@@ -170,7 +172,7 @@ class NcnnInt8Backend:
         # In graph order: ncnn's extractor frees a blob once its consumers have run (light mode), so a blob
         # asked for after a later one may be gone.
         blobs = list(dict.fromkeys(layer.bottoms[0] for layer in self.convs))
-        return SampledTap(net, blobs, Progress("calibrating: image", self.calibration_images))
+        return SampledTap(net, blobs, Progress("calibrating: image", self.calibration_images, self.say))
 
     def build(self, ranges, float_units: list[str], out: Path) -> Path:
         from edge_deploy.targets.arm.ncnn_int8 import write_int8
@@ -213,7 +215,7 @@ class NcnnInt8Backend:
         # In graph order, as for the tap: the extractor frees a blob once its one consumer has run.
         blobs = list(dict.fromkeys(b for layer in self.convs for b in (layer.bottoms[0], layer.tops[0])))
         signal, noise = np.zeros(len(self.convs)), np.zeros(len(self.convs))
-        progress = Progress("ranking layers (each alone INT8, on its float input): image", len(check))
+        progress = Progress("ranking layers (each alone INT8, on its float input): image", len(check), self.say)
         for image in check:
             values = dict(zip(blobs, runner.run_once(float_net, image, blobs)))
             for i, layer in enumerate(self.convs):
@@ -295,15 +297,16 @@ class SampledTap:
 
 
 class Progress:
-    """'quantize[arm]: calibrating: image 40/200 (35 s)' lines on stderr, flushed, so a build whose output goes to a
-    log is not silent through the long parts of an INT8 build (the CLI writes its own lines only when a stage starts
-    and ends, and the stage has no way to pass more). About ten lines per task, and one at least every
-    EVERY_SECONDS."""
+    """'calibrating: image 40/200 (35 s)' lines through `say`: the quantize stage's progress channel, which the CLI
+    prints beside the stage's own lines, so a build whose output goes to a log is not silent through the long parts
+    of an INT8 build. Without a channel (a benchmark, a test) the lines go to stderr, prefixed 'quantize[arm]:'.
+    About ten lines per task, and one at least every EVERY_SECONDS."""
 
     EVERY_SECONDS = 30.0
 
-    def __init__(self, label: str, total: int | None, stream=None):
-        self.label, self.total, self.stream = label, total, stream
+    def __init__(self, label: str, total: int | None, say: Callable[[str], None] | None = None):
+        self.label, self.total = label, total
+        self.say = say or (lambda text: print(f"quantize[arm]: {text}", file=sys.stderr, flush=True))
         self.done = 0
         self.started = self.last = time.monotonic()
 
@@ -314,5 +317,4 @@ class Progress:
         if self.done % every == 0 or self.done == self.total or now - self.last >= self.EVERY_SECONDS:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            print(f"quantize[arm]: {self.label} {self.done}{of} ({now - self.started:.0f} s)",
-                  file=self.stream or sys.stderr, flush=True)
+            self.say(f"{self.label} {self.done}{of} ({now - self.started:.0f} s)")

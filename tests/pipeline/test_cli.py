@@ -162,3 +162,16 @@ def test_pruning_that_destroys_the_model_is_gated_against_the_original(built, de
     assert verify["within_budget"] is False and verify["total_drop_points"] > verify["total_budget_points"] == 1.0
     assert verify["original"]["map50_95"] > 0.6
     assert [s["stage"] for s in summary["stages"]][:4] == ["load", "export-original", "reference-original", "prune"]
+
+
+def test_a_long_quantize_says_how_far_it_is_in_a_log(built, deploy_home, tmp_path):
+    """Output to a pipe (a log): the quantize stage's progress lines come on stdout, between its running and done
+    lines, prefixed with the stage; none bypasses the CLI on stderr."""
+    done = run_deploy(["build", "--target", "arm", "--calib-size", "24"], tmp_path, deploy_home)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    running = next(i for i, line in enumerate(lines) if line.endswith("quantize: running"))
+    finished = next(i for i, line in enumerate(lines) if line.endswith("quantize: done"))
+    progress = [line for line in lines[running + 1:finished] if "quantize: calibrating: image" in line]
+    assert progress and progress[-1].split("quantize: ")[1].startswith("calibrating: image 24/24 (")
+    assert "quantize[arm]" not in done.stdout + done.stderr

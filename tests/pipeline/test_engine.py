@@ -135,3 +135,22 @@ def test_an_uncacheable_result_is_used_once_and_measured_again(tmp_path, text):
     second = engine.run(Timing(), text)
     assert (first.cache_hit, second.cache_hit, Upper.calls) == (False, False, 2)
     assert first.artifacts["upper"].path.read_text() == "HELLO" and first.artifacts["upper"].path.exists()
+
+
+class Talkative(Upper):
+    name = "talkative"
+
+    def run(self, inputs, out_dir):
+        for step in range(1, 3):
+            self.progress(f"step {step}/2")
+        return super().run(inputs, out_dir)
+
+
+def test_a_stage_progress_lines_reach_on_event_between_running_and_done(tmp_path, text):
+    events = []
+    engine = Engine(tmp_path / "cache", on_event=lambda stage, event: events.append((stage, event)))
+    engine.run(Talkative(), text)
+    engine.run(Talkative(), text)
+    assert events == [("talkative", "running"), ("talkative", "step 1/2"), ("talkative", "step 2/2"),
+                      ("talkative", "done"), ("talkative", "cached")]
+    Talkative().progress("outside an engine: nowhere, and no error")

@@ -210,8 +210,6 @@ def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_ru
                                                                                    tmp_path):
     """Two batches through collect_statistics: one inference per image (its progress line counts them), extremes
     of the full tensors, a bounded sample for the histograms, and the same numbers from a second run."""
-    import io
-
     from edge_deploy.calibration.ranges import collect_statistics
     from edge_deploy.targets.arm import Progress, SampledTap, ncnn_net, runner
 
@@ -222,12 +220,11 @@ def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_ru
     blobs = list(dict.fromkeys(layer.bottoms[0] for layer in backend.convs))
     runs = []
     for _ in range(2):
-        said = io.StringIO()
-        tap = SampledTap(ncnn_net(backend.fp32_dir, "fp32", threads=1), blobs, Progress("calibrating: image", 16, said),
-                         per_image)
+        lines = []
+        tap = SampledTap(ncnn_net(backend.fp32_dir, "fp32", threads=1), blobs,
+                         Progress("calibrating: image", 16, lines.append), per_image)
         runs.append(collect_statistics(tap, batches))
-        lines = said.getvalue().splitlines()
-        assert lines[-1].startswith("quantize[arm]: calibrating: image 16/16") and "image 17" not in said.getvalue()
+        assert lines[-1].startswith("calibrating: image 16/16") and not any("image 17" in line for line in lines)
     first, second = runs
     assert first.keys() == second.keys() == set(blobs)
     for name in blobs:
