@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,17 @@ class QuantizeStage(Stage):
         else:
             methods = (f"int4-{self.int4_method}",)
 
+        started = time.monotonic()
+
         def drop(built: Path) -> float:
+            # Candidates are named NNN-method-floatK by the search: the name says what is being scored.
+            self.progress(f"scoring candidate {built.stem} on {len(self.selection.files)} selection images "
+                          f"({time.monotonic() - started:.0f} s)")
             measured = accuracy(self.selection, backend.runtime(built), info, reference.selection_boxes,
                                 reference.fidelity_conf)
-            return drop_points(reference.selection, measured)
+            scored = drop_points(reference.selection, measured)
+            self.progress(f"candidate {built.stem}: drop {float(scored):.2f} points")
+            return scored
 
         check = np.concatenate(tensors[:SENSITIVITY_IMAGES])
         outcome = search(backend, stats, methods, symmetric, drop, self.max_map_drop, [check],
@@ -144,7 +152,7 @@ class QuantizeStage(Stage):
             text = f"{best.method}: chosen by the user"
         if PRECISIONS[self.precision].activation_bits is not None and PRECISIONS[self.precision].weight_bits == 4:
             text += f"; weights {self.int4_method} INT4"
-        if best.float_units and outcome.within_budget:
+        if best.float_units and outcome.within_budget and "most sensitive" not in text:
             text += (f"; {len(best.float_units)} most sensitive {self.target.quant_rules.unit_kind}s kept float to "
                      f"meet the {self.max_map_drop} point budget")
         if backend.fixed_float_units:
