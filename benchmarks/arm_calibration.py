@@ -20,16 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from embedded import calibration_images, exported_embedded
 
-from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.preprocess import load_tensor
 from edge_deploy.calibration.ranges import collect_statistics, ranges_for
-from edge_deploy.calibration.sets import calibration_set, choice_splits, class_names
-from edge_deploy.pipeline.artifacts import Artifact
-from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data
-from edge_deploy.pipeline.engine import Engine
-from edge_deploy.pipeline.results import ModelInfo
-from edge_deploy.pipeline.stages.export import ExportStage
-from edge_deploy.pipeline.stages.load import LoadStage
 from edge_deploy.pipeline.stages.quantize import batched
 from edge_deploy.targets.arm import NcnnArm, runner
 
@@ -71,26 +65,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     home = Path(os.environ.get("DEPLOY_HOME", ".deploy"))
-    data = embedded_data(home)
-    engine = Engine(home / "cache")
-    available = {"source": Artifact.of(EMBEDDED_MODEL)}
-    available.update(engine.run(LoadStage(home, args.imgsz, class_names(data)), available).artifacts)
-    available.update(engine.run(ExportStage(home, 17, True, 1e-4), available).artifacts)
-    info = ModelInfo.from_json(json.loads(available["model_info"].path.read_text()))
-    pre = Preprocess(imgsz=info.imgsz, layout="NCHW")
-    selection, report = choice_splits(data, pre, 100, 0)
-    chosen = calibration_set(data, pre, args.images, 0, "train",
-                             exclude=frozenset(selection.file_hashes + report.file_hashes))
-    batches = batched([load_tensor(p, pre)[0] for p in chosen.files])
+    onnx_path, info, data = exported_embedded(home, args.imgsz)
+    files, pre = calibration_images(data, info.imgsz, args.images)
+    batches = batched([load_tensor(p, pre)[0] for p in files])
     work = Path(tempfile.mkdtemp(prefix=f"arm-calib-{os.getpid()}-"))
     try:
-        backend = NcnnArm().quant_backend("int8", available["onnx"].path, info, work / "backend",
+        backend = NcnnArm().quant_backend("int8", onnx_path, info, work / "backend",
                                           {"calibration_batches": batches})
         rows, stats = [], {}
         from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
         print(json.dumps({"host": f"{cpu_name()} ({vector_extensions()})", "cpus": os.cpu_count(),
-                          "imgsz": info.imgsz, "images": len(chosen.files)}), flush=True)
+                          "imgsz": info.imgsz, "images": len(files)}), flush=True)
         for r in range(args.rounds):
             for kind in (("old", "new") if r % 2 == 0 else ("new", "old")):
                 tap, spent = timed(old_tap(backend) if kind == "old" else backend.tap())
@@ -118,7 +104,7 @@ def main() -> None:
         comparison["int8_files_identical"] = built[0] == built[1]
         print(json.dumps(comparison, indent=1))
         if args.json:
-            args.json.write_text(json.dumps({"imgsz": info.imgsz, "images": len(chosen.files), "rows": rows,
+            args.json.write_text(json.dumps({"imgsz": info.imgsz, "images": len(files), "rows": rows,
                                              "scales": comparison}, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)

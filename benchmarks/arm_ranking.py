@@ -14,7 +14,6 @@ layer, the script prints how far the two orders agree: Spearman's rank correlati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -22,17 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from embedded import calibration_tensors, exported_embedded
 
 from edge_deploy.calibration.onnxrt import SCORING_THREADS
-from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.ranges import collect_statistics, ranges_for, sqnr_db
-from edge_deploy.calibration.sets import calibration_set, choice_splits, class_names
-from edge_deploy.pipeline.artifacts import Artifact
-from edge_deploy.pipeline.build import EMBEDDED_MODEL, embedded_data
-from edge_deploy.pipeline.engine import Engine
-from edge_deploy.pipeline.results import ModelInfo
-from edge_deploy.pipeline.stages.export import ExportStage
-from edge_deploy.pipeline.stages.load import LoadStage
 from edge_deploy.pipeline.stages.quantize import SENSITIVITY_IMAGES, batched
 from edge_deploy.targets.arm import NcnnArm
 from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
@@ -66,21 +58,12 @@ def main() -> None:
     parser.add_argument("--old-layers", type=int, help="time the old ranking on the first K layers only")
     args = parser.parse_args()
     home = Path(os.environ.get("DEPLOY_HOME", ".deploy"))
-    data = embedded_data(home)
-    engine = Engine(home / "cache")
-    available = {"source": Artifact.of(EMBEDDED_MODEL)}
-    available.update(engine.run(LoadStage(home, args.imgsz, class_names(data)), available).artifacts)
-    available.update(engine.run(ExportStage(home, 17, True, 1e-4), available).artifacts)
-    info = ModelInfo.from_json(json.loads(available["model_info"].path.read_text()))
-    pre = Preprocess(imgsz=info.imgsz, layout="NCHW")
-    selection, report = choice_splits(data, pre, 100, 0)
-    chosen = calibration_set(data, pre, args.calibration, 0, "train",
-                             exclude=frozenset(selection.file_hashes + report.file_hashes))
-    tensors = [load_tensor(p, pre)[0] for p in chosen.files]
+    onnx_path, info, data = exported_embedded(home, args.imgsz)
+    tensors = calibration_tensors(data, info.imgsz, args.calibration)
     check = np.concatenate(tensors[:args.images])
     work = Path(tempfile.mkdtemp(prefix=f"arm-ranking-{os.getpid()}-"))
     try:
-        backend = NcnnArm().quant_backend("int8", available["onnx"].path, info, work / "backend", {})
+        backend = NcnnArm().quant_backend("int8", onnx_path, info, work / "backend", {})
         ranges = ranges_for(collect_statistics(backend.tap(), batched(tensors)), "minmax", True)
         layers = backend.convs[:args.old_layers] if args.old_layers else backend.convs
         load_start = os.getloadavg()[0]
