@@ -64,13 +64,15 @@ class CompileStage(Stage):
         return StageOutput({"artifact": artifact_dir}, report.to_json())
 
     def _check_against_parent(self, parent: Path, artifact_dir: Path) -> tuple[str, float, int]:
-        from edge_deploy.calibration.onnxrt import ort_infer
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
 
         files = self.check_images.files[:CHECK_IMAGES]
         nchw = np.concatenate([load_tensor(p, self.check_images.preprocess)[0] for p in files])
         target_input = nchw.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else nchw
-        reference = ort_infer(parent)(nchw)
-        infer = self.target.runtime(artifact_dir)
+        # Checks run at the scoring thread count, as verify's do: the count is stated, not the runtime's default
+        # (ncnn's and onnxruntime's 'every core' stalled on a shared machine).
+        reference = ort_infer(parent, SCORING_THREADS)(nchw)
+        infer = self.target.runtime(artifact_dir, threads=SCORING_THREADS)
         produced = [infer(target_input[i:i + 1]) for i in range(len(files))]
         if self.quantized:
             from edge_deploy.calibration.ranges import sqnr_db

@@ -38,3 +38,22 @@ def test_sqnr_floor_rejects_the_conversion_and_caches_nothing(quantized, tmp_pat
     with pytest.raises(ConversionMismatch, match="SQNR .* on 8 real images, below the 90.0 dB floor"):
         Engine(tmp_path / "cache").run(CompileStage(OnnxRuntimeCpu(), "int8", selection, min_sqnr_db=90.0), available)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+class CountingThreads(OnnxRuntimeCpu):
+    """The real cpu target, noting the thread count each runtime is opened with."""
+
+    asked: list = []
+
+    def runtime(self, artifact_dir, threads=None):
+        CountingThreads.asked.append(threads)
+        return super().runtime(artifact_dir, threads)
+
+
+def test_the_check_states_its_thread_count(quantized, tmp_path):
+    from edge_deploy.calibration.onnxrt import SCORING_THREADS
+
+    available, selection = quantized
+    CountingThreads.asked = []
+    Engine(tmp_path / "cache").run(CompileStage(CountingThreads(), "int8", selection), available)
+    assert CountingThreads.asked == [SCORING_THREADS] and SCORING_THREADS is not None
