@@ -14,8 +14,8 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
