@@ -297,7 +297,7 @@ def _measure(config: BuildConfig, home: Path, spec: TrialSpec, key: str) -> Tria
         trial.timed_on = timed_on(probe.device)
     trial.size_bytes = result.metrics("compile").get("size_bytes")
     checkpoint = next(r.artifacts["checkpoint"].path for r in reversed(result.records) if "checkpoint" in r.artifacts)
-    trial.macs, trial.params = _macs_params(checkpoint, spec.imgsz)
+    trial.macs, trial.params = _macs_params(home, checkpoint, spec.imgsz)
     # The bundle is the cache's release; the trial keeps its build record, `--pick` publishes the one chosen.
     shutil.rmtree(result.bundle, ignore_errors=True)
     trial.bundle = result.bundle.name
@@ -310,11 +310,16 @@ def timed_on(device: dict) -> str:
     return f"{device.get('hostname') or 'unknown host'}: {device_text(device)}"
 
 
-def _macs_params(checkpoint: Path, imgsz: int) -> tuple[int, int]:
+def _macs_params(home: Path, checkpoint: Path, imgsz: int) -> tuple[int, int]:
     import torch
 
     from edge_deploy.pipeline.prune import count_macs_params
+    from edge_deploy.pipeline.ultra import ultralytics_offline
 
+    # Unpickling a checkpoint imports Ultralytics. Configured here first: in a Ray worker whose trial found every
+    # Ultralytics stage in the cache, this is the first import, and an unconfigured one made the worker's next
+    # trial that loads a model fail (and would let Ultralytics reach for the network).
+    ultralytics_offline(home)
     model = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"].float().eval()
     macs, params = count_macs_params(model, imgsz)
     return int(macs), int(params)

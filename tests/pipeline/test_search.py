@@ -346,3 +346,28 @@ def test_a_worker_dying_mid_trial_is_retried_and_the_search_goes_on(searched):
     first = next(t for t in summary["trials"] if f"{t['key']}.json" == searched["before"][0])
     # The trial the killed worker had started finished on another worker, in the same (first) run.
     assert first["status"] == "done" and first["worker"]["pid"] != searched["killed"]
+
+
+def test_counting_a_trials_macs_configures_ultralytics_first(tmp_path):
+    """A Ray worker whose trial found every Ultralytics stage in the cache imports Ultralytics for the first time
+    when it counts the trial's MACs; the import must be the offline one, or the worker's next trial that loads a
+    model fails. Run in a fresh interpreter: this test process configured Ultralytics long ago."""
+    import os
+
+    from tests.conftest import EMBEDDED_MODEL
+
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from edge_deploy.pipeline.search import _macs_params\n"
+        "from edge_deploy.pipeline.ultra import ultralytics_offline\n"
+        "home = Path(sys.argv[1])\n"
+        "macs, params = _macs_params(home, Path(sys.argv[2]), 64)\n"
+        "assert 'ultralytics' in sys.modules and macs > 0 and params > 0\n"
+        "ultralytics_offline(home)  # a later trial's load stage\n"
+        "print(os.environ['YOLO_CONFIG_DIR'])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "home"), str(EMBEDDED_MODEL)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str((tmp_path / "home" / "ultralytics").resolve())
