@@ -241,7 +241,8 @@ def _listed(text: str | None, kind: type, option: str):
 @click.option("--eta", type=int, help="successive halving: about 1 in eta trials of a rung goes on (default 3)")
 @click.option("--max-trials", type=int, help="trials (builds) the search may use, including those on record")
 @click.option("--time-budget", type=float, help="seconds after which no new trial starts")
-@click.option("--workers", type=int, help="trials at once (default: CPUs / --cpus-per-trial)")
+@click.option("--workers", type=int, help="trials at once (default: 1 when trials are timed on this machine, "
+                                          "else CPUs / --cpus-per-trial)")
 @click.option("--cpus-per-trial", type=int, help="CPUs each trial declares to Ray (default 1)")
 @click.option("--ray-address", help="join this Ray cluster (host:port) instead of starting a local instance")
 @click.option("--pick", type=click.Choice(["none", "best-under-budget"]),

@@ -142,7 +142,8 @@ class SearchConfig(Section):
     max_trials: Optional[int] = Field(None, ge=1, description="trials (builds) the search may use, finished ones "
                                                               "of an earlier run included")
     time_budget_s: Optional[float] = Field(None, gt=0, description="wall time after which no new trial starts")
-    workers: Optional[int] = Field(None, ge=1, le=1024, description="trials at once (default: CPUs / "
+    workers: Optional[int] = Field(None, ge=1, le=1024, description="trials at once (default: 1 when trials are "
+                                                                     "timed on this machine, else CPUs / "
                                                                      "cpus_per_trial)")
     cpus_per_trial: int = Field(1, ge=1, le=256, description="CPUs each trial's Ray task declares")
     ray_address: Optional[str] = Field(None, description="an existing Ray cluster (host:port or ray://host:port); "

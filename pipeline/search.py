@@ -518,6 +518,16 @@ class _Scheduler:
         return not self.queue and not self.running and self._promotion(take=False) is None
 
 
+def timed_here_one_at_a_time(search: SearchConfig, device: str | None) -> bool:
+    """Whether the search runs one trial at a time because none was asked for and trials are timed here.
+
+    A second trial's calibration or fine-tune beside a probe on this machine slowed small models 3-9x (a p50 of
+    47.6 ms for a model whose quiet p50 is about 4), and the probe's spread did not always show it. Parallel trials
+    are for a device, a cluster, or an explicit --workers.
+    """
+    return search.workers is None and not search.ray_address and device is None
+
+
 def run_search(config: BuildConfig, home: Path,
                on_event: Callable[[str, str], None] = lambda s, e: None) -> SearchResult:
     """Runs the search (resuming from the trials on record) and writes the front."""
@@ -529,6 +539,10 @@ def run_search(config: BuildConfig, home: Path,
         check_reachable(config.search.ray_address)  # at once, not after the plan's checks
     plan = plan_search(config, home)
     search = plan.config.search
+    if timed_here_one_at_a_time(search, plan.config.probe.device):
+        search = search.model_copy(update={"workers": 1})
+        on_event("ray", "1 trial at a time: trials are timed on this machine (--workers N runs more at once, "
+                        "their latencies then taken on a loaded machine)")
     trials_dir = plan.folder / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     scheduler = _Scheduler(plan)

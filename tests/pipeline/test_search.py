@@ -20,7 +20,8 @@ import pytest
 
 from edge_deploy.pipeline.config import BuildConfig, SearchConfig
 from edge_deploy.pipeline.errors import ConfigError
-from edge_deploy.pipeline.search import Plan, Trial, TrialSpec, _Scheduler, pareto_front, plan_search
+from edge_deploy.pipeline.search import Plan, Trial, TrialSpec, _Scheduler, pareto_front, plan_search, \
+    timed_here_one_at_a_time
 from tests.conftest import DEPLOY, REPO, run_deploy
 
 
@@ -371,3 +372,11 @@ def test_counting_a_trials_macs_configures_ultralytics_first(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str((tmp_path / "home" / "ultralytics").resolve())
+
+
+def test_trials_timed_on_this_machine_run_one_at_a_time_unless_asked():
+    """Latency taken here beside another trial's fine-tune is not a figure to choose on: one worker by default."""
+    assert timed_here_one_at_a_time(SearchConfig(), None)
+    assert not timed_here_one_at_a_time(SearchConfig(workers=2), None)
+    assert not timed_here_one_at_a_time(SearchConfig(), "pi5-lab")
+    assert not timed_here_one_at_a_time(SearchConfig(ray_address="head:6379"), None)
