@@ -521,7 +521,7 @@ class _Scheduler:
 def timed_here_one_at_a_time(search: SearchConfig, device: str | None) -> bool:
     """Whether the search runs one trial at a time because none was asked for and trials are timed here.
 
-    A second trial's calibration or fine-tune beside a probe on this machine slowed small models 3-9x (a p50 of
+    A second trial's calibration or fine-tune beside a probe on this machine slowed small models 3-12x (a p50 of
     47.6 ms for a model whose quiet p50 is about 4), and the probe's spread did not always show it. Parallel trials
     are for a device, a cluster, or an explicit --workers.
     """
