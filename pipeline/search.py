@@ -391,8 +391,8 @@ class SearchResult:
 class _Ray:
     """Ray, started (or joined) the first time a trial has to run."""
 
-    def __init__(self, search: SearchConfig, on_event, log: Path):
-        self.search, self.on_event, self.log = search, on_event, log
+    def __init__(self, search: SearchConfig, on_event, log: Path, why_workers: str = ""):
+        self.search, self.on_event, self.log, self.why_workers = search, on_event, log, why_workers
         self.ray = None
         self.remote = None
         self.workers = 1
@@ -440,7 +440,7 @@ class _Ray:
         self.workers = search.workers or max(1, cpus // search.cpus_per_trial)
         # max_retries: a worker that dies mid-trial (killed, out of memory) is retried once by Ray on another.
         self.remote = ray.remote(num_cpus=search.cpus_per_trial, max_retries=1)(run_trial)
-        self.on_event("ray", f"{self.workers} trial(s) at once, {search.cpus_per_trial} CPU each")
+        self.on_event("ray", f"{self.workers} trial(s) at once, {search.cpus_per_trial} CPU each{self.why_workers}")
 
     def stop(self, refs) -> None:
         if self.ray is None:
@@ -539,14 +539,15 @@ def run_search(config: BuildConfig, home: Path,
         check_reachable(config.search.ray_address)  # at once, not after the plan's checks
     plan = plan_search(config, home)
     search = plan.config.search
+    why_workers = ""
     if timed_here_one_at_a_time(search, plan.config.probe.device):
         search = search.model_copy(update={"workers": 1})
-        on_event("ray", "1 trial at a time: trials are timed on this machine (--workers N runs more at once, "
-                        "their latencies then taken on a loaded machine)")
+        why_workers = ("; one, because trials are timed on this machine (--workers N runs more at once, their "
+                       "latencies then taken on a loaded machine)")
     trials_dir = plan.folder / "trials"
     trials_dir.mkdir(parents=True, exist_ok=True)
     scheduler = _Scheduler(plan)
-    ray = _Ray(search, on_event, plan.folder / "ray.log")
+    ray = _Ray(search, on_event, plan.folder / "ray.log", why_workers)
     order: list[Trial] = []
     executed = reused = 0
     in_flight: dict = {}  # Ray object ref -> (spec, key, attempts)
