@@ -66,13 +66,10 @@ def interleaved_ratio(target: str, picked: dict, best_record: dict, best_spec: d
         folder = Path({s["stage"]: s for s in record["stages"]}["compile"]["artifacts"]["artifact"]["path"])
         tensor = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
         if target == "cpu":
-            import onnxruntime as ort
+            from edge_deploy.calibration.onnxrt import ort_infer
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            return lambda: session.run(None, {name: tensor})
+            infer = ort_infer(folder / "model.onnx", 1)
+            return lambda: infer(tensor)
         from edge_deploy.targets.arm import ncnn_net
         from edge_deploy.targets.arm import runner as ncnn_probe
 
@@ -112,8 +109,10 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="search-bench-"))
     from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
+    from interleave import load_average
+
     print(f"host: {cpu_name()} ({vector_extensions()}), {os.cpu_count()} CPUs; load average "
-          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; target {args.target}; space {' '.join(space[:-3])}; "
+          f"{load_average()}; target {args.target}; space {' '.join(space[:-3])}; "
           f"work folder {work}", flush=True)
 
     if not args.only_workers:
