@@ -1,9 +1,10 @@
 """Where ONNX Runtime's INT8 time goes on this CPU: per-operator profiles of FP32 and INT8 at one thread.
 
 Builds (or reuses from cache) a cpu INT8 bundle, then:
-1. times three models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
-   and the same INT8 model with the stem conv quantized too (what the build did before the cpu rules kept convs
-   on fewer than 8 input channels float), all from the build's own activation statistics;
+1. times four models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
+   the same INT8 model with the stem conv quantized too (what the build did before the cpu rules kept convs on
+   fewer than 8 input channels float), and with every SiLU left float, all from the build's own activation
+   statistics;
 2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
    INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
    higher than the plain timings; compare them within a column, not with step 1.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from interleave import load_average, ratios, repeated_p50s, spread
 
+from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.qdq import prepare, quantize
 from edge_deploy.calibration.ranges import load_statistics, ranges_for
@@ -65,6 +67,23 @@ def profiles(paths: dict[str, Path], feed: dict, prefix: str) -> dict[str, dict[
                 durations[key].append(event["dur"])
         result[label] = {key: statistics.median(values[SKIPPED_RUNS:]) for key, values in durations.items()}
     return result
+
+
+def silu_nodes(model_path: Path) -> list[str]:
+    """The Sigmoid nodes and the Mul nodes that multiply a tensor by its own sigmoid."""
+    import onnx
+
+    nodes = onnx.load(str(model_path), load_external_data=False).graph.node
+    sigmoids = {n.output[0]: n for n in nodes if n.op_type == "Sigmoid"}
+    found = []
+    for node in nodes:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for x, gate in (node.input, node.input[::-1]):
+            if gate in sigmoids and sigmoids[gate].input[0] == x:
+                found += [sigmoids[gate].name, node.name]
+                break
+    return found
 
 
 def by_op(profiled: dict[str, float]) -> dict[str, float]:
@@ -112,15 +131,17 @@ def main() -> None:
         tmp = Path(tmp)
         prepared = prepare(fp32_path, tmp / "prepared.onnx")
         # The build's method and float units, without the rule: every conv quantized, the stem included.
-        stem_int8 = quantize(prepared, tmp / "stem-int8.onnx", ranges_for(stats, report.method, symmetric), True,
-                             symmetric, report.float_units)
-        models = {"FP32": fp32_path, "INT8 (build)": int8_path, "INT8, stem conv quantized": stem_int8}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        sessions = {label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                    for label, path in models.items()}
+        ranges = ranges_for(stats, report.method, symmetric)
+        stem_int8 = quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, report.float_units)
+        # The build's model with every SiLU (Sigmoid and the Mul it feeds) left float: what keeping the activation
+        # float instead of onnxruntime's two integer kernels costs.
+        silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
+                              [*report.float_for_speed, *report.float_units, *silu_nodes(prepared)])
+        models = {"FP32": fp32_path, "INT8 (build)": int8_path, "INT8, stem conv quantized": stem_int8,
+                  "INT8, SiLU float": silu_float}
+        runs = {label: ort_infer(path, 1) for label, path in models.items()}
         load_start = load_average()
-        p50s = repeated_p50s({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
+        p50s = repeated_p50s({label: (lambda run=run: run(tensor)) for label, run in runs.items()},
                              args.repeats, args.rounds, args.block, warmup=20)
         load_end = load_average()
         profiled = profiles(models, feed, str(tmp / "trace"))
