@@ -122,3 +122,16 @@ def test_calibration_at_another_scale_is_warned_about(tmp_path, small_shapes_yam
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_sizes_differ(same, val)
+
+
+def test_label_free_parts_are_disjoint_and_calibration_keeps_its_size(small_shapes_yaml):
+    from edge_deploy.calibration.sets import unlabelled_splits
+
+    folder = resolve_split(small_shapes_yaml, "train")
+    assert len(list(folder.iterdir())) == 24
+    calibration, selection, report = unlabelled_splits(folder, PRE, calibration_size=6, selection_size=3,
+                                                       report_size=40, seed=0)
+    # The report part is capped at a quarter of the 24; of the 15 left, only calibration.size are calibrated on.
+    assert (len(calibration.files), len(selection.files), len(report.files)) == (6, 3, 6)
+    parts = [set(calibration.files), set(selection.files), set(report.files)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
