@@ -194,7 +194,7 @@ def unpruned_row(imgsz: int, home: Path) -> dict:
     # As verify does: the report split in the layout the TFLM model takes.
     val = in_layout(val, target.input_layout)
     detections = run_detections(val, tflm_infer(path, arena, meta), model_info.strides)
-    measured = score_split(val, detections, model_info, reference.report_boxes, reference.fidelity_conf)
+    measured = score_split(val, detections, model_info, reference.fidelity_reference("report"))
     return {"fp32": reference.report.map50_95, "int8": measured.map50_95,
             "drop": drop_points(reference.report, measured), "arena": arena, "flash": flash,
             "fits": fits_text({p.name: fit(p, arena, flash) for p in target.profiles}),

@@ -145,7 +145,7 @@ def measure(path: Path, val, info, reference, channels: tuple[int, int]) -> dict
     io = tflite_io(path)
     arena = smallest_arena(path)
     detections = run_detections(val, tflm_raw_infer(path, arena, io, channels), info.strides)
-    accuracy = score_split(val, detections, info, reference.report_boxes, reference.fidelity_conf)
+    accuracy = score_split(val, detections, info, reference.fidelity_reference("report"))
     return {"arena": arena, "flash": path.stat().st_size, "map50_95": accuracy.map50_95,
             "input": f"{io['input']['dtype']} {io['input']['shape']}", "ops": io["ops"]}
 

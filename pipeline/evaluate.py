@@ -21,7 +21,7 @@ from edge_deploy.calibration.preprocess import load_tensor, read_image
 from edge_deploy.calibration.sets import ImageSet, parse_label_file
 from edge_deploy.pipeline.detect import postprocess
 from edge_deploy.pipeline.errors import InputError
-from edge_deploy.pipeline.results import Accuracy, ImageSplit, ModelInfo
+from edge_deploy.pipeline.results import UNSURE_FRACTION, Accuracy, FidelityReference, ImageSplit, ModelInfo
 
 # Ultralytics' validation settings, so that numbers compare with `yolo val`: every box down to this confidence,
 # NMS at this IoU, at most this many boxes per image (the evaluator counts as many as the decode keeps).
@@ -79,10 +79,17 @@ def split_labels(split: ImageSet, sizes: list[tuple[int, int]]) -> list[Boxes]:
     return [read_yolo_labels(label, w, h) for label, (w, h) in zip(split.labels, sizes)]
 
 
-def reference_boxes(detections: Detections, conf: float) -> list[Boxes]:
-    """The FP32 model's confident detections as the boxes every other artifact must find again."""
+def reference_boxes(detections: Detections, conf: float, below: float | None = None) -> list[Boxes]:
+    """The FP32 model's detections scored at least `conf` (and under `below`, when given), as boxes."""
     return [[(int(c), float(x1), float(y1), float(x2 - x1), float(y2 - y1))
-             for x1, y1, x2, y2, score, c in dets if score >= conf] for dets in detections.per_image]
+             for x1, y1, x2, y2, score, c in dets if score >= conf and (below is None or score < below)]
+            for dets in detections.per_image]
+
+
+def fidelity_reference(detections: Detections, conf: float) -> FidelityReference:
+    """The FP32 model's detections as fidelity's reference: required at `conf` and above, ignored in the band."""
+    return FidelityReference(reference_boxes(detections, conf),
+                             reference_boxes(detections, conf * UNSURE_FRACTION, conf), conf)
 
 
 def map_against(ground_truth: list[Boxes], detections: Detections, num_classes: int) -> tuple[float, float, int]:
@@ -125,8 +132,12 @@ class ImageScores:
     tables: list  # per category, per IoU threshold: FalsePositives
 
 
-def score_images(ground_truth: list[Boxes], detections: Detections, num_classes: int) -> ImageScores:
-    """pycocotools' evaluation of the detections against per-image boxes, kept per image for resampling."""
+def score_images(ground_truth: list[Boxes], detections: Detections, num_classes: int,
+                 ignored: list[Boxes] | None = None) -> ImageScores:
+    """pycocotools' evaluation of the detections against per-image boxes, kept per image for resampling.
+
+    `ignored` boxes are COCO crowd regions: a detection inside one is neither a true nor a false positive.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval, Params
 
@@ -137,6 +148,9 @@ def score_images(ground_truth: list[Boxes], detections: Detections, num_classes:
         for c, x, y, bw, bh in boxes:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
                                 "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        for c, x, y, bw, bh in (ignored[image_id - 1] if ignored else ()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 1})
         for x1, y1, x2, y2, score, cls in dets:
             found.append({"image_id": image_id, "category_id": int(cls),
                           "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)})
@@ -312,25 +326,25 @@ def coco_map(val: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.n
     return {"map50_95": map50_95, "map50": map50, "images": len(val.files), "objects": objects}
 
 
-def score_split(split: ImageSet, detections: Detections, info: ModelInfo, reference: list[Boxes] | None,
-                fidelity_conf: float) -> Accuracy:
+def score_split(split: ImageSet, detections: Detections, info: ModelInfo,
+                reference: FidelityReference | None) -> Accuracy:
     """Accuracy against the split's labels where it has them, else fidelity to the FP32 model's boxes."""
     if split.labels:
         return measured(score_images(split_labels(split, detections.sizes), detections, len(info.names)))
     if reference is None:
         raise InputError(f"{split.source} has no labels and no FP32 reference boxes to compare against")
-    return fidelity(detections, info, reference, fidelity_conf)
+    return fidelity(detections, info, reference)
 
 
-def fidelity(detections: Detections, info: ModelInfo, reference: list[Boxes], conf: float) -> Accuracy:
+def fidelity(detections: Detections, info: ModelInfo, reference: FidelityReference) -> Accuracy:
     """How closely a model reproduces the FP32 model's confident boxes (on any split, labelled or not)."""
-    return measured(score_images(reference, detections, len(info.names)), "fidelity",
-                    matched_share(reference, detections, conf))
+    return measured(score_images(reference.boxes, detections, len(info.names), reference.unsure), "fidelity",
+                    matched_share(reference.boxes, detections, reference.conf))
 
 
 def accuracy(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-             info: ModelInfo, reference: list[Boxes] | None = None, fidelity_conf: float = 0.25) -> Accuracy:
-    return score_split(split, run_detections(split, infer, info.strides), info, reference, fidelity_conf)
+             info: ModelInfo, reference: FidelityReference | None = None) -> Accuracy:
+    return score_split(split, run_detections(split, infer, info.strides), info, reference)
 
 
 # Uncertainty: how far a figure would move if the split were drawn again from the same kind of images. Images,

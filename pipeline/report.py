@@ -16,8 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from edge_deploy.pipeline.results import Accuracy, AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, \
-    SpeedReport
+from edge_deploy.pipeline.results import UNSURE_FRACTION, Accuracy, AccuracyReport, ModelInfo, ProbeResult, \
+    QuantizationReport, SpeedReport
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 GREY = "#9e9e9e"
@@ -222,8 +222,10 @@ def _accuracy(r: ReportInputs) -> Section:
     if fidelity:
         blocks.append("No labels were given: these are fidelity figures, not accuracy. Each model's detections are "
                       "scored (COCO mAP by pycocotools) against the FP32 model's own confident detections on the "
-                      "same images, so FP32 scores itself; `found again` is the share of those boxes the model "
-                      "finds again (same class, IoU at least 0.5).")
+                      "same images, so FP32 scores itself; its detections scored just under the confidence (from "
+                      f"{UNSURE_FRACTION:g} of it) are neither required nor counted wrong. `found again` is the share of "
+                      "the confident boxes the model finds again at the same confidence (same class, IoU at least "
+                      "0.5).")
     else:
         blocks.append("Accuracy: COCO mAP by pycocotools against the labels. The final artifact and the FP32 "
                       "reference are scored on the report split, which no choice of the build has seen"

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edge_deploy.pipeline.results import (AccuracyReport, CompileReport, QuantizationReport, ReferenceAccuracy,
-                                          SpeedReport, reported)
+                                          SpeedReport, UNSURE_FRACTION, reported)
 
 
 def _key_metrics(name: str, metrics: dict) -> str:
@@ -102,8 +102,9 @@ def render_summary(result, config) -> None:
         for flag in verify.flags:
             console.print(f"[yellow]warning:[/] {escape('verify: ' + flag['message'])}", soft_wrap=True)
     if verify.reference.kind == "fidelity":
-        console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= "
-                      f"{ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf}), not accuracy; on "
+        conf = ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf
+        console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= {conf:g}; "
+                      f"{conf * UNSURE_FRACTION:g}-{conf:g} ignored), not accuracy; on "
                       f"the {verify.split.describe()}; choices made on a held-out selection split")
     else:
         console.print(f"accuracy on the {verify.split.describe()}; choices made on a held-out selection split")

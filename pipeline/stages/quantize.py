@@ -101,8 +101,8 @@ class QuantizeStage(Stage):
             # Candidates are named NNN-method-floatK by the search: the name says what is being scored.
             self.progress(f"scoring candidate {built.stem} on {len(self.selection.files)} selection images "
                           f"({time.monotonic() - started:.0f} s)")
-            measured = accuracy(self.selection, backend.runtime(built), info, reference.selection_boxes,
-                                reference.fidelity_conf)
+            measured = accuracy(self.selection, backend.runtime(built), info,
+                                reference.fidelity_reference("selection"))
             scored = drop_points(reference.selection, measured)
             self.progress(f"candidate {built.stem}: drop {float(scored):.2f} points")
             return scored

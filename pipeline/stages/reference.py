@@ -33,20 +33,20 @@ class ReferenceStage(Stage):
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
-        from edge_deploy.pipeline.evaluate import (describe_split, reference_boxes, run_detections,
-                                                   score_split)
+        from edge_deploy.pipeline.evaluate import describe_split, fidelity_reference, run_detections, score_split
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         infer = ort_infer(inputs["onnx"].path, SCORING_THREADS)
         measured = {}
         for role, split in (("selection", self.selection), ("report", self.report)):
             detections = run_detections(split, infer, info.strides)
-            boxes = reference_boxes(detections, self.fidelity_conf)
-            measured[role] = (score_split(split, detections, info, boxes, self.fidelity_conf), boxes)
+            reference = fidelity_reference(detections, self.fidelity_conf)
+            measured[role] = (score_split(split, detections, info, reference), reference)
+        selection, report = measured["selection"][1], measured["report"][1]
         result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
                                    describe_split(self.selection, "selection"), describe_split(self.report, "report"),
-                                   self.fidelity_conf, measured["selection"][1], measured["report"][1],
-                                   SCORING_THREADS)
+                                   self.fidelity_conf, selection.boxes, report.boxes, SCORING_THREADS,
+                                   selection.unsure, report.unsure)
         path = out_dir / "reference.json"
         # With the bootstrap samples: every later comparison on these images pairs its own with them.
         path.write_text(json.dumps(result.to_json(internal=True)))

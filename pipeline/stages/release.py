@@ -13,7 +13,7 @@ from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
 from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
 from edge_deploy.pipeline.report import ReportInputs, render_html, render_markdown
 from edge_deploy.pipeline.results import (AccuracyReport, ModelInfo, QuantizationReport, ReferenceAccuracy,
-                                          SpeedReport, reported)
+                                          SpeedReport, UNSURE_FRACTION, reported)
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"
@@ -171,8 +171,10 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
     if verify.reference.kind == "fidelity":
         lines += ["These are not accuracy figures: each model's detections are scored (mAP50-95 by pycocotools) "
                   f"against the FP32 model's own detections at confidence {config['fidelity']['conf']} or above, "
-                  "so FP32 scores itself and a lower number means the deployed model answers differently. `found` "
-                  "is the share of the FP32 model's boxes the model finds again (same class, IoU ≥ 0.5).", ""]
+                  "so FP32 scores itself and a lower number means the deployed model answers differently. Its "
+                  f"detections from {UNSURE_FRACTION:g} of that confidence up to it are neither required nor counted "
+                  "wrong. `found` is the share of the FP32 model's confident boxes the model finds again at the "
+                  "same confidence (same class, IoU ≥ 0.5).", ""]
     lines += [
         "| model | mAP50 | mAP50-95 | its 95% interval | found |",
         "|---|---|---|---|---|",

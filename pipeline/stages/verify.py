@@ -86,9 +86,10 @@ class VerifyStage(Stage):
         if self.precision not in self.target.reference_precisions:
             detections = run_detections(self.report, self.target.runtime(inputs["artifact"].path,
                                                                          threads=SCORING_THREADS), info.strides)
-            measured = score_split(self.report, detections, info, reference.report_boxes, reference.fidelity_conf)
+            against = reference.fidelity_reference("report")
+            measured = score_split(self.report, detections, info, against)
             if measured.kind == "accuracy":
-                agreement = fidelity(detections, info, reference.report_boxes, reference.fidelity_conf)
+                agreement = fidelity(detections, info, against)
         label = artifact_label(self.target, self.precision)
         if measured is not None:
             drop = drop_points(reference.report, measured)

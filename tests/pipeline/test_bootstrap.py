@@ -157,3 +157,71 @@ def test_bootstrap_is_quick_on_a_realistic_split():
     start = time.perf_counter()
     measured(scores)
     assert time.perf_counter() - start < 20  # about 1-2 s on an idle core; generous for a shared CI machine
+
+
+def crowd_pycocotools(required, ignored, detections) -> float:
+    """mAP50-95 by COCOeval with `ignored` boxes given as crowd regions, called directly."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, found = [], [], []
+    for image_id, ((w, h), dets) in enumerate(zip(detections.sizes, detections.per_image), 1):
+        images.append({"id": image_id, "width": w, "height": h})
+        for crowd, boxes in ((0, required[image_id - 1]), (1, ignored[image_id - 1])):
+            for c, x, y, bw, bh in boxes:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
+                                    "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": crowd})
+        for x1, y1, x2, y2, score, c in dets:
+            found.append({"image_id": image_id, "category_id": int(c), "score": float(score),
+                          "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": i} for i in range(CLASSES)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        run = COCOeval(gt, gt.loadRes(found), "bbox")
+        run.params.maxDets = [1, 10, 300]
+        run.evaluate()
+        run.accumulate()
+    precision = run.eval["precision"][:, :, :, 0, -1]
+    return float(precision[precision > -1].mean())
+
+
+def test_reweighting_with_ignored_regions_reproduces_pycocotools():
+    labels, detections = scene(8, 40, digits=None)
+    rng = np.random.default_rng(8)
+    required = [[b for b in boxes if rng.random() < 0.7] for boxes in labels]
+    ignored = [[b for b in boxes if b not in kept] for boxes, kept in zip(labels, required)]
+    scores = score_images(required, detections, CLASSES, ignored)
+    _, map50_95 = resampled_map(scores, np.ones((1, 40)))
+    assert map50_95[0] == pytest.approx(crowd_pycocotools(required, ignored, detections), abs=1e-12)
+    # Ignoring is not dropping: detections of the ignored boxes would be false positives without the regions.
+    assert scores.map50_95 > score_images(required, detections, CLASSES).map50_95
+
+
+def test_fidelity_ignores_scores_crossing_the_threshold_inside_the_unsure_band():
+    """Two boxes of the FP32 model sit just above and just below the confidence; a candidate that only swaps their
+    scores has changed nothing the band does not allow, and one that loses a confident box has."""
+    from edge_deploy.pipeline.evaluate import UNSURE_FRACTION, fidelity, fidelity_reference
+    from edge_deploy.pipeline.results import FidelityReference, ModelInfo
+
+    conf = 0.25
+    assert conf * UNSURE_FRACTION < 0.2
+    info = ModelInfo("test", "yolov8n", "detect", ["a", "b", "c", "d"], 160, [8, 16, 32], 16, 0)
+    fp32 = Detections([(160, 160)] * 2, [
+        np.array([[10, 10, 40, 40, 0.90, 0], [60, 60, 90, 90, 0.26, 1], [100, 100, 130, 130, 0.24, 1],
+                  [5, 100, 25, 120, 0.05, 2]], np.float32),
+        np.array([[20, 20, 60, 60, 0.80, 3], [70, 20, 100, 50, 0.30, 0]], np.float32)])
+    reference = fidelity_reference(fp32, conf)
+    assert [len(b) for b in reference.boxes] == [2, 2] and [len(b) for b in reference.unsure] == [1, 0]
+    assert fidelity(fp32, info, reference).map50_95 == 1.0
+
+    swapped = Detections(fp32.sizes, [d.copy() for d in fp32.per_image])
+    swapped.per_image[0][1, 4], swapped.per_image[0][2, 4] = 0.24, 0.26
+    banded = fidelity(swapped, info, reference)
+    without_band = fidelity(swapped, info, FidelityReference(reference.boxes, [[], []], conf))
+    assert banded.map50_95 == 1.0 and without_band.map50_95 < 1.0
+    # The matched share stays strict: the box now under the threshold is not found at it.
+    assert banded.matched_boxes == 0.75
+
+    lost = Detections(fp32.sizes, [fp32.per_image[0], fp32.per_image[1][1:]])
+    assert fidelity(lost, info, reference).map50_95 < 1.0
