@@ -73,6 +73,69 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
     return out_path
 
 
+SHAPE_OPS = ("Reshape", "Concat", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def output_tail(model_path: Path) -> list[str]:
+    """The shape-only nodes between the graph outputs and the layers that compute them."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    tail, pending = [], [o.name for o in graph.output]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.op_type not in SHAPE_OPS or node.name in tail:
+            continue
+        tail.append(node.name)
+        pending += list(node.input)
+    return tail
+
+
+def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
+    """Gives each node kept float the float values of its inputs, in place.
+
+    onnxruntime's quantizer only leaves an excluded node's own output unquantized: a tensor it reads still passes
+    through a Quantize/Dequantize pair when its producer (or another reader) is quantized, so the "float" node
+    computed on rounded inputs. On the real-image YOLOv8s-size fixture model the float fallback then scored the
+    same drop with 1, 2, 4 ... 32 nodes float. The pair stays for the tensor's quantized readers; the float node
+    reads the tensor before it.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    wanted = set(float_nodes)
+    rewired = False
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        for k, name in enumerate(node.input):
+            dequantize = producer.get(name)
+            quantize = producer.get(dequantize.input[0]) if dequantize is not None else None
+            if (dequantize is not None and dequantize.op_type == "DequantizeLinear" and quantize is not None
+                    and quantize.op_type == "QuantizeLinear"):
+                node.input[k] = quantize.input[0]
+                rewired = True
+    if not rewired:
+        return path
+    # Pairs nothing reads any more go, with their scales, so the file holds no dead Quantize work.
+    while True:
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for node in graph.node for i in node.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+    onnx.save(model, str(path))
+    return path
+
+
 def fake_quant_activation(x: np.ndarray, low: float, high: float, symmetric: bool) -> np.ndarray:
     """Quantize and dequantize as a QDQ pair with this range would (8 bits)."""
     if symmetric:
@@ -212,7 +275,8 @@ class OnnxQdqBackend:
             # Activation ranges are measured on the model the activations will flow through.
             self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
         # Nodes the rules keep float for speed are never quantized: not candidates for the fallback, not counted.
-        self.fixed_float_units = tuple(thin_convs(self.prepared, rules.float_convs_below_channels))
+        self.float_outputs = tuple(output_tail(self.prepared)) if rules.float_outputs else ()
+        self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import onnx_activation_tap
@@ -226,8 +290,10 @@ class OnnxQdqBackend:
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
-        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric,
-                 [*self.fixed_float_units, *float_units], rules=self.rules)
+        kept_float = [*self.fixed_float_units, *float_units]
+        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, kept_float,
+                 rules=self.rules)
+        feed_float_inputs(path, kept_float)
         if self.weights is not None:
             replace_int8_weights(path, self.weights, path)
         return path

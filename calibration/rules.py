@@ -60,6 +60,11 @@ class QuantRules:
     # 3-channel image has too short a reduction for the integer GEMM to pay, and quantizing the image costs a pass
     # of its own (benchmarks/ort_operators.py measures it; 0 = none).
     float_convs_below_channels: int = 0
+    # Whether the shape ops between the last weighted layers and the graph outputs (Reshape, Concat, ...) stay
+    # float, so the outputs are not rounded to one 8-bit grid: the decode reads each box side as the expectation of
+    # a softmax over 16 logits, and one grid over every scale's logits moved boxes enough to cost 0.55 fidelity
+    # points on the real-image YOLOv8s-size model (benchmarks/fidelity_floor.py).
+    float_outputs: bool = False
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -67,7 +72,8 @@ class QuantRules:
 
 ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node",
                              "every float input of every node onnxruntime's quantizer supports",
-                             calibration_files=("tensorrt-cache",), float_convs_below_channels=8)
+                             calibration_files=("tensorrt-cache",), float_convs_below_channels=8,
+                             float_outputs=True)
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
                        "the input blob of every Convolution (ncnn's int8_scale_term)")
 

@@ -48,6 +48,8 @@ class QuantBackend(Protocol):
     # Units the rules keep float whatever the search decides (quantizing them would slow the model down); they are
     # neither ranked nor counted in units().
     fixed_float_units: tuple[str, ...]
+    # Of those, the ones between the last weighted layers and the graph outputs (QuantRules.float_outputs).
+    float_outputs: tuple[str, ...]
 
     def tap(self) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         """Intermediate tensors of the float model for a batch, for statistics."""

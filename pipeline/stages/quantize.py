@@ -118,7 +118,8 @@ class QuantizeStage(Stage):
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
             trials=[c.describe() for c in outcome.candidates],
             sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity],
-            float_for_speed=list(backend.fixed_float_units))
+            float_for_speed=[u for u in backend.fixed_float_units if u not in backend.float_outputs],
+            float_outputs=list(backend.float_outputs))
         (out_dir / "quantize_report.json").write_text(json.dumps(report.to_json(), indent=1))
         outputs["quantize_report"] = out_dir / "quantize_report.json"
         if not outcome.within_budget and self.on_budget_exceeded == "fail":
@@ -155,8 +156,11 @@ class QuantizeStage(Stage):
         if best.float_units and outcome.within_budget and "most sensitive" not in text:
             text += (f"; {len(best.float_units)} most sensitive {self.target.quant_rules.unit_kind}s kept float to "
                      f"meet the {self.max_map_drop} point budget")
-        if backend.fixed_float_units:
-            text += (f"; {len(backend.fixed_float_units)} conv(s) on fewer than "
+        thin = [u for u in backend.fixed_float_units if u not in backend.float_outputs]
+        if thin:
+            text += (f"; {len(thin)} conv(s) on fewer than "
                      f"{self.target.quant_rules.float_convs_below_channels} input channels kept float (slower in "
                      "INT8)")
+        if backend.float_outputs:
+            text += f"; the outputs' {len(backend.float_outputs)} shape ops float, so the outputs are not rounded"
         return text

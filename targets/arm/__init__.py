@@ -150,6 +150,7 @@ class NcnnInt8Backend:
 
     rules = NCNN_INT8
     fixed_float_units: tuple[str, ...] = ()
+    float_outputs: tuple[str, ...] = ()
 
     def __init__(self, target: NcnnArm, fp32_onnx: Path, info: ModelInfo, work: Path,
                  calibration_images: int | None = None, say: Callable[[str], None] | None = None):

@@ -620,6 +620,7 @@ class TfliteInt8Backend:
 
     rules = TFLITE_FULL_INT8
     fixed_float_units: tuple[str, ...] = ()
+    float_outputs: tuple[str, ...] = ()
 
     def __init__(self, target: TfliteMicroStm32, fp32_onnx: Path, info: ModelInfo, work: Path,
                  calibration_batches: list[np.ndarray]):

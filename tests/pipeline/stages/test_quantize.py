@@ -65,6 +65,7 @@ def test_the_stem_conv_on_the_image_stays_float_and_is_said_so(referenced, engin
     others = [n for n in graph.node if n.op_type == "Conv" and n not in stem]
     assert others and all(n.input[1] in dequantized for n in others)
     assert "1 conv(s) on fewer than 8 input channels kept float" in report.choice
+    assert report.float_outputs and "so the outputs are not rounded" in report.choice
 
 
 def test_selection_images_are_never_calibrated_on(sets):
@@ -103,7 +104,8 @@ def test_calibration_tensors_are_what_inference_is_fed(sets):
 
 def test_budget_nothing_meets_reports_the_best_and_fails(referenced, sets, tmp_path):
     with pytest.raises(AccuracyGateError, match="at best on the selection split"):
-        Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=0.0), referenced)
+        # Even every node float does not gain 5 points: no candidate can meet it.
+        Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=-5.0), referenced)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
@@ -139,3 +141,46 @@ def test_w4a8_quantizes_activations_and_stores_int4_weights(referenced, engine, 
     assert onnx.TensorProto.INT4 in types
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert record.metrics["drop_points"] <= 2.0
+
+
+def test_a_node_kept_float_reads_float_inputs(referenced, sets, tmp_path):
+    """onnxruntime's quantizer leaves an excluded node's input behind a Quantize/Dequantize pair when the producer
+    is quantized; the backend rewires the float node to the tensor before the pair."""
+    from edge_deploy.calibration.qdq import OnnxQdqBackend
+    from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+
+    calibration, _ = sets
+    backend = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "work")
+    tensors = [load_tensor(p, calibration.preprocess)[0] for p in calibration.files[:16]]
+    ranges = ranges_for(collect_statistics(backend.tap(), tensors), "minmax")
+    graph = onnx.load(str(backend.prepared)).graph
+    # A conv fed by a SiLU (a quantized Mul), in the middle of the backbone.
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.name not in backend.fixed_float_units]
+    chosen = convs[len(convs) // 2]
+    all_int8 = backend.build(ranges, [], tmp_path / "all-int8")
+    one_float = backend.build(ranges, [chosen.name], tmp_path / "one-float")
+
+    def producers(path):
+        built = onnx.load(str(path)).graph
+        made = {o: n.op_type for n in built.node for o in n.output}
+        return {n.name: made.get(n.input[0]) for n in built.node if n.op_type == "Conv"}, built
+
+    before, _ = producers(all_int8)
+    after, built = producers(one_float)
+    assert before[chosen.name] == "DequantizeLinear"
+    assert after[chosen.name] != "DequantizeLinear"
+    assert all(after[name] == "DequantizeLinear" for name in after if name not in (chosen.name,
+                                                                                   *backend.fixed_float_units))
+    # The outputs are not rounded: the shape ops that form them read the last convs' float outputs.
+    assert backend.float_outputs and all(n.op_type in ("Reshape", "Concat") for n in graph.node
+                                         if n.name in backend.float_outputs)
+    made = {o: n for n in built.node for o in n.output}
+    for output in built.output:
+        tail = made[output.name]
+        assert tail.name in backend.float_outputs
+        assert all(made[i].op_type != "DequantizeLinear" for i in tail.input if i in made)
+    # Nothing left behind: every Quantize feeds something, every scale is read.
+    read = {i for n in built.node for i in n.input}
+    assert all(o in read for n in built.node if n.op_type == "QuantizeLinear" for o in n.output)
+    assert all(i.name in read for i in built.initializer)
+
