@@ -1,0 +1,112 @@
+"""What fidelity measures on a model and a folder of unlabelled photos: the floor a lossless change sets.
+
+A label-free build scores every artifact by its fidelity to the FP32 model (pipeline/evaluate.py). This script
+scores, on the held-out selection images a label-free build would choose on (same seed and sizes as the build):
+- the FP32 model itself (100 by construction),
+- the FP32 model with its weights rounded to FP16 and back: a change no one would call lossy, so its drop is the
+  least a metric this strict can show on these images,
+- the INT8 model the cpu target builds with MinMax ranges and no node kept float for accuracy (its calibration
+  images are the build's; the outputs' shape ops float, as the cpu rules keep them),
+- the same INT8 model with its outputs rounded to 8 bits, as the cpu target built it before that rule,
+each with fidelity's unsure band and without it (the metric before the band), and prints mAP50, mAP50-95 and the
+share of the FP32 model's confident boxes found again. Scoring is in ONNX Runtime at one thread.
+
+    .venv/bin/python benchmarks/fidelity_floor.py --model .deploy/models/yolov8s-deepforest.pt --photos photos/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edge_deploy.calibration.onnxrt import ort_infer
+from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.qdq import OnnxQdqBackend, quantize, thin_convs
+from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ
+from edge_deploy.calibration.sets import unlabelled_splits
+from edge_deploy.pipeline.build import run_build
+from edge_deploy.pipeline.config import BuildConfig
+from edge_deploy.pipeline.evaluate import drop_points, fidelity, fidelity_reference, run_detections
+from edge_deploy.pipeline.results import FidelityReference, ModelInfo
+
+
+def fp16_rounded(fp32: Path, out: Path) -> Path:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32))
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        if values.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array(values.astype(np.float16).astype(np.float32), init.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--photos", type=Path, required=True)
+    parser.add_argument("--imgsz", type=int, help="default: the checkpoint's training size")
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # The FP32 ONNX and the model's facts come from an FP32 label-free build of the checkpoint (cached after
+        # the first run); the splits are the ones that build, and an INT8 build, use.
+        config = BuildConfig(output=tmp / "dist", precision="fp32", model=args.model, imgsz=args.imgsz)
+        config.calibration.source = args.photos
+        result = run_build(config, args.home)
+        records = {r.name: r for r in result.records}
+        fp32 = records["export"].artifacts["onnx"].path
+        info = ModelInfo.from_json(json.loads(records["load"].artifacts["model_info"].path.read_text()))
+        pre = Preprocess(info.imgsz)
+        calibration, selection, _ = unlabelled_splits(
+            args.photos, pre, config.calibration.size, config.selection.size, config.fidelity.report_size,
+            config.calibration.seed)
+        conf = config.fidelity.conf
+        backend = OnnxQdqBackend(fp32, tmp / "work", ONNXRUNTIME_QDQ)
+        stats = collect_statistics(backend.tap(), [load_tensor(path, pre)[0] for path in calibration.files])
+        ranges = ranges_for(stats, "minmax")
+        # The previous method: every quantized tensor's pair left in place, the outputs rounded.
+        rounded = quantize(backend.prepared, tmp / "int8-rounded.onnx", ranges, True, False,
+                           thin_convs(backend.prepared, ONNXRUNTIME_QDQ.float_convs_below_channels))
+        models = {
+            "FP32": fp32,
+            "FP32, weights rounded to FP16": fp16_rounded(fp32, tmp / "fp16w.onnx"),
+            "INT8 (MinMax, nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
+            "INT8, outputs rounded to 8 bits (before)": rounded,
+        }
+        reference_detections = run_detections(selection, ort_infer(fp32, 1), info.strides)
+        banded = fidelity_reference(reference_detections, conf)
+        unbanded = FidelityReference(banded.boxes, [[] for _ in banded.boxes], conf)
+        required = sum(len(b) for b in banded.boxes)
+        unsure = sum(len(b) for b in banded.unsure)
+        print(f"model {args.model} imgsz {info.imgsz}; {len(selection.files)} held-out selection photos of "
+              f"{args.photos} ({len(calibration.files)} calibration photos); {required} FP32 boxes at conf >= {conf}"
+              f", {unsure} in the unsure band\n")
+        print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | without the band: "
+              "mAP50-95, drop | FP32 boxes found again |")
+        print("|---|---|---|---|---|---|")
+        first = {}
+        for label, path in models.items():
+            detections = run_detections(selection, ort_infer(path, 1), info.strides)
+            with_band, without = fidelity(detections, info, banded), fidelity(detections, info, unbanded)
+            first.setdefault("with", with_band)
+            first.setdefault("without", without)
+            drop, old_drop = drop_points(first["with"], with_band), drop_points(first["without"], without)
+            low, high = drop.interval or (0.0, 0.0)
+            print(f"| {label} | {with_band.map50 * 100:.2f} | {with_band.map50_95 * 100:.2f} | {float(drop):.2f} "
+                  f"[{low:.2f}..{high:.2f}] | {without.map50_95 * 100:.2f}, {float(old_drop):.2f} | "
+                  f"{with_band.matched_boxes:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
