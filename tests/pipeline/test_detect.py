@@ -48,3 +48,13 @@ def test_postprocess_is_per_class_and_multi_label():
     dets = postprocess(box_dist, cls_logit, 64, strides, conf=0.25, iou=0.5)
     assert sorted(dets[:, 5].tolist()) == [0.0, 1.0, 2.0]
     assert np.all((dets[:, 4] > 0) & (dets[:, 4] <= 1))
+
+
+def test_nms_stopped_at_a_limit_keeps_what_a_full_pass_keeps_first():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 600, (3000, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 60, (3000, 2))], axis=1).astype(np.float32)
+    scores = rng.uniform(0, 1, 3000).astype(np.float32)
+    full = nms(boxes, scores, 0.7)
+    assert len(full) > 300
+    assert np.array_equal(nms(boxes, scores, 0.7, 300), full[:300])
