@@ -7,6 +7,8 @@ tensors through the same sessions.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -17,10 +19,23 @@ Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # ONNX Runtime's and ncnn's thread count while scoring: accuracy does not depend on speed, and one thread gives
 # the same numbers on every machine whatever else runs on it.
 SCORING_THREADS = 1
+# Scoring spreads images, not threads: each image is computed alone at SCORING_THREADS, so the numbers stay the
+# same, and up to this many images are computed at once (each one's activations are held meanwhile).
+MAX_SCORING_WORKERS = 4
+
+
+def scoring_workers() -> int:
+    """Images computed at once while scoring: one per core this process may run on, at most MAX_SCORING_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_SCORING_WORKERS))
 
 
 def ort_infer(model: Path, threads: int | None = None) -> Infer:
-    """One ONNX file in an ONNX Runtime CPU session, as a batch -> (box_dist, cls_logit) callable."""
+    """One ONNX file in an ONNX Runtime CPU session, as a batch -> (box_dist, cls_logit) callable.
+
+    At one thread (scoring), the images of a batch run one per image on a few Python threads at once:
+    onnxruntime releases the GIL while it computes and a session may be run from several threads.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -28,11 +43,21 @@ def ort_infer(model: Path, threads: int | None = None) -> Infer:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    workers = scoring_workers() if threads == 1 else 1
+    lanes = ThreadPoolExecutor(workers) if workers > 1 else None
+
+    def one(image: np.ndarray):
+        return session.run(None, {input_name: image[None]})
 
     def infer(batch: np.ndarray):
-        box_dist, cls_logit = session.run(None, {input_name: batch})
-        return box_dist, cls_logit
+        if lanes is None or len(batch) == 1:
+            box_dist, cls_logit = session.run(None, {input_name: batch})
+            return box_dist, cls_logit
+        per_image = list(lanes.map(one, batch))
+        return np.concatenate([o[0] for o in per_image]), np.concatenate([o[1] for o in per_image])
 
+    infer.images_at_once = 2 * workers if lanes else 1
+    infer.lanes = lanes
     return infer
 
 

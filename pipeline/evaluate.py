@@ -54,24 +54,30 @@ def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarr
     """Runs `infer` (one preprocessed image -> raw head maps) over the split, decoded as evaluation decodes.
 
     `detect` replaces infer + the shared decode for models that decode in their own graph (other tools'
-    exports): one preprocessed image -> detections (n, 6) in input pixels.
+    exports): one preprocessed image -> detections (n, 6) in input pixels. An `infer` whose `images_at_once`
+    attribute is above 1 (a runtime that spreads a batch over processes) is given that many images per call.
     """
     sizes, per_image = [], []
-    for path in split.files:
-        bgr = read_image(path)
-        if bgr is None:
-            raise InputError(f"not a readable image: {path}")
-        sizes.append((bgr.shape[1], bgr.shape[0]))
-        tensor, lb = load_tensor(path, split.preprocess)
+    at_once = 1 if detect is not None else max(1, int(getattr(infer, "images_at_once", 1)))
+    files = list(split.files)
+    for start in range(0, len(files), at_once):
+        tensors = []
+        for path in files[start:start + at_once]:
+            bgr = read_image(path)
+            if bgr is None:
+                raise InputError(f"not a readable image: {path}")
+            sizes.append((bgr.shape[1], bgr.shape[0]))
+            tensors.append(load_tensor(path, split.preprocess))
         if detect is not None:
-            dets = detect(tensor)
+            found = [detect(tensor) for tensor, _ in tensors]
         else:
-            box_dist, cls_logit = infer(tensor)
-            dets = postprocess(box_dist[0], cls_logit[0], split.preprocess.imgsz, strides, conf=EVAL_CONF,
-                               iou=EVAL_IOU, max_det=EVAL_MAX_DET)
-        out = dets.astype(np.float32).copy()
-        out[:, :4] = lb.to_original(dets[:, :4])
-        per_image.append(out)
+            box_dist, cls_logit = infer(np.concatenate([tensor for tensor, _ in tensors]))
+            found = [postprocess(box_dist[k], cls_logit[k], split.preprocess.imgsz, strides, conf=EVAL_CONF,
+                                 iou=EVAL_IOU, max_det=EVAL_MAX_DET) for k in range(len(tensors))]
+        for dets, (_, lb) in zip(found, tensors):
+            out = dets.astype(np.float32).copy()
+            out[:, :4] = lb.to_original(dets[:, :4])
+            per_image.append(out)
     return Detections(sizes, per_image)
 
 

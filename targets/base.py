@@ -20,6 +20,8 @@ import numpy as np
 from edge_deploy.calibration.rules import QuantRules
 from edge_deploy.pipeline.results import ModelInfo
 
+# A batch -> (box_dist, cls_logit) callable. One that can spread a batch over processes says how many images it
+# wants per call in an `images_at_once` attribute (see pipeline.evaluate.run_detections); without it, one at a time.
 Infer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 

@@ -106,22 +106,31 @@ class NcnnArm(Target):
         return Converted(files)
 
     def runtime(self, artifact_dir: Path, threads: int | None = None) -> Infer:
+        """A batch -> outputs callable. At one thread (scoring), a model of MIN_IMGSZ or more spreads the images of
+        a batch over worker processes of one thread each, and says how many images it takes at once."""
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
         from edge_deploy.targets.arm import runner
+        from edge_deploy.targets.arm.workers import NcnnWorkers, worker_count
 
         meta = json.loads((Path(artifact_dir) / META).read_text())
         # Unasked, one thread: this runtime checks and scores (timing is the probe's, with its own count), and on a
         # shared 2-core machine ncnn's two threads took 7-9 s per 160 px INT8 image against 0.02 s with one, which
         # made compile's 8-image check a minute long.
-        net = ncnn_net(Path(artifact_dir), meta["precision"], threads or SCORING_THREADS)
+        threads = threads or SCORING_THREADS
+        workers = worker_count(meta["imgsz"]) if threads == 1 else 1
+        pool = NcnnWorkers(Path(artifact_dir), meta["precision"], workers) if workers > 1 else None
+        net = None if pool else ncnn_net(Path(artifact_dir), meta["precision"], threads)
 
         def infer(batch: np.ndarray):
             if batch.shape[-1] != meta["imgsz"] or batch.shape[-2] != meta["imgsz"]:
                 raise DeployError(f"the ncnn model was compiled for {meta['imgsz']}x{meta['imgsz']} input, "
                                   f"got {batch.shape[-2]}x{batch.shape[-1]}")
-            per_image = [runner.run_once(net, image, meta["outputs"]) for image in batch]
+            per_image = (pool.outputs(batch, meta["outputs"]) if pool else
+                         [runner.run_once(net, image, meta["outputs"]) for image in batch])
             return tuple(np.stack([outputs[k] for outputs in per_image]) for k in range(len(meta["outputs"])))
 
+        infer.images_at_once = 4 * workers  # a few per process keeps every process busy between batches
+        infer.workers = pool  # kept alive with the callable
         return infer
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:
@@ -166,14 +175,18 @@ class NcnnInt8Backend:
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
+        from edge_deploy.targets.arm.workers import NcnnWorkers, worker_count
 
-        # One thread, as scoring: on a shared 2-core machine ncnn's two threads waited on each other so much that an
-        # image at 640 px took 5 s instead of 0.55 s, and the values do not depend on the thread count.
-        net = ncnn_net(self.fp32_dir, "fp32", threads=SCORING_THREADS)
+        # One thread per net, as scoring: on a shared 2-core machine ncnn's two threads waited on each other so much
+        # that an image at 640 px took 5 s instead of 0.55 s, and the values do not depend on the thread count.
+        # Large inputs spread the images over worker processes instead.
+        workers = worker_count(self.imgsz)
+        source = (NcnnWorkers(self.fp32_dir, "fp32", workers) if workers > 1 else
+                  ncnn_net(self.fp32_dir, "fp32", threads=SCORING_THREADS))
         # In graph order: ncnn's extractor frees a blob once its consumers have run (light mode), so a blob
         # asked for after a later one may be gone.
         blobs = list(dict.fromkeys(layer.bottoms[0] for layer in self.convs))
-        return SampledTap(net, blobs, Progress("calibrating: image", self.calibration_images, self.say))
+        return SampledTap(source, blobs, Progress("calibrating: image", self.calibration_images, self.say))
 
     def build(self, ranges, float_units: list[str], out: Path) -> Path:
         from edge_deploy.targets.arm.ncnn_int8 import write_int8
@@ -251,6 +264,28 @@ SAMPLE_PER_IMAGE = 1 << 15
 SAMPLE_SEED = 0
 
 
+def sample_image(net, image: np.ndarray, blobs: list[str], per_image: int = SAMPLE_PER_IMAGE):
+    """One inference: per blob the exact extremes and a sample of `per_image` values (all of them when fewer),
+    drawn from a generator seeded with the image's content, so that an image gives the same sample wherever it is
+    computed and in whatever batch."""
+    from edge_deploy.targets.arm import runner
+
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    seed = int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "little")
+    rng = np.random.default_rng([SAMPLE_SEED, seed])
+    lowest = np.full(len(blobs), np.inf, np.float32)
+    highest = np.full(len(blobs), -np.inf, np.float32)
+    parts: list[np.ndarray | None] = []
+    for i, value in enumerate(runner.run_once(net, image, blobs)):
+        flat = value.ravel()
+        if not flat.size:
+            parts.append(None)
+            continue
+        lowest[i], highest[i] = flat.min(), flat.max()
+        parts.append(flat if flat.size <= per_image else flat[rng.integers(0, flat.size, per_image)])
+    return lowest, highest, parts
+
+
 class SampledTap:
     """The activation tap the statistics read: per tensor, a seeded random sample of every image's values plus the
     batch's exact extremes, from one inference per image.
@@ -258,12 +293,12 @@ class SampledTap:
     calibration.ranges.collect_statistics asks for each batch twice (extremes first, then histograms over them);
     the second request is answered from what the first computed, so each image runs once. The extremes are exact
     (min/max are taken over the full tensor), so MinMax ranges do not depend on the sample; the histograms behind
-    Entropy are built from the sample. The sample is drawn from a generator seeded with the batch's content, so
-    the same images give the same scales in every run and in any order.
+    Entropy are built from the sample (see `sample_image`). `source` is a one-thread ncnn net, or NcnnWorkers
+    that compute the images of a batch in parallel processes with the same result.
     """
 
-    def __init__(self, net, blobs: list[str], progress: "Progress", per_image: int = SAMPLE_PER_IMAGE):
-        self.net, self.blobs, self.progress, self.per_image = net, blobs, progress, per_image
+    def __init__(self, source, blobs: list[str], progress: "Progress", per_image: int = SAMPLE_PER_IMAGE):
+        self.source, self.blobs, self.progress, self.per_image = source, blobs, progress, per_image
         self._pending: dict[bytes, dict[str, np.ndarray]] = {}
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -272,26 +307,26 @@ class SampledTap:
         if key in self._pending:
             # The second request for a batch is the last one collect_statistics makes: the memory goes with it.
             return self._pending.pop(key)
-        values = self._sample(batch, key)
+        values = self._sample(batch)
         self._pending[key] = values
         return values
 
-    def _sample(self, batch: np.ndarray, key: bytes) -> dict[str, np.ndarray]:
-        from edge_deploy.targets.arm import runner
+    def _sample(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        from edge_deploy.targets.arm.workers import NcnnWorkers
 
-        rng = np.random.default_rng([SAMPLE_SEED, int.from_bytes(key[:8], "little")])
+        if isinstance(self.source, NcnnWorkers):
+            per_image = self.source.samples(batch, self.blobs, self.per_image)
+        else:
+            per_image = [sample_image(self.source, image, self.blobs, self.per_image) for image in batch]
         parts: list[list[np.ndarray]] = [[] for _ in self.blobs]
         lowest = np.full(len(self.blobs), np.inf, np.float32)
         highest = np.full(len(self.blobs), -np.inf, np.float32)
-        for image in batch:
-            for i, value in enumerate(runner.run_once(self.net, image, self.blobs)):
-                flat = value.ravel()
-                if not flat.size:
-                    continue
-                lowest[i] = min(lowest[i], flat.min())
-                highest[i] = max(highest[i], flat.max())
-                parts[i].append(flat if flat.size <= self.per_image else
-                                flat[rng.integers(0, flat.size, self.per_image)])
+        for low, high, sampled in per_image:
+            np.minimum(lowest, low, out=lowest)
+            np.maximum(highest, high, out=highest)
+            for i, values in enumerate(sampled):
+                if values is not None:
+                    parts[i].append(values)
             self.progress.step()
         return {blob: np.concatenate([*parts[i], [lowest[i], highest[i]]]).astype(np.float32, copy=False)
                 for i, blob in enumerate(self.blobs) if parts[i]}

@@ -50,3 +50,19 @@ def test_ground_truth_scores_one_and_shifted_boxes_score_less(small_shapes_yaml)
     assert perfect["map50"] > 0.97 and perfect["map50_95"] > 0.95
     shifted = coco_map(val, _oracle(val, shift_px=3.0), [8, 16, 32], 4)
     assert shifted["map50_95"] < perfect["map50_95"] - 0.05
+
+
+def test_scoring_several_images_at_once_gives_what_one_at_a_time_gives(exported, shapes_yaml, preprocess, model_info):
+    """At one thread, onnxruntime scoring runs the images of a batch on a few threads at once (same numbers)."""
+    from edge_deploy.calibration.onnxrt import ort_infer
+    from edge_deploy.pipeline.evaluate import run_detections
+
+    val = labelled_split(shapes_yaml, "val", preprocess).head(10)
+    lanes = ort_infer(exported["onnx"].path, 1)
+    assert lanes.images_at_once > 1 and lanes.lanes is not None
+    assert ort_infer(exported["onnx"].path, 2).images_at_once == 1  # not scoring: one image per call
+    one_by_one = ort_infer(exported["onnx"].path, 1)
+    one_by_one.images_at_once = 1
+    together = run_detections(val, lanes, model_info["strides"])
+    alone = run_detections(val, one_by_one, model_info["strides"])
+    assert all(np.array_equal(a, b) for a, b in zip(together.per_image, alone.per_image))

@@ -242,3 +242,40 @@ def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_ru
         # Every image contributes the same number of values: its whole tensor or the sample, plus two extremes
         # per batch.
         assert first[name].hist.sum() == 16 * min(sizes[i], per_image) + 2 * len(batches)
+
+
+def test_worker_processes_give_what_one_process_gives(exported, info, calibration_images, shapes_yaml, preprocess,
+                                                      tmp_path, monkeypatch):
+    """Scoring and calibration spread over processes: the same outputs, the same statistics, images in order."""
+    import shutil
+
+    from edge_deploy.calibration.ranges import collect_statistics
+    from edge_deploy.calibration.sets import calibration_set
+    from edge_deploy.pipeline.evaluate import run_detections
+    from edge_deploy.targets.arm import Progress, SampledTap, ncnn_net, workers
+    from edge_deploy.targets.arm.workers import NcnnWorkers
+
+    batches = [np.stack(calibration_images[:8]), np.stack(calibration_images[8:12])]
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend",
+                                      {"calibration_batches": batches})
+    blobs = list(dict.fromkeys(layer.bottoms[0] for layer in backend.convs))
+    pool = NcnnWorkers(backend.fp32_dir, "fp32", 2)
+    alone = collect_statistics(SampledTap(ncnn_net(backend.fp32_dir, "fp32", threads=1), blobs,
+                                          Progress("calibrating: image", 12, lambda _: None), 4096), batches)
+    spread = collect_statistics(SampledTap(pool, blobs, Progress("calibrating: image", 12, lambda _: None), 4096),
+                                batches)
+    for name in blobs:
+        assert (alone[name].lowest, alone[name].highest) == (spread[name].lowest, spread[name].highest)
+        assert np.array_equal(alone[name].hist, spread[name].hist)
+
+    # The scoring runtime at a size that takes workers (the threshold lowered to this model's size).
+    monkeypatch.setattr(workers, "MIN_IMGSZ", info.imgsz)
+    write_fp32 = tmp_path / "fp32-artifact"
+    shutil.copytree(backend.fp32_dir, write_fp32)
+    infer = NcnnArm().runtime(write_fp32, threads=1)
+    assert infer.images_at_once > 1 and infer.workers is not None
+    single = NcnnArm().runtime(write_fp32, threads=2)
+    assert getattr(single, "workers", None) is None
+    split = calibration_set(shapes_yaml, preprocess, size=12, seed=0, min_recommended=1)
+    ours, reference = run_detections(split, infer, info.strides), run_detections(split, single, info.strides)
+    assert all(np.array_equal(a, b) for a, b in zip(ours.per_image, reference.per_image))
