@@ -22,19 +22,11 @@ import numpy as np
 from edge_deploy.calibration.rules import NCNN_INT8
 from edge_deploy.pipeline.errors import ConversionMismatch, DeployError, InputError, ToolchainMissing
 from edge_deploy.pipeline.results import ModelInfo
+from edge_deploy.targets.arm.workers import (FILES, SAMPLE_PER_IMAGE, NcnnWorkers, ncnn_net, sample_image,
+                                             worker_count)
 from edge_deploy.targets.base import Converted, Infer, Profile, Target
 
 META = "ncnn.json"  # this target's own description of its artifact; only this module reads it
-FILES = ("model.ncnn.param", "model.ncnn.bin")
-
-
-def ncnn_net(artifact_dir: Path, precision: str, threads: int | None = None):
-    from edge_deploy.targets.arm import runner
-
-    job = {"param": FILES[0], "bin": FILES[1], "precision": precision, "threads": threads}
-    return runner.open_net(Path(artifact_dir), job)
-
-
 def _pnnx_binary() -> Path:
     try:
         import pnnx
@@ -110,7 +102,6 @@ class NcnnArm(Target):
         a batch over worker processes of one thread each, and says how many images it takes at once."""
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
         from edge_deploy.targets.arm import runner
-        from edge_deploy.targets.arm.workers import NcnnWorkers, worker_count
 
         meta = json.loads((Path(artifact_dir) / META).read_text())
         # Unasked, one thread: this runtime checks and scores (timing is the probe's, with its own count), and on a
@@ -175,7 +166,6 @@ class NcnnInt8Backend:
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
-        from edge_deploy.targets.arm.workers import NcnnWorkers, worker_count
 
         # One thread per net, as scoring: on a shared 2-core machine ncnn's two threads waited on each other so much
         # that an image at 640 px took 5 s instead of 0.55 s, and the values do not depend on the thread count.
@@ -253,39 +243,6 @@ class NcnnInt8Backend:
         return len(self.convs)
 
 
-# Values of each tensor kept per calibration image. At 640 px the convolution inputs of a YOLOv8n hold 19.7M values
-# per image; histogramming all of them cost 0.3 s per image on a quiet machine and 1.2 s on a busy one, as much as
-# the inference. 2^15 per tensor per image is 2.0M values per image at 640 px (1.6 GB for 200 images, held between
-# the two passes of collect_statistics) and leaves most tensors of a 160 px model whole. MinMax is exact whatever
-# the sample; Entropy thresholds came out identical for 60 of 63 tensors at 640 px and 62 of 63 at 160 px. The few
-# that moved have two near-equal KL minima, and 2^17 values moved another one just as far, so a larger sample
-# would not pin them.
-SAMPLE_PER_IMAGE = 1 << 15
-SAMPLE_SEED = 0
-
-
-def sample_image(net, image: np.ndarray, blobs: list[str], per_image: int = SAMPLE_PER_IMAGE):
-    """One inference: per blob the exact extremes and a sample of `per_image` values (all of them when fewer),
-    drawn from a generator seeded with the image's content, so that an image gives the same sample wherever it is
-    computed and in whatever batch."""
-    from edge_deploy.targets.arm import runner
-
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    seed = int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "little")
-    rng = np.random.default_rng([SAMPLE_SEED, seed])
-    lowest = np.full(len(blobs), np.inf, np.float32)
-    highest = np.full(len(blobs), -np.inf, np.float32)
-    parts: list[np.ndarray | None] = []
-    for i, value in enumerate(runner.run_once(net, image, blobs)):
-        flat = value.ravel()
-        if not flat.size:
-            parts.append(None)
-            continue
-        lowest[i], highest[i] = flat.min(), flat.max()
-        parts.append(flat if flat.size <= per_image else flat[rng.integers(0, flat.size, per_image)])
-    return lowest, highest, parts
-
-
 class SampledTap:
     """The activation tap the statistics read: per tensor, a seeded random sample of every image's values plus the
     batch's exact extremes, from one inference per image.
@@ -312,8 +269,6 @@ class SampledTap:
         return values
 
     def _sample(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        from edge_deploy.targets.arm.workers import NcnnWorkers
-
         if isinstance(self.source, NcnnWorkers):
             per_image = self.source.samples(batch, self.blobs, self.per_image)
         else:
