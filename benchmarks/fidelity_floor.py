@@ -22,8 +22,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.qdq import OnnxQdqBackend, quantize, thin_convs
@@ -34,19 +32,8 @@ from edge_deploy.pipeline.build import run_build
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.evaluate import drop_points, fidelity, fidelity_reference, run_detections
 from edge_deploy.pipeline.results import FidelityReference, ModelInfo
-
-
-def fp16_rounded(fp32: Path, out: Path) -> Path:
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(fp32))
-    for init in model.graph.initializer:
-        values = numpy_helper.to_array(init)
-        if values.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array(values.astype(np.float16).astype(np.float32), init.name))
-    onnx.save(model, str(out))
-    return out
+# The jetson target's own FP16 weight rounding: what FP16 storage does to the weights.
+from edge_deploy.targets.jetson import fp16_weights
 
 
 def main() -> None:
@@ -80,7 +67,7 @@ def main() -> None:
                            thin_convs(backend.prepared, ONNXRUNTIME_QDQ.float_convs_below_channels))
         models = {
             "FP32": fp32,
-            "FP32, weights rounded to FP16": fp16_rounded(fp32, tmp / "fp16w.onnx"),
+            "FP32, weights rounded to FP16": fp16_weights(fp32, tmp / "fp16w.onnx"),
             "INT8 (MinMax, nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
             "INT8, outputs rounded to 8 bits (before)": rounded,
         }
