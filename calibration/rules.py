@@ -65,6 +65,10 @@ class QuantRules:
     # a softmax over 16 logits, and one grid over every scale's logits moved boxes enough to cost 0.55 fidelity
     # points on the real-image YOLOv8s-size model (benchmarks/fidelity_floor.py).
     float_outputs: bool = False
+    # Whether a weighted node runs in integer only when its output is quantized too (onnxruntime fuses
+    # Dequantize-Conv-Quantize into QLinearConv; TensorRT needs only the inputs'): where so, a weighted node whose
+    # output nothing quantizes runs float, and its weights are stored float instead of dequantized on every run.
+    integer_needs_quantized_output: bool = False
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -73,7 +77,7 @@ class QuantRules:
 ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node",
                              "every float input of every node onnxruntime's quantizer supports",
                              calibration_files=("tensorrt-cache",), float_convs_below_channels=8,
-                             float_outputs=True)
+                             float_outputs=True, integer_needs_quantized_output=True)
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
                        "the input blob of every Convolution (ncnn's int8_scale_term)")
 

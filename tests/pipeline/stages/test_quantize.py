@@ -60,9 +60,12 @@ def test_the_stem_conv_on_the_image_stays_float_and_is_said_so(referenced, engin
     initializers = {i.name for i in graph.initializer}
     assert stem[0].input[1] in initializers  # a float weight, not a DequantizeLinear's output
     assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
-    # Every other conv is quantized: its weight comes through a DequantizeLinear.
+    # Every other conv is quantized (its weight comes through a DequantizeLinear), but for the ones that compute the
+    # outputs, which stay float so that the outputs are not rounded.
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    others = [n for n in graph.node if n.op_type == "Conv" and n not in stem]
+    quantized_outputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    others = [n for n in graph.node if n.op_type == "Conv" and n not in stem and n.output[0] in quantized_outputs]
+    assert len(others) == len([n for n in graph.node if n.op_type == "Conv"]) - 1 - 6  # the stem, 6 head convs
     assert others and all(n.input[1] in dequantized for n in others)
     assert "1 conv(s) on fewer than 8 input channels kept float" in report.choice
     assert report.float_outputs and "so the outputs are not rounded" in report.choice
@@ -179,6 +182,11 @@ def test_a_node_kept_float_reads_float_inputs(referenced, sets, tmp_path):
         tail = made[output.name]
         assert tail.name in backend.float_outputs
         assert all(made[i].op_type != "DequantizeLinear" for i in tail.input if i in made)
+    # The convs that compute the outputs run float, so their weights are stored float, not dequantized per run.
+    initializers = {i.name for i in built.initializer}
+    last_convs = [made[i] for n in built.node if n.name in backend.float_outputs for i in n.input
+                  if i in made and made[i].op_type == "Conv"]
+    assert last_convs and all(conv.input[1] in initializers for conv in last_convs)
     # Nothing left behind: every Quantize feeds something, every scale is read.
     read = {i for n in built.node for i in n.input}
     assert all(o in read for n in built.node if n.op_type == "QuantizeLinear" for o in n.output)
