@@ -1,10 +1,10 @@
 """Where ONNX Runtime's INT8 time goes on this CPU: per-operator profiles of FP32 and INT8 at one thread.
 
 Builds (or reuses from cache) a cpu INT8 bundle, then:
-1. times four models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
+1. times five models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
    the same INT8 model with the stem conv quantized too (what the build did before the cpu rules kept convs on
-   fewer than 8 input channels float), and with every SiLU left float, all from the build's own activation
-   statistics;
+   fewer than 8 input channels float), with its outputs rounded to 8 bits (before the rules kept the outputs'
+   shape ops float), and with every SiLU left float, all from the build's own activation statistics;
 2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
    INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
    higher than the plain timings; compare them within a column, not with step 1.
@@ -27,7 +27,7 @@ from interleave import load_average, ratios, repeated_p50s, spread
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
-from edge_deploy.calibration.qdq import prepare, quantize
+from edge_deploy.calibration.qdq import feed_float_inputs, prepare, quantize, store_float_weights
 from edge_deploy.calibration.ranges import load_statistics, ranges_for
 from edge_deploy.pipeline.build import run_build
 from edge_deploy.pipeline.config import BuildConfig
@@ -130,15 +130,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepared = prepare(fp32_path, tmp / "prepared.onnx")
-        # The build's method and float units, without the rule: every conv quantized, the stem included.
+        # The build's method and float units, without the stem rule: every conv quantized, the stem included.
         ranges = ranges_for(stats, report.method, symmetric)
-        stem_int8 = quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, report.float_units)
-        # The build's model with every SiLU (Sigmoid and the Mul it feeds) left float: what keeping the activation
-        # float instead of onnxruntime's two integer kernels costs.
+        kept = [*report.float_units, *report.float_outputs]
+        stem_int8 = store_float_weights(feed_float_inputs(
+            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept))
+        # Without the outputs rule: the outputs rounded to 8 bits, as quantize() alone leaves them.
+        rounded = quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
+                           [*report.float_for_speed, *report.float_units])
+        # Every SiLU (Sigmoid and the Mul it feeds) left float, behind the pairs quantize() leaves (so the convs
+        # keep their integer kernels): what keeping the activation float instead of onnxruntime's two integer
+        # kernels costs.
         silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
-                              [*report.float_for_speed, *report.float_units, *silu_nodes(prepared)])
+                              [*report.float_for_speed, *report.float_units, *report.float_outputs,
+                               *silu_nodes(prepared)])
         models = {"FP32": fp32_path, "INT8 (build)": int8_path, "INT8, stem conv quantized": stem_int8,
-                  "INT8, SiLU float": silu_float}
+                  "INT8, outputs rounded": rounded, "INT8, SiLU float": silu_float}
         runs = {label: ort_infer(path, 1) for label, path in models.items()}
         load_start = load_average()
         p50s = repeated_p50s({label: (lambda run=run: run(tensor)) for label, run in runs.items()},
