@@ -138,7 +138,7 @@ def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
 
 def store_float_weights(path: Path) -> Path:
     """Stores float the weights and biases of the weighted nodes that run float, in place: the values the
-    Dequantize computed, once. Outputs move by float rounding only (4e-6 at most on the YOLOv8s-size model).
+    Dequantize computed, once. Outputs move by float rounding only (4e-6 on a photo through the YOLOv8s-size model).
 
     A Conv whose output no Quantize reads (the head's last convs once the outputs stay float) has no integer kernel
     in onnxruntime: it ran in float on weights dequantized on every run, which also kept onnxruntime from packing
@@ -324,7 +324,8 @@ class OnnxQdqBackend:
             self.weights = quantize_weights(self.prepared, int4_method, int4_group, calibration_batches)
             # Activation ranges are measured on the model the activations will flow through.
             self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
-        # Nodes the rules keep float for speed are never quantized: not candidates for the fallback, not counted.
+        # Nodes the rules keep float (for speed, or so that the outputs are not rounded) are never quantized: not
+        # candidates for the fallback, not counted.
         self.float_outputs = tuple(output_tail(self.prepared)) if rules.float_outputs else ()
         self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
 

@@ -55,7 +55,8 @@ def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarr
 
     `detect` replaces infer + the shared decode for models that decode in their own graph (other tools'
     exports): one preprocessed image -> detections (n, 6) in input pixels. An `infer` whose `images_at_once`
-    attribute is above 1 (a runtime that spreads a batch over processes) is given that many images per call.
+    attribute is above 1 (a runtime that spreads a batch over processes or threads) is given that many images per
+    call.
     """
     sizes, per_image = [], []
     at_once = 1 if detect is not None else max(1, int(getattr(infer, "images_at_once", 1)))

@@ -27,6 +27,8 @@ from edge_deploy.targets.arm.workers import (FILES, SAMPLE_PER_IMAGE, NcnnWorker
 from edge_deploy.targets.base import Converted, Infer, Profile, Target
 
 META = "ncnn.json"  # this target's own description of its artifact; only this module reads it
+
+
 def _pnnx_binary() -> Path:
     try:
         import pnnx
