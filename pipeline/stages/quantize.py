@@ -124,9 +124,11 @@ class QuantizeStage(Stage):
         outputs["quantize_report"] = out_dir / "quantize_report.json"
         if not outcome.within_budget and self.on_budget_exceeded == "fail":
             raise AccuracyGateError(
-                f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} mAP50-95 points at best on the "
+                f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} "
+                f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points at best on the "
                 f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float), over the "
-                f"{self.max_map_drop:.2f} point budget; raise quantize.max_map_drop or pass --accept-drop")
+                f"{self.max_map_drop:.2f} point budget; raise --max-map-drop (quantize.max_map_drop) or pass "
+                "--accept-drop")
         quantized = out_dir / f"quantized{best.built.suffix}"
         best.built.rename(quantized)
         outputs["quantized"] = quantized
