@@ -92,6 +92,22 @@ def output_tail(model_path: Path) -> list[str]:
     return tail
 
 
+def drop_unread_quantization(graph) -> None:
+    """Removes the Quantize/Dequantize nodes nothing reads any more (pairs go whole), then the initializers
+    nothing reads (their scales, zero points, stored weights), so the file holds no dead Quantize work."""
+    while True:
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(out in read for out in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for node in graph.node for i in node.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
 def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
     """Gives each node kept float the float values of its inputs, in place.
 
@@ -120,18 +136,7 @@ def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
                 rewired = True
     if not rewired:
         return path
-    # Pairs nothing reads any more go, with their scales, so the file holds no dead Quantize work.
-    while True:
-        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(out in read for out in node.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {i for node in graph.node for i in node.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)
+    drop_unread_quantization(graph)
     onnx.save(model, str(path))
     return path
 
@@ -176,12 +181,7 @@ def store_float_weights(path: Path) -> Path:
             stored = True
     if not stored:
         return path
-    read = {i for node in graph.node for i in node.input}
-    for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in read]:
-        graph.node.remove(node)
-    read = {i for node in graph.node for i in node.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)
+    drop_unread_quantization(graph)
     onnx.save(model, str(path))
     return path
 

@@ -111,15 +111,16 @@ class QuantizeStage(Stage):
         outcome = search(backend, stats, methods, symmetric, drop, self.max_map_drop, [check],
                          work / "candidates", fallback=spec.float_fallback and rules.float_fallback)
         best = outcome.best
+        float_for_speed = [u for u in backend.fixed_float_units if u not in backend.float_outputs]
         report = QuantizationReport(
-            precision=self.precision, method=best.method, choice=self._choice(methods, outcome, backend),
+            precision=self.precision, method=best.method,
+            choice=self._choice(methods, outcome, float_for_speed, backend.float_outputs),
             selection=describe_split(self.selection, "selection"), budget_points=self.max_map_drop,
             drop_points=best.drop_points, within_budget=outcome.within_budget, float_units=best.float_units,
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
             trials=[c.describe() for c in outcome.candidates],
             sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity],
-            float_for_speed=[u for u in backend.fixed_float_units if u not in backend.float_outputs],
-            float_outputs=list(backend.float_outputs))
+            float_for_speed=float_for_speed, float_outputs=list(backend.float_outputs))
         (out_dir / "quantize_report.json").write_text(json.dumps(report.to_json(), indent=1))
         outputs["quantize_report"] = out_dir / "quantize_report.json"
         if not outcome.within_budget and self.on_budget_exceeded == "fail":
@@ -141,7 +142,8 @@ class QuantizeStage(Stage):
         shutil.rmtree(work)
         return StageOutput(outputs, report.to_json())
 
-    def _choice(self, methods: tuple[str, ...], outcome, backend) -> str:
+    def _choice(self, methods: tuple[str, ...], outcome, float_for_speed: list[str],
+                float_outputs: tuple[str, ...]) -> str:
         best = outcome.best
         if len(methods) > 1:
             text = (f"{outcome.reason} (selection split)" if outcome.reason else
@@ -158,11 +160,10 @@ class QuantizeStage(Stage):
         if best.float_units and outcome.within_budget and "most sensitive" not in text:
             text += (f"; {len(best.float_units)} most sensitive {self.target.quant_rules.unit_kind}s kept float to "
                      f"meet the {self.max_map_drop} point budget")
-        thin = [u for u in backend.fixed_float_units if u not in backend.float_outputs]
-        if thin:
-            text += (f"; {len(thin)} conv(s) on fewer than "
+        if float_for_speed:
+            text += (f"; {len(float_for_speed)} conv(s) on fewer than "
                      f"{self.target.quant_rules.float_convs_below_channels} input channels kept float (slower in "
                      "INT8)")
-        if backend.float_outputs:
-            text += f"; the outputs' {len(backend.float_outputs)} shape ops float, so the outputs are not rounded"
+        if float_outputs:
+            text += f"; the outputs' {len(float_outputs)} shape ops float, so the outputs are not rounded"
         return text
