@@ -143,7 +143,7 @@ def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
 
 def store_float_weights(path: Path) -> Path:
     """Stores float the weights and biases of the weighted nodes that run float, in place: the values the
-    Dequantize computed, once. Outputs move by float rounding only (4e-6 on a photo through the YOLOv8s-size model).
+    Dequantize computed, once. Outputs change by float rounding only (a different kernel adds in another order).
 
     A Conv whose output no Quantize reads (the head's last convs once the outputs stay float) has no integer kernel
     in onnxruntime: it ran in float on weights dequantized on every run, which also kept onnxruntime from packing

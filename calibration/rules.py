@@ -62,7 +62,7 @@ class QuantRules:
     float_convs_below_channels: int = 0
     # Whether the shape ops between the last weighted layers and the graph outputs (Reshape, Concat, ...) stay
     # float, so the outputs are not rounded to one 8-bit grid: the decode reads each box side as the expectation of
-    # a softmax over 16 logits, and one grid over every scale's logits moved boxes enough to cost 0.55 fidelity
+    # a softmax over 16 logits, and one grid over every scale's logits moved boxes enough to cost 0.34 fidelity
     # points on the real-image YOLOv8s-size model (benchmarks/fidelity_floor.py).
     float_outputs: bool = False
     # Whether a weighted node runs in integer only when its output is quantized too (onnxruntime fuses
