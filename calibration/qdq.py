@@ -92,6 +92,26 @@ def output_tail(model_path: Path) -> list[str]:
     return tail
 
 
+def silu_inputs(model_path: Path) -> dict[str, tuple[str, str]]:
+    """{input: (output, Mul node name)} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input
+    nothing else reads."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found = {}
+    for tensor, nodes in readers.items():
+        sigmoid = next((n for n in nodes if n.op_type == "Sigmoid"), None)
+        mul = next((n for n in nodes if n.op_type == "Mul"), None)
+        if (len(nodes) == 2 and sigmoid is not None and mul is not None
+                and sorted(mul.input) == sorted([tensor, sigmoid.output[0]])):
+            found[tensor] = (mul.output[0], mul.name)
+    return found
+
+
 def drop_unread_quantization(graph) -> None:
     """Removes the Quantize/Dequantize nodes nothing reads any more (pairs go whole), then the initializers
     nothing reads (their scales, zero points, stored weights), so the file holds no dead Quantize work."""
@@ -328,6 +348,16 @@ class OnnxQdqBackend:
         # candidates for the fallback, not counted.
         self.float_outputs = tuple(output_tail(self.prepared)) if rules.float_outputs else ()
         self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
+        self.silu = silu_inputs(self.prepared)
+
+    def activation_ranges(self, ranges, float_units=()) -> dict[str, tuple[float, float]]:
+        """The ranges a candidate quantizes with: a SiLU's input reaches down only as far as its output's grid can
+        tell apart (ranges.floor_silu_inputs), where that output is rounded, i.e. its Mul is not kept float."""
+        from edge_deploy.calibration.ranges import floor_silu_inputs
+
+        kept_float = set(float_units) | set(self.fixed_float_units)
+        rounded = {tensor: output for tensor, (output, mul) in self.silu.items() if mul not in kept_float}
+        return floor_silu_inputs(ranges, rounded, self.symmetric)
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import onnx_activation_tap
@@ -342,7 +372,7 @@ class OnnxQdqBackend:
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
         kept_float = [*self.fixed_float_units, *float_units]
-        quantize(self.source, path, ranges, self.rules.per_channel_weights, self.symmetric, kept_float,
+        quantize(self.source, path, self.activation_ranges(ranges, kept_float), self.rules.per_channel_weights, self.symmetric, kept_float,
                  rules=self.rules)
         feed_float_inputs(path, kept_float)
         # W4A8 keeps its INT4 weights wherever it can (replace_int8_weights below).
@@ -358,7 +388,7 @@ class OnnxQdqBackend:
         return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
-        return node_sensitivity(self.prepared, ranges, batches, self.symmetric, self.rules.per_channel_weights,
+        return node_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric, self.rules.per_channel_weights,
                                 self.rules.op_types, self.fixed_float_units)
 
     def units(self) -> int:

@@ -136,6 +136,58 @@ def entropy_range(stats: TensorStats) -> tuple[float, float]:
     return max(stats.lowest, -threshold), min(stats.highest, threshold)
 
 
+# SiLU's minimum, at x = -1.2785: below it SiLU rises back towards zero.
+SILU_ARGMIN = -1.2785
+
+
+def _silu(x: float) -> float:
+    return x / (1.0 + np.exp(-x))
+
+
+def silu_floor(half_step: float) -> float:
+    """The input below which SiLU stays within `half_step` of zero: what is lower rounds to the same 8-bit value of
+    SiLU's output, so an input range need not reach further down (bisection; SiLU is monotonic there)."""
+    low, high = -100.0, SILU_ARGMIN
+    if -_silu(low) >= half_step:
+        return low
+    if -_silu(high) < half_step:
+        return high
+    for _ in range(60):
+        middle = (low + high) / 2
+        if -_silu(middle) < half_step:
+            low = middle
+        else:
+            high = middle
+    return float(low)
+
+
+def quantization_step(low: float, high: float, symmetric: bool) -> float:
+    """The 8-bit step a range gets: uint8 over [min(low, 0), max(high, 0)], or int8 +-127 around zero."""
+    if symmetric:
+        return max(abs(low), abs(high)) / 127
+    return (max(high, 0.0) - min(low, 0.0)) / 255
+
+
+def floor_silu_inputs(ranges: dict[str, tuple[float, float]], silu_outputs: dict[str, str],
+                      symmetric: bool) -> dict[str, tuple[float, float]]:
+    """Ranges in which a tensor read only by a SiLU reaches down no further than its output's grid can tell apart.
+
+    A convolution's output ahead of a SiLU has a long negative tail (min around -10 to -60 on YOLOv8) that the SiLU
+    squashes to within a fraction of its output's 8-bit step of zero. Where the range follows the tail, the values
+    that matter get a coarser grid. `silu_outputs` maps such an input to the SiLU's output tensor; the input's low
+    end is raised to where SiLU comes within half that output's step of zero. On the real-image YOLOv8s-size model
+    (benchmarks/fidelity_floor.py) this moved INT8 boxes less, on the selection photos and on the report photos,
+    for MinMax and Percentile alike.
+    """
+    floored = dict(ranges)
+    for tensor, output in silu_outputs.items():
+        if tensor not in ranges or output not in ranges:
+            continue
+        low, high = ranges[tensor]
+        floored[tensor] = (max(low, silu_floor(quantization_step(*ranges[output], symmetric) / 2)), high)
+    return floored
+
+
 METHODS = {"minmax": minmax_range, "percentile": percentile_range, "entropy": entropy_range}
 
 

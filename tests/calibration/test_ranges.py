@@ -4,7 +4,8 @@ from onnx import TensorProto, helper
 
 from edge_deploy.calibration.onnxrt import onnx_activation_tap
 from edge_deploy.calibration.ranges import (BINS, TensorStats, collect_statistics, entropy_range, kl_threshold,
-                                            percentile_range, ranges_for, sqnr_db)
+                                            floor_silu_inputs, percentile_range, quantization_step, ranges_for,
+                                            silu_floor, sqnr_db)
 
 
 def _stats(values: np.ndarray) -> TensorStats:
@@ -76,3 +77,26 @@ def test_sqnr():
     signal = np.ones(100)
     assert sqnr_db(signal, signal) == float("inf")
     assert abs(sqnr_db(signal, signal * 1.1) - 20.0) < 1e-9
+
+
+def test_silu_floor_is_where_silu_comes_within_half_a_step_of_zero():
+    for half_step in (0.002, 0.02, 0.1):
+        floor = silu_floor(half_step)
+        assert floor < -1.27
+        assert abs(floor / (1 + np.exp(-floor)) + half_step) < 1e-6
+    # Coarser output grids let the input range stop higher up.
+    assert silu_floor(0.002) < silu_floor(0.02) < silu_floor(0.1)
+
+
+def test_a_silu_input_range_stops_where_its_output_grid_cannot_tell_values_apart():
+    ranges = {"conv": (-40.0, 10.0), "silu": (-0.28, 10.0), "other": (-40.0, 10.0), "shallow": (-3.0, 10.0)}
+    floored = floor_silu_inputs(ranges, {"conv": "silu", "shallow": "silu"}, symmetric=False)
+    half_step = quantization_step(-0.28, 10.0, False) / 2
+    assert floored["conv"] == (silu_floor(half_step), 10.0)
+    assert -8 < floored["conv"][0] < -4
+    # Tensors read by anything else keep their range, and a range is never widened.
+    assert floored["other"] == ranges["other"] and floored["silu"] == ranges["silu"]
+    assert floored["shallow"] == (-3.0, 10.0)
+    # Every value the floor cuts rounds, after the SiLU, to the output's zero: the SiLU's output grid is unchanged.
+    x = np.linspace(-40.0, floored["conv"][0], 1000)
+    assert np.all(np.abs(x / (1 + np.exp(-x))) <= half_step + 1e-9)

@@ -192,3 +192,37 @@ def test_a_node_kept_float_reads_float_inputs(referenced, sets, tmp_path):
     assert all(o in read for n in built.node if n.op_type == "QuantizeLinear" for o in n.output)
     assert all(i.name in read for i in built.initializer)
 
+
+
+def test_a_silu_input_is_quantized_only_as_far_down_as_its_output_grid_reaches(referenced, sets, tmp_path):
+    """A conv's output ahead of a SiLU keeps a grid for the values the SiLU passes on; its negative tail, which the
+    SiLU squashes to zero, no longer coarsens it. Where the SiLU's Mul is kept float, nothing rounds its output,
+    and the input keeps its whole range."""
+    from onnx import numpy_helper
+
+    from edge_deploy.calibration.qdq import OnnxQdqBackend
+    from edge_deploy.calibration.ranges import collect_statistics, quantization_step, ranges_for
+
+    calibration, _ = sets
+    backend = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "work")
+    tensors = [load_tensor(p, calibration.preprocess)[0] for p in calibration.files[:16]]
+    ranges = ranges_for(collect_statistics(backend.tap(), tensors), "minmax")
+    assert len(backend.silu) > 10
+    floored_tensor, (_, floored_mul) = next((t, silu) for t, silu in backend.silu.items() if ranges[t][0] < -8)
+
+    def quantize_scales(path):
+        built = onnx.load(str(path)).graph
+        values = {i.name: numpy_helper.to_array(i) for i in built.initializer}
+        return {n.input[0]: float(values[n.input[1]]) for n in built.node if n.op_type == "QuantizeLinear"}
+
+    scales = quantize_scales(backend.build(ranges, [], tmp_path / "all-int8"))
+    narrower = [t for t in backend.silu if t in scales
+                and scales[t] < quantization_step(*ranges[t], False) * (1 - 1e-4)]
+    assert floored_tensor in narrower
+    # The SiLUs' own tensors keep the grid of their whole range (ops that only move values, like Slice, share
+    # their input's grid in onnxruntime's quantizer, so they are left out).
+    made = {o: n.op_type for n in onnx.load(str(backend.prepared)).graph.node for o in n.output}
+    others = [t for t in scales if made.get(t) in ("Sigmoid", "Mul") and t in ranges]
+    assert others and all(abs(scales[t] - quantization_step(*ranges[t], False)) <= 1e-4 * scales[t] for t in others)
+    kept = quantize_scales(backend.build(ranges, [floored_mul], tmp_path / "mul-float"))
+    assert abs(kept[floored_tensor] - quantization_step(*ranges[floored_tensor], False)) <= 1e-4 * kept[floored_tensor]
