@@ -17,8 +17,11 @@ candidate beats another only when that 95 % interval excludes zero; candidates
 the best does not beat are tied with it, and among the tied:
 - method choice takes one within budget (by point estimate, the gate's rule) if
   any, then the earliest in the backend's list (simplest first: minmax,
-  percentile, entropy);
-- the fallback's last resort takes the fewest float units (the faster model).
+  percentile, entropy); when none is within budget, the smallest point estimate
+  (the float fallback then starts from the smallest gap it has to close, and a
+  failed build reports the best drop it saw);
+- the fallback's last resort takes the fewest float units (the faster model),
+  then the smallest point estimate.
 Without a bootstrap (a plain float), the smallest point estimate wins as before.
 """
 
@@ -132,8 +135,11 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
     ranges_of = {m: (ranges_for(stats, m, symmetric) if stats is not None else None) for m in methods}
     tried = [candidate(m, ranges_of[m], []) for m in methods]
     tied = tied_with_best(tried)
-    best = min(tied, key=lambda c: (c.drop_points > budget, methods.index(c.method)))
-    reason = _method_reason(best, tried, tied)
+    if any(c.drop_points <= budget for c in tied):
+        best = min(tied, key=lambda c: (c.drop_points > budget, methods.index(c.method)))
+    else:
+        best = min(tried, key=lambda c: (c.drop_points, methods.index(c.method)))
+    reason = _method_reason(best, tried, tied, budget)
     if best.drop_points <= budget or not fallback or stats is None:
         return SearchOutcome(best, best.drop_points <= budget, tried, reason=reason)
     ranges = ranges_of[best.method]
@@ -148,17 +154,20 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
                                  f"{reason}; {count} most sensitive units float: the fewest that meet the budget")
         count *= 2
     tied = tied_with_best(tried)
-    last = min(tied, key=lambda c: (len(c.float_units), tried.index(c)))
+    last = min(tied, key=lambda c: (len(c.float_units), c.drop_points, tried.index(c)))
     return SearchOutcome(last, False, tried, sensitivity,
                          f"no candidate meets the budget; of the {len(tied)} within noise of the smallest drop, the "
                          f"one with the fewest float units ({len(last.float_units)})")
 
 
-def _method_reason(best: Candidate, tried: list[Candidate], tied: list[Candidate]) -> str:
+def _method_reason(best: Candidate, tried: list[Candidate], tied: list[Candidate], budget: float) -> str:
     if len(tried) == 1:
         return f"{best.method}: the only method tried"
     smallest = min(tried, key=lambda c: c.drop_points)
     others = [c.method for c in tied if c is not best]
+    if best is smallest and others and best.drop_points > budget:
+        return (f"{best.method}: the smallest drop of {len(tried)} methods, none within budget "
+                f"({', '.join(others)} within noise of it)")
     if best is smallest:
         return f"{best.method}: the smallest drop of {len(tried)} methods" + (
             f" ({', '.join(others)} within noise of it; ties go to a method within budget, then the simplest)"

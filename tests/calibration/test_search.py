@@ -100,3 +100,17 @@ def test_fallback_last_resort_prefers_fewer_float_units_within_noise(tmp_path, m
     assert not outcome.within_budget
     assert [len(c.float_units) for c in outcome.candidates] == [0, 1, 2, 4]
     assert len(outcome.best.float_units) == 1 and "fewest float units" in outcome.reason
+
+
+def test_when_no_method_is_within_budget_the_smallest_drop_starts_the_fallback(tmp_path, monkeypatch):
+    """Tied methods over budget: the simplest is no safer a start than the one with the smaller gap to close, and a
+    failed build should report the best drop it saw."""
+    shared = np.random.default_rng(0).normal(0, 1.0, RESAMPLES)
+    table = {("minmax", 0): noisy(1.4, 0.5, 1, shared), ("percentile", 0): noisy(0.8, 0.5, 2, shared)}
+    table.update({("percentile", units): noisy(0.8, 0.5, 10 + units, shared) for units in (1, 2, 4)})
+    outcome = _run(table, ("minmax", "percentile"), 0.5, tmp_path, monkeypatch)
+    assert not beats(outcome.candidates[1], outcome.candidates[0])  # within noise of each other
+    assert [c.method for c in outcome.candidates[2:]] == ["percentile"] * 3
+    assert not outcome.within_budget
+    assert outcome.best.method == "percentile" and outcome.best.float_units == []
+    assert "fewest float units" in outcome.reason
