@@ -1,15 +1,18 @@
 """What fidelity measures on a model and a folder of unlabelled photos: the floor a lossless change sets.
 
 A label-free build scores every artifact by its fidelity to the FP32 model (pipeline/evaluate.py). This script
-scores, on the held-out selection images a label-free build would choose on (same seed and sizes as the build):
+scores, on the held-out selection images a label-free build would choose on and on the report images no choice is
+made on (same seed and sizes as the build):
 - the FP32 model itself (100 by construction),
 - the FP32 model with its weights rounded to FP16 and back: a change no one would call lossy, so its drop is the
   least a metric this strict can show on these images,
-- the INT8 model the cpu target builds with MinMax ranges and no node kept float for accuracy (its calibration
-  images are the build's; the outputs' shape ops float, as the cpu rules keep them),
-- the same INT8 model with its outputs rounded to 8 bits, as the cpu target built it before that rule,
-each with fidelity's unsure band and without it (the metric before the band), and prints mAP50, mAP50-95 and the
-share of the FP32 model's confident boxes found again. Scoring is in ONNX Runtime at one thread.
+- the INT8 models the cpu target builds with MinMax and with Percentile ranges and no node kept float for
+  accuracy (its calibration images are the build's; the outputs' shape ops float, as the cpu rules keep them),
+- both as the cpu target built them before SiLU inputs' ranges stopped at their output's grid
+  (ranges.floor_silu_inputs), and the MinMax one before that with its outputs rounded to 8 bits too,
+each with fidelity's unsure band and without it (the metric before the band), and prints mAP50, mAP50-95, the
+share of the FP32 model's confident boxes found again, and how far the found boxes' sides moved (mean, pixels).
+Scoring is in ONNX Runtime at one thread.
 
     .venv/bin/python benchmarks/fidelity_floor.py --model .deploy/models/yolov8s-deepforest.pt --photos photos/
 """
@@ -21,6 +24,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
@@ -55,7 +60,7 @@ def main() -> None:
         fp32 = records["export"].artifacts["onnx"].path
         info = ModelInfo.from_json(json.loads(records["load"].artifacts["model_info"].path.read_text()))
         pre = Preprocess(info.imgsz)
-        calibration, selection, _ = unlabelled_splits(
+        calibration, selection, report = unlabelled_splits(
             args.photos, pre, config.calibration.size, config.selection.size, config.fidelity.report_size,
             config.calibration.seed)
         conf = config.fidelity.conf
@@ -68,31 +73,64 @@ def main() -> None:
         models = {
             "FP32": fp32,
             "FP32, weights rounded to FP16": fp16_weights(fp32, tmp / "fp16w.onnx"),
-            "INT8 (MinMax, nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
-            "INT8, outputs rounded to 8 bits (before)": rounded,
+            "INT8 MinMax (nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
+            "INT8 Percentile (nothing float for accuracy)": backend.build(ranges_for(stats, "percentile"), [],
+                                                                          tmp / "int8-percentile"),
         }
-        reference_detections = run_detections(selection, ort_infer(fp32, 1), info.strides)
-        banded = fidelity_reference(reference_detections, conf)
-        unbanded = FidelityReference(banded.boxes, [[] for _ in banded.boxes], conf)
-        required = sum(len(b) for b in banded.boxes)
-        unsure = sum(len(b) for b in banded.unsure)
-        print(f"model {args.model} imgsz {info.imgsz}; {len(selection.files)} held-out selection photos of "
-              f"{args.photos} ({len(calibration.files)} calibration photos); {required} FP32 boxes at conf >= {conf}"
-              f", {unsure} in the unsure band\n")
-        print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | without the band: "
-              "mAP50-95, drop | FP32 boxes found again |")
-        print("|---|---|---|---|---|---|")
-        first = {}
-        for label, path in models.items():
-            detections = run_detections(selection, ort_infer(path, 1), info.strides)
-            with_band, without = fidelity(detections, info, banded), fidelity(detections, info, unbanded)
-            first.setdefault("with", with_band)
-            first.setdefault("without", without)
-            drop, old_drop = drop_points(first["with"], with_band), drop_points(first["without"], without)
-            low, high = drop.interval or (0.0, 0.0)
-            print(f"| {label} | {with_band.map50 * 100:.2f} | {with_band.map50_95 * 100:.2f} | {float(drop):.2f} "
-                  f"[{low:.2f}..{high:.2f}] | {without.map50_95 * 100:.2f}, {float(old_drop):.2f} | "
-                  f"{with_band.matched_boxes:.1%} |", flush=True)
+        # The same MinMax model before SiLU inputs' ranges were floored: the backend given no SiLUs to floor.
+        backend.silu = {}
+        models["INT8 MinMax, SiLU inputs' whole range (before)"] = backend.build(ranges, [], tmp / "int8-whole")
+        models["INT8 Percentile, SiLU inputs' whole range (before)"] = backend.build(
+            ranges_for(stats, "percentile"), [], tmp / "int8-percentile-whole")
+        models["INT8 MinMax, whole range and outputs rounded to 8 bits (before)"] = rounded
+        print(f"model {args.model} imgsz {info.imgsz}; {len(calibration.files)} calibration photos of {args.photos}")
+        # The selection photos are the ones a build chooses on; the report photos, which no choice is made on, say
+        # whether a gain there holds elsewhere.
+        for role, split in (("held-out selection", selection), ("report", report)):
+            score_split_table(role, split, models, info, conf)
+
+
+def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: float) -> None:
+    reference_detections = run_detections(split, ort_infer(models["FP32"], 1), info.strides)
+    banded = fidelity_reference(reference_detections, conf)
+    unbanded = FidelityReference(banded.boxes, [[] for _ in banded.boxes], conf)
+    required = sum(len(b) for b in banded.boxes)
+    unsure = sum(len(b) for b in banded.unsure)
+    print(f"\n{len(split.files)} {role} photos; {required} FP32 boxes at conf >= {conf}, {unsure} in the unsure "
+          "band\n")
+    print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | without the band: "
+          "mAP50-95, drop | FP32 boxes found again | box sides moved, mean px |")
+    print("|---|---|---|---|---|---|---|")
+    first = {}
+    for label, path in models.items():
+        detections = run_detections(split, ort_infer(path, 1), info.strides)
+        with_band, without = fidelity(detections, info, banded), fidelity(detections, info, unbanded)
+        first.setdefault("with", with_band)
+        first.setdefault("without", without)
+        drop, old_drop = drop_points(first["with"], with_band), drop_points(first["without"], without)
+        low, high = drop.interval or (0.0, 0.0)
+        print(f"| {label} | {with_band.map50 * 100:.2f} | {with_band.map50_95 * 100:.2f} | {float(drop):.2f} "
+              f"[{low:.2f}..{high:.2f}] | {without.map50_95 * 100:.2f}, {float(old_drop):.2f} | "
+              f"{with_band.matched_boxes:.1%} | {side_shift(banded.boxes, detections, conf):.3f} |", flush=True)
+
+
+def side_shift(reference, detections, conf: float) -> float:
+    """Mean distance, in input pixels, between each side of an FP32 box (x, y, w, h) and the same-class detection
+    at `conf` or above that overlaps it most (IoU >= 0.5); boxes not found again are left out."""
+    moved = []
+    for boxes, found in zip(reference, detections.per_image):
+        kept = found[found[:, 4] >= conf]
+        for c, x, y, w, h in boxes:
+            same = kept[kept[:, 5] == c]
+            if not len(same):
+                continue
+            ix = (np.minimum(same[:, 2], x + w) - np.maximum(same[:, 0], x)).clip(0)
+            iy = (np.minimum(same[:, 3], y + h) - np.maximum(same[:, 1], y)).clip(0)
+            overlap = ix * iy / (w * h + (same[:, 2] - same[:, 0]) * (same[:, 3] - same[:, 1]) - ix * iy)
+            best = int(np.argmax(overlap))
+            if overlap[best] >= 0.5:
+                moved.append(np.abs(same[best, :4] - [x, y, x + w, y + h]))
+    return float(np.mean(moved)) if moved else float("nan")
 
 
 if __name__ == "__main__":
