@@ -372,8 +372,8 @@ class OnnxQdqBackend:
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
         kept_float = [*self.fixed_float_units, *float_units]
-        quantize(self.source, path, self.activation_ranges(ranges, kept_float), self.rules.per_channel_weights, self.symmetric, kept_float,
-                 rules=self.rules)
+        quantize(self.source, path, self.activation_ranges(ranges, kept_float), self.rules.per_channel_weights,
+                 self.symmetric, kept_float, rules=self.rules)
         feed_float_inputs(path, kept_float)
         # W4A8 keeps its INT4 weights wherever it can (replace_int8_weights below).
         if self.rules.integer_needs_quantized_output and self.weights is None:
@@ -388,8 +388,8 @@ class OnnxQdqBackend:
         return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
-        return node_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric, self.rules.per_channel_weights,
-                                self.rules.op_types, self.fixed_float_units)
+        return node_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
+                                self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units)
 
     def units(self) -> int:
         import onnx
