@@ -11,7 +11,8 @@ made on (same seed and sizes as the build):
 - both as the cpu target built them before SiLU inputs' ranges stopped at their output's grid
   (ranges.floor_silu_inputs), and the MinMax one before that with its outputs rounded to 8 bits too,
 each with fidelity's unsure band and without it (the metric before the band), and prints mAP50, mAP50-95, the
-share of the FP32 model's confident boxes found again, and how far the found boxes' sides moved (mean, pixels).
+share of the FP32 model's confident boxes found again, and how far the found boxes' sides moved (mean, pixels;
+fidelity reports both).
 Scoring is in ONNX Runtime at one thread.
 
     .venv/bin/python benchmarks/fidelity_floor.py --model .deploy/models/yolov8s-deepforest.pt --photos photos/
@@ -25,7 +26,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
@@ -111,26 +111,7 @@ def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: flo
         low, high = drop.interval or (0.0, 0.0)
         print(f"| {label} | {with_band.map50 * 100:.2f} | {with_band.map50_95 * 100:.2f} | {float(drop):.2f} "
               f"[{low:.2f}..{high:.2f}] | {without.map50_95 * 100:.2f}, {float(old_drop):.2f} | "
-              f"{with_band.matched_boxes:.1%} | {side_shift(banded.boxes, detections, conf):.3f} |", flush=True)
-
-
-def side_shift(reference, detections, conf: float) -> float:
-    """Mean distance, in input pixels, between each side of an FP32 box (x, y, w, h) and the same-class detection
-    at `conf` or above that overlaps it most (IoU >= 0.5); boxes not found again are left out."""
-    moved = []
-    for boxes, found in zip(reference, detections.per_image):
-        kept = found[found[:, 4] >= conf]
-        for c, x, y, w, h in boxes:
-            same = kept[kept[:, 5] == c]
-            if not len(same):
-                continue
-            ix = (np.minimum(same[:, 2], x + w) - np.maximum(same[:, 0], x)).clip(0)
-            iy = (np.minimum(same[:, 3], y + h) - np.maximum(same[:, 1], y)).clip(0)
-            overlap = ix * iy / (w * h + (same[:, 2] - same[:, 0]) * (same[:, 3] - same[:, 1]) - ix * iy)
-            best = int(np.argmax(overlap))
-            if overlap[best] >= 0.5:
-                moved.append(np.abs(same[best, :4] - [x, y, x + w, y + h]))
-    return float(np.mean(moved)) if moved else float("nan")
+              f"{with_band.matched_boxes:.1%} | {with_band.box_shift_px:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

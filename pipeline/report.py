@@ -225,7 +225,7 @@ def _accuracy(r: ReportInputs) -> Section:
                       "same images, so FP32 scores itself; its detections scored just under the confidence (from "
                       f"{UNSURE_FRACTION:g} of it) are neither required nor counted wrong. `found again` is the share of "
                       "the confident boxes the model finds again at the same confidence (same class, IoU at least "
-                      "0.5).")
+                      "0.5), with how far the found boxes' sides are from FP32's on average, in image pixels.")
     else:
         blocks.append("Accuracy: COCO mAP by pycocotools against the labels. The final artifact and the FP32 "
                       "reference are scored on the report split, which no choice of the build has seen"
@@ -441,7 +441,10 @@ def _split_text(split) -> str:
 
 
 def _found(accuracy: Accuracy) -> str:
-    return f"{accuracy.matched_boxes:.1%}" if accuracy.matched_boxes is not None else "not applicable"
+    if accuracy.matched_boxes is None:
+        return "not applicable"
+    shift = f" ({accuracy.box_shift_px:.2f} px)" if accuracy.box_shift_px is not None else ""
+    return f"{accuracy.matched_boxes:.1%}{shift}"
 
 
 def _num(value) -> str:

@@ -91,6 +91,8 @@ class Accuracy(JsonResult):
     # map50_95 on each of those resamples: the same seeded resamples for every model scored on the same images,
     # so two models' samples subtract into a paired bootstrap of their difference. Data, not a figure to show.
     bootstrap: list | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    # Fidelity only: how far the found boxes' sides are from the FP32 model's, on average, in image pixels.
+    box_shift_px: float | None = None
 
     def __post_init__(self):
         # An evaluator's "no data" value (-1), a NaN or a count that is not one must never pass for a measurement
@@ -105,11 +107,16 @@ class Accuracy(JsonResult):
                                  "labels and the images")
         if self.images < 1:
             raise InputError("an accuracy figure needs at least one image")
+        if self.box_shift_px is not None and not (isinstance(self.box_shift_px, (int, float))
+                                                  and 0.0 <= self.box_shift_px < float("inf")):
+            raise InputError(f"box shift {self.box_shift_px!r} px on {self.images} images is not a measurement")
 
     def describe(self) -> str:
         text = f"{'fidelity ' if self.kind == 'fidelity' else ''}mAP50-95 {self.map50_95:.4f}{self.interval_text()}"
         if self.kind == "fidelity" and self.matched_boxes is not None:
             text += f", {self.matched_boxes:.1%} of FP32 boxes found again"
+            if self.box_shift_px is not None:
+                text += f", their sides {self.box_shift_px:.2f} px off on average"
         return text
 
     def interval_text(self) -> str:

@@ -174,7 +174,8 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                   "so FP32 scores itself and a lower number means the deployed model answers differently. Its "
                   f"detections from {UNSURE_FRACTION:g} of that confidence up to it are neither required nor counted "
                   "wrong. `found` is the share of the FP32 model's confident boxes the model finds again at the "
-                  "same confidence (same class, IoU ≥ 0.5).", ""]
+                  "same confidence (same class, IoU ≥ 0.5), with how far the found boxes' sides are from FP32's on "
+                  "average, in image pixels.", ""]
     lines += [
         "| model | mAP50 | mAP50-95 | its 95% interval | found |",
         "|---|---|---|---|---|",
@@ -369,7 +370,10 @@ def built_on_device(bundle: Path) -> list[str]:
 
 
 def _found(accuracy) -> str:
-    return f"{accuracy.matched_boxes:.1%}" if accuracy.matched_boxes is not None else "—"
+    if accuracy.matched_boxes is None:
+        return "—"
+    shift = f" ({accuracy.box_shift_px:.2f} px)" if accuracy.box_shift_px is not None else ""
+    return f"{accuracy.matched_boxes:.1%}{shift}"
 
 
 def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:

@@ -200,3 +200,27 @@ def test_fidelity_ignores_scores_crossing_the_threshold_inside_the_unsure_band()
 
     lost = Detections(fp32.sizes, [fp32.per_image[0], fp32.per_image[1][1:]])
     assert fidelity(lost, info, reference).map50_95 < 1.0
+
+
+def test_fidelity_says_how_far_found_boxes_moved_in_pixels():
+    """The shift is the mean distance of the found boxes' sides from the FP32 boxes'; boxes not found again do not
+    enter it, and FP32 against itself is 0."""
+    from edge_deploy.pipeline.evaluate import fidelity, fidelity_reference
+    from edge_deploy.pipeline.results import Accuracy, ModelInfo
+
+    info = ModelInfo("test", "yolov8n", "detect", ["a", "b"], 160, [8, 16, 32], 16, 0)
+    fp32 = Detections([(160, 160)], [np.array([[10, 10, 40, 40, 0.9, 0], [60, 60, 100, 100, 0.8, 1],
+                                               [120, 10, 150, 40, 0.7, 0]], np.float32)])
+    reference = fidelity_reference(fp32, 0.25)
+    assert fidelity(fp32, info, reference).box_shift_px == 0.0
+    # First box: x1 and x2 move 1 px, y1 and y2 stay; second: every side 0.5 px; third: lost.
+    moved = Detections(fp32.sizes, [np.array([[11, 10, 41, 40, 0.9, 0], [60.5, 59.5, 100.5, 99.5, 0.8, 1]],
+                                             np.float32)])
+    scored = fidelity(moved, info, reference)
+    assert scored.matched_boxes == pytest.approx(2 / 3, abs=1e-4)
+    assert scored.box_shift_px == pytest.approx((1 + 0 + 1 + 0 + 4 * 0.5) / 8)
+    assert "0.50 px off on average" in scored.describe()
+    # It survives the JSON round trip a cached stage makes; a figure that is not a distance is refused.
+    assert Accuracy.from_json(scored.to_json()).box_shift_px == scored.box_shift_px
+    with pytest.raises(Exception, match="not a measurement"):
+        Accuracy(0.5, 0.4, 1, 1, "fidelity", 1.0, box_shift_px=float("nan"))

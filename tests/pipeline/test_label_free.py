@@ -36,6 +36,8 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     # The FP32 model, scored against its own confident boxes, finds every one of them again.
     assert verify["reference"]["matched_boxes"] == 1.0 and verify["reference"]["map50_95"] > 0.99
     assert 0.5 < verify["artifact"]["matched_boxes"] <= 1.0
+    # ... at their own place (0 px), and says in pixels how far INT8's found boxes moved.
+    assert verify["reference"]["box_shift_px"] == 0.0 and 0.0 <= verify["artifact"]["box_shift_px"] < 8.0
     assert verify["split"]["images"] == 12 and "held out, reported" in verify["split"]["source"]
     quantize = stages["quantize"]
     assert quantize["selection"]["images"] == 12 and quantize["calibration_images"] == 24
@@ -43,6 +45,7 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     bundle = user / "dist" / "yolov8n-160-cpu-int8"
     card = (bundle / "README.md").read_text()
     assert "## Fidelity to the FP32 model (no labels were given)" in card and "not accuracy figures" in card
+    assert f"({verify['artifact']['box_shift_px']:.2f} px)" in card
     assert run_deploy(["check", str(bundle)], user, home).returncode == 0
 
 
