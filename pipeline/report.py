@@ -441,10 +441,7 @@ def _split_text(split) -> str:
 
 
 def _found(accuracy: Accuracy) -> str:
-    if accuracy.matched_boxes is None:
-        return "not applicable"
-    shift = f" ({accuracy.box_shift_px:.2f} px)" if accuracy.box_shift_px is not None else ""
-    return f"{accuracy.matched_boxes:.1%}{shift}"
+    return accuracy.found_text() or "not applicable"
 
 
 def _num(value) -> str:

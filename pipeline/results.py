@@ -119,6 +119,13 @@ class Accuracy(JsonResult):
                 text += f", their sides {self.box_shift_px:.2f} px off on average"
         return text
 
+    def found_text(self) -> str | None:
+        """The share of FP32 boxes found again and how far they moved, for tables; None where not measured."""
+        if self.matched_boxes is None:
+            return None
+        shift = f" ({self.box_shift_px:.2f} px)" if self.box_shift_px is not None else ""
+        return f"{self.matched_boxes:.1%}{shift}"
+
     def interval_text(self) -> str:
         if self.map50_95_interval is None:
             return ""

@@ -370,10 +370,7 @@ def built_on_device(bundle: Path) -> list[str]:
 
 
 def _found(accuracy) -> str:
-    if accuracy.matched_boxes is None:
-        return "—"
-    shift = f" ({accuracy.box_shift_px:.2f} px)" if accuracy.box_shift_px is not None else ""
-    return f"{accuracy.matched_boxes:.1%}{shift}"
+    return accuracy.found_text() or "—"
 
 
 def publish(bundle: Path, output_dir: Path) -> tuple[Path, bool]:
