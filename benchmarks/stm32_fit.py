@@ -14,6 +14,10 @@ ST's model zoo detector st_yolo_lc_v1 on STM32H747 at 192 px (174 KiB RAM, 330 K
 for the 192 px rows; the goal at 160 px is an arena of at most 256 KiB.
 
     .venv/bin/python benchmarks/stm32_fit.py [--sizes 192 160 128 96] [--prune 0 0.5] [--goal 0.75/4 ...]
+        [--model CHECKPOINT --data DATA_YAML]
+
+`--model` and `--data` measure a user's checkpoint on labelled data (e.g. the real-image fixture) instead of the
+embedded model and its shapes set.
 
 A pruning setting is RATIO[/ROUND_TO[/EPOCHS]] (prune.ratio, prune.round_to default 8, prune.epochs default 12);
 `--goal` settings run at --goal-size only. Rows at --goal-size run first, then unpruned rows, then pruned ones.
@@ -124,9 +128,10 @@ def fits_text(fits: dict) -> str:
     return ", ".join(name for name, f in fits.items() if f["fits"]) or "none"
 
 
-def pruned_row(imgsz: int, ratio: float, round_to: int, epochs: int, home: Path, out: Path) -> dict:
+def pruned_row(imgsz: int, ratio: float, round_to: int, epochs: int, home: Path, out: Path,
+               model: Path | None = None, data: Path | None = None) -> dict:
     settings = {"target": "stm32", "imgsz": imgsz, "output": out, "quantize": {"on_budget_exceeded": "continue"},
-                "prune": {"ratio": ratio, "round_to": round_to, "epochs": epochs}}
+                "prune": {"ratio": ratio, "round_to": round_to, "epochs": epochs}, "model": model, "data": data}
     result = run_build(BuildConfig(**settings), home)
     verify, compile_ = result.metrics("verify"), result.metrics("compile")
     notes = compile_["notes"]
@@ -143,7 +148,7 @@ def pruned_params(result) -> int:
     return json.loads(record.artifacts["model_info"].path.read_text())["params"]
 
 
-def unpruned_row(imgsz: int, home: Path) -> dict:
+def unpruned_row(imgsz: int, home: Path, model: Path | None = None, data: Path | None = None) -> dict:
     """The build's stages up to quantize, then compile's arena measurement and verify's scoring by hand: compile
     would refuse the model for flash (and check_model stops the build before that)."""
     from edge_deploy.calibration.preprocess import Preprocess
@@ -158,9 +163,10 @@ def unpruned_row(imgsz: int, home: Path) -> dict:
     from edge_deploy.pipeline.stages.reference import ReferenceStage
     from edge_deploy.targets.stm32 import describe_tflite, fit, measure_arena, tflm_infer
 
-    config = BuildConfig(target="stm32", imgsz=imgsz, quantize={"on_budget_exceeded": "continue"})
+    config = BuildConfig(target="stm32", imgsz=imgsz, quantize={"on_budget_exceeded": "continue"}, model=model,
+                         data=data)
     target, model_path = resolve_inputs(config, home)
-    data_yaml = embedded_data(home)
+    data_yaml = data or embedded_data(home)
     blank = Preprocess(imgsz=0)
     selection, report = choice_splits(data_yaml, blank, config.selection.size, config.selection.seed)
     calibration = calibration_set(data_yaml, blank, config.calibration.size, config.calibration.seed,
@@ -201,11 +207,13 @@ def unpruned_row(imgsz: int, home: Path) -> dict:
             "params": model_info.params, "tflite": path}
 
 
-def one(imgsz: int, ratio: float, round_to: int, epochs: int, home: Path, out: Path, peaks: list[str]) -> str:
+def one(imgsz: int, ratio: float, round_to: int, epochs: int, home: Path, out: Path, peaks: list[str],
+        model: Path | None = None, data: Path | None = None) -> str:
     started = time.time()
     name = f"| {label(ratio, round_to, epochs)} | {imgsz} |"
     try:
-        row = pruned_row(imgsz, ratio, round_to, epochs, home, out) if ratio else unpruned_row(imgsz, home)
+        row = (pruned_row(imgsz, ratio, round_to, epochs, home, out, model, data) if ratio
+               else unpruned_row(imgsz, home, model, data))
     except ConfigError as exc:
         return f"{name} — | — | — | — | — | — | none: {exc} | | {time.time() - started:.0f} s |"
     except DeployError as exc:
@@ -230,11 +238,15 @@ def main() -> None:
     parser.add_argument("--goal-size", type=int, default=ST_IMGSZ)
     parser.add_argument("--home", type=Path, default=Path(".deploy"))
     parser.add_argument("--output", type=Path, default=Path(".deploy/bench-stm32"))
+    parser.add_argument("--model", type=Path, help="a checkpoint (default: the embedded model)")
+    parser.add_argument("--data", type=Path, help="its labelled data YAML (default: the embedded shapes set)")
     args = parser.parse_args()
     # Absolute: the stm32 conversion child runs in its own working folder and is handed paths under the home.
     args.home, args.output = args.home.resolve(), args.output.resolve()
+    args.model, args.data = (p.resolve() if p else None for p in (args.model, args.data))
     started = time.time()
-    print(f"host: {cpu_name()} ({vector_extensions()}); {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"host: {cpu_name()} ({vector_extensions()}); {time.strftime('%Y-%m-%d %H:%M %Z')}; model "
+          f"{args.model or 'embedded'} on {args.data or 'the embedded shapes set'}")
     print(f"stated runtime overhead (not measured): {RUNTIME_FLASH_BYTES // KIB} KiB flash, "
           f"{RUNTIME_SRAM_BYTES // KIB} KiB SRAM; reference: ST st_yolo_lc_v1 @192 on STM32H747 = 174 KiB RAM, "
           "330 KiB flash (INT8)")
@@ -246,7 +258,7 @@ def main() -> None:
     rows.sort(key=lambda row: (row[0] != args.goal_size, row[1] != 0))
     peaks: list[str] = []
     for imgsz, ratio, round_to, epochs in rows:
-        print(one(imgsz, ratio, round_to, epochs, args.home, args.output, peaks), flush=True)
+        print(one(imgsz, ratio, round_to, epochs, args.home, args.output, peaks, args.model, args.data), flush=True)
     if peaks:
         print(f"\nWhere the arena goes at {ST_IMGSZ} px (int8 tensors; the input alone is "
               f"{ST_IMGSZ * ST_IMGSZ * 3:,} B; the RAM goal leaves {ST_RAM_BYTES - RUNTIME_SRAM_BYTES:,} B of arena):")
