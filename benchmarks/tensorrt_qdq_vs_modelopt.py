@@ -1,4 +1,5 @@
-"""Our jetson INT8 artifact against NVIDIA's own route to a TensorRT-ready INT8 ONNX, on the embedded default model.
+"""Our jetson INT8 artifact against NVIDIA's own route to a TensorRT-ready INT8 ONNX, on the embedded default model
+(or a checkpoint and its labelled data: --model, --data).
 
 Both are explicit-quantization QDQ ONNX files for TensorRT. Ours is the jetson
 build's quantize stage (Q/DQ placed by TensorRT's fusion rules, range method
@@ -37,6 +38,7 @@ float layers partly in FP32 (it casts around ops it has no FP16 kernel for),
 so that row approximates, not reproduces, TensorRT's FP16.
 
     .venv/bin/python benchmarks/tensorrt_qdq_vs_modelopt.py [--modelopt-python PATH] [--high-precision both]
+        [--model CHECKPOINT --data DATA_YAML]
 
 `--target cpu` runs the same comparison against the cpu target's QDQ ONNX
 (a dry run where the jetson target is unavailable).
@@ -78,12 +80,17 @@ def main() -> None:
                         help="ModelOpt's --high_precision_dtype for what it leaves unquantized (its default: fp16)")
     parser.add_argument("--target", default="jetson",
                         help="target whose INT8 artifact is a QDQ ONNX (default jetson; cpu for a dry run)")
+    parser.add_argument("--model", type=Path, help="a checkpoint (default: the embedded model)")
+    parser.add_argument("--data", type=Path, help="its labelled data YAML (default: the embedded shapes set)")
     args = parser.parse_args()
     import onnxruntime as ort
 
     home = args.home
     modelopt_python = args.modelopt_python or home / "modelopt-venv" / "bin" / "python"
-    result = edge_deploy.build(target=args.target, precision="int8", output=str(home / "bench-dist"), home=home)
+    # A user's checkpoint is given its own labelled data; None leaves the build's defaults.
+    choices = {key: str(value) for key, value in (("model", args.model), ("data", args.data)) if value}
+    result = edge_deploy.build(target=args.target, precision="int8", output=str(home / "bench-dist"), home=home,
+                               **choices)
     records = {r.name: r for r in result.records}
     fp32_path = records["export"].artifacts["onnx"].path
     ours_path = records["quantize"].artifacts["quantized"].path
