@@ -1,6 +1,7 @@
 """A user with a checkpoint and unlabelled camera images: the build measures fidelity to the FP32 model."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -47,6 +48,19 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     assert "## Fidelity to the FP32 model (no labels were given)" in card and "not accuracy figures" in card
     assert f"({verify['artifact']['box_shift_px']:.2f} px)" in card
     assert run_deploy(["check", str(bundle)], user, home).returncode == 0
+
+
+def test_a_fidelity_gate_says_how_far_the_boxes_moved(built, user):
+    """Over budget without labels, the message gives what the points stand for: the share of FP32 boxes found
+    again and how far their sides moved, so the user can judge --accept-drop."""
+    _, home = built
+    # INT4 weights with no loss allowed: the one candidate misses it.
+    done = run_deploy(["build", "--model", "best.pt", "--calib", "photos", "--precision", "int4",
+                       "--max-map-drop", "0"], user, home)
+    assert done.returncode == 4, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "fidelity mAP50-95 points" in line and "of FP32 boxes found again" in line
+    assert re.search(r"\d+\.\d% \(\d+\.\d\d px\) of FP32 boxes found again", line), line
 
 
 def test_the_held_out_images_are_never_calibrated_on(built):
