@@ -350,14 +350,14 @@ class OnnxQdqBackend:
         self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
         self.silu = silu_inputs(self.prepared)
 
-    def activation_ranges(self, ranges, float_units=()) -> dict[str, tuple[float, float]]:
+    def activation_ranges(self, ranges) -> dict[str, tuple[float, float]]:
         """The ranges a candidate quantizes with: a SiLU's input reaches down only as far as its output's grid can
-        tell apart (ranges.floor_silu_inputs), where that output is rounded, i.e. its Mul is not kept float."""
+        tell apart (ranges.floor_silu_inputs). That holds with the SiLU's Mul kept float too: its output is still
+        rounded for the quantized nodes that read it, and the Sigmoid still reads the rounded input."""
         from edge_deploy.calibration.ranges import floor_silu_inputs
 
-        kept_float = set(float_units) | set(self.fixed_float_units)
-        rounded = {tensor: output for tensor, (output, mul) in self.silu.items() if mul not in kept_float}
-        return floor_silu_inputs(ranges, rounded, self.symmetric)
+        return floor_silu_inputs(ranges, {tensor: output for tensor, (output, _) in self.silu.items()},
+                                 self.symmetric)
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import onnx_activation_tap
@@ -372,7 +372,7 @@ class OnnxQdqBackend:
         if self.activation_bits is None:
             return write_weight_only(self.prepared, self.weights, path)
         kept_float = [*self.fixed_float_units, *float_units]
-        quantize(self.source, path, self.activation_ranges(ranges, kept_float), self.rules.per_channel_weights,
+        quantize(self.source, path, self.activation_ranges(ranges), self.rules.per_channel_weights,
                  self.symmetric, kept_float, rules=self.rules)
         feed_float_inputs(path, kept_float)
         # W4A8 keeps its INT4 weights wherever it can (replace_int8_weights below).
