@@ -101,9 +101,11 @@ def test_accept_drop_ships_the_best_int8_model(built, deploy_home, tmp_path):
     summary = build_json(["--quant-method", "entropy", "--max-map-drop", "0", "--accept-drop",
                           "--output", str(tmp_path / "out")], built[0], deploy_home)
     quantize = next(s for s in summary["stages"] if s["stage"] == "quantize")
-    verify = next(s for s in summary["stages"] if s["stage"] == "verify")
-    assert quantize["metrics"]["drop_points"] > 0 and verify["metrics"]["within_budget"] is False
-    assert (tmp_path / "out" / "yolov8n-160-cpu-int8" / "manifest.json").exists()
+    # Missed on the selection split, where the budget is judged; the report split may land either side of 0.
+    assert quantize["metrics"]["drop_points"] > 0 and quantize["metrics"]["within_budget"] is False
+    bundle = tmp_path / "out" / "yolov8n-160-cpu-int8"
+    assert (bundle / "manifest.json").exists()
+    assert "No quantization candidate met the budget on the selection split" in (bundle / "README.md").read_text()
 
 
 def test_yolo11n_from_yaml_prunes_and_ships(deploy_home, small_shapes_yaml, tmp_path):
