@@ -92,9 +92,8 @@ def output_tail(model_path: Path) -> list[str]:
     return tail
 
 
-def silu_inputs(model_path: Path) -> dict[str, tuple[str, str]]:
-    """{input: (output, Mul node name)} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input
-    nothing else reads."""
+def silu_inputs(model_path: Path) -> dict[str, str]:
+    """{input: output} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input nothing else reads."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -108,7 +107,7 @@ def silu_inputs(model_path: Path) -> dict[str, tuple[str, str]]:
         mul = next((n for n in nodes if n.op_type == "Mul"), None)
         if (len(nodes) == 2 and sigmoid is not None and mul is not None
                 and sorted(mul.input) == sorted([tensor, sigmoid.output[0]])):
-            found[tensor] = (mul.output[0], mul.name)
+            found[tensor] = mul.output[0]
     return found
 
 
@@ -356,8 +355,7 @@ class OnnxQdqBackend:
         rounded for the quantized nodes that read it, and the Sigmoid still reads the rounded input."""
         from edge_deploy.calibration.ranges import floor_silu_inputs
 
-        return floor_silu_inputs(ranges, {tensor: output for tensor, (output, _) in self.silu.items()},
-                                 self.symmetric)
+        return floor_silu_inputs(ranges, self.silu, self.symmetric)
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import onnx_activation_tap
