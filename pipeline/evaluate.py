@@ -303,7 +303,7 @@ def found_again(reference: list[Boxes], detections: Detections, conf: float,
     IoU >= iou), and how far the found boxes' sides are from the reference's, on average, in image pixels.
 
     The shift says in pixels what fidelity mAP50-95 says in points: on the real-image YOLOv8s-size model, INT8's
-    boxes sat 0.15-0.23 px from FP32's on 43 px boxes (benchmarks/fidelity_floor.py), which is enough to miss a
+    boxes sat 0.11-0.17 px from FP32's on 43 px boxes (benchmarks/fidelity_floor.py), which is enough to miss a
     0.95 IoU threshold now and then, and is no different answer to a user.
     """
     total = matched = 0

@@ -25,7 +25,7 @@ from edge_deploy.calibration.sets import ImageSet
 from edge_deploy.pipeline.artifacts import Artifact
 from edge_deploy.pipeline.engine import Stage, StageOutput
 from edge_deploy.pipeline.errors import AccuracyGateError
-from edge_deploy.pipeline.results import Accuracy, ModelInfo, QuantizationReport, ReferenceAccuracy
+from edge_deploy.pipeline.results import ModelInfo, QuantizationReport, ReferenceAccuracy
 
 BATCH = 8
 SENSITIVITY_IMAGES = 16
@@ -96,7 +96,8 @@ class QuantizeStage(Stage):
             methods = (f"int4-{self.int4_method}",)
 
         started = time.monotonic()
-        scored_by_stem: dict[str, Accuracy] = {}
+        # What fidelity's points stand for, per candidate: the FP32 boxes found again and how far they moved.
+        found_by_stem: dict[str, str | None] = {}
 
         def drop(built: Path) -> float:
             # Candidates are named NNN-method-floatK by the search: the name says what is being scored.
@@ -105,9 +106,9 @@ class QuantizeStage(Stage):
             measured = accuracy(self.selection, backend.runtime(built), info,
                                 reference.fidelity_reference("selection"))
             scored = drop_points(reference.selection, measured)
-            scored_by_stem[built.stem] = measured
-            found = f" ({measured.found_text()} of FP32 boxes found again)" if measured.found_text() else ""
-            self.progress(f"candidate {built.stem}: drop {float(scored):.2f} points{found}")
+            found = found_by_stem[built.stem] = measured.found_text() if measured.kind == "fidelity" else None
+            self.progress(f"candidate {built.stem}: drop {float(scored):.2f} points"
+                          + (f" ({found} of FP32 boxes found again)" if found else ""))
             return scored
 
         check = np.concatenate(tensors[:SENSITIVITY_IMAGES])
@@ -129,9 +130,8 @@ class QuantizeStage(Stage):
         if not outcome.within_budget and self.on_budget_exceeded == "fail":
             # Without labels, fidelity mAP50-95 can miss a budget on boxes a fraction of a pixel from FP32's; the
             # share found again and their shift let the user judge whether that matters before accepting it.
-            found = scored_by_stem.get(best.built.stem)
-            found_text = (f"; {found.found_text()} of FP32 boxes found again" if found is not None
-                          and found.kind == "fidelity" and found.found_text() else "")
+            found = found_by_stem.get(best.built.stem)
+            found_text = f"; {found} of FP32 boxes found again" if found else ""
             raise AccuracyGateError(
                 f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} "
                 f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points at best on the "
