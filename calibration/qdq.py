@@ -92,6 +92,17 @@ def output_tail(model_path: Path) -> list[str]:
     return tail
 
 
+def output_layers(model_path: Path, tail: list[str]) -> list[str]:
+    """The weighted nodes whose outputs are graph outputs or feed the shape-only `tail` (output_tail)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    reaches_output = {o.name for o in graph.output}
+    reaches_output |= {name for node in graph.node if node.name in tail for name in node.input}
+    return [node.name for node in graph.node
+            if node.op_type in WEIGHT_INPUT and any(out in reaches_output for out in node.output)]
+
+
 def silu_inputs(model_path: Path) -> dict[str, str]:
     """{input: output} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input nothing else reads."""
     import onnx
@@ -346,6 +357,8 @@ class OnnxQdqBackend:
         # Nodes the rules keep float (for speed, or so that the outputs are not rounded) are never quantized: not
         # candidates for the fallback, not counted.
         self.float_outputs = tuple(output_tail(self.prepared)) if rules.float_outputs else ()
+        if rules.float_output_layers:
+            self.float_outputs += tuple(output_layers(self.prepared, list(self.float_outputs)))
         self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
         self.silu = silu_inputs(self.prepared)
 

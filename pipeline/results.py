@@ -306,7 +306,8 @@ class QuantizationReport(JsonResult):
     # Kept float by the backend's rules because their integer kernels are slower (not by the search, not counted in
     # `units`).
     float_for_speed: list = field(default_factory=list)
-    # Kept float by the rules so that the model's outputs are not rounded to 8 bits (QuantRules.float_outputs).
+    # Kept float by the rules so that the model's outputs are not rounded to 8 bits (QuantRules.float_outputs), nor
+    # the inputs of the layers that compute them (QuantRules.float_output_layers).
     float_outputs: list = field(default_factory=list)
 
 

@@ -173,5 +173,6 @@ class QuantizeStage(Stage):
                      f"{self.target.quant_rules.float_convs_below_channels} input channels kept float (slower in "
                      "INT8)")
         if float_outputs:
-            text += f"; the outputs' {len(float_outputs)} shape ops float, so the outputs are not rounded"
+            text += (f"; {len(float_outputs)} nodes between the last activations and the outputs float (shape ops, "
+                     "and the layers that compute the outputs where the rules say so), so the outputs are not rounded")
         return text

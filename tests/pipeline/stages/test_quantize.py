@@ -174,9 +174,9 @@ def test_a_node_kept_float_reads_float_inputs(referenced, sets, tmp_path):
     assert after[chosen.name] != "DequantizeLinear"
     assert all(after[name] == "DequantizeLinear" for name in after if name not in (chosen.name,
                                                                                    *backend.fixed_float_units))
-    # The outputs are not rounded: the shape ops that form them read the last convs' float outputs.
-    assert backend.float_outputs and all(n.op_type in ("Reshape", "Concat") for n in graph.node
-                                         if n.name in backend.float_outputs)
+    # The outputs are not rounded: the shape ops that form them read the last convs' float outputs, and those convs
+    # (float in onnxruntime whatever they read) read float inputs.
+    assert {n.op_type for n in graph.node if n.name in backend.float_outputs} == {"Reshape", "Concat", "Conv"}
     made = {o: n for n in built.node for o in n.output}
     for output in built.output:
         tail = made[output.name]
@@ -187,6 +187,8 @@ def test_a_node_kept_float_reads_float_inputs(referenced, sets, tmp_path):
     last_convs = [made[i] for n in built.node if n.name in backend.float_outputs for i in n.input
                   if i in made and made[i].op_type == "Conv"]
     assert last_convs and all(conv.input[1] in initializers for conv in last_convs)
+    assert all(conv.name in backend.float_outputs and made[conv.input[0]].op_type != "DequantizeLinear"
+               for conv in last_convs)
     # Nothing left behind: every Quantize feeds something, every scale is read.
     read = {i for n in built.node for i in n.input}
     assert all(o in read for n in built.node if n.op_type == "QuantizeLinear" for o in n.output)
