@@ -7,10 +7,13 @@ made on (same seed and sizes as the build):
 - the FP32 model with its weights rounded to FP16 and back: a change no one would call lossy, so its drop is the
   least a metric this strict can show on these images,
 - the INT8 models the cpu target builds with MinMax and with Percentile ranges and no node kept float for
-  accuracy (its calibration images are the build's; the outputs' shape ops float, as the cpu rules keep them),
-- both as the cpu target built them before SiLU inputs' ranges stopped at their output's grid
-  (ranges.floor_silu_inputs), and the MinMax one before that with its outputs rounded to 8 bits too,
-each with fidelity's unsure band and without it (the metric before the band), and prints mAP50, mAP50-95, the
+  accuracy (its calibration images are the build's; the outputs' shape ops and the layers that compute them
+  float, as the cpu rules keep them),
+- both as the cpu target built them before those layers read float inputs (QuantRules.float_output_layers), and
+  before that, when SiLU inputs' ranges did not yet stop at their output's grid (ranges.floor_silu_inputs), and
+  the MinMax one before that with its outputs rounded to 8 bits too,
+each with fidelity's unsure band (score and NMS), with its score side only (the metric before the NMS side) and
+without it (the metric before the band), and prints mAP50, mAP50-95, the
 share of the FP32 model's confident boxes found again, and how far the found boxes' sides moved (mean, pixels;
 fidelity reports both).
 Scoring is in ONNX Runtime at one thread.
@@ -21,6 +24,7 @@ Scoring is in ONNX Runtime at one thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -35,7 +39,8 @@ from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ
 from edge_deploy.calibration.sets import unlabelled_splits
 from edge_deploy.pipeline.build import run_build
 from edge_deploy.pipeline.config import BuildConfig
-from edge_deploy.pipeline.evaluate import drop_points, fidelity, fidelity_reference, run_detections
+from edge_deploy.pipeline.evaluate import (UNSURE_NMS_IOUS, Detections, drop_points, fidelity, fidelity_reference,
+                                           run_detections)
 from edge_deploy.pipeline.results import FidelityReference, ModelInfo
 # The jetson target's own FP16 weight rounding: what FP16 storage does to the weights.
 from edge_deploy.targets.jetson import fp16_weights
@@ -77,10 +82,17 @@ def main() -> None:
             "INT8 MinMax (nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
             "INT8 Percentile (nothing float for accuracy)": backend.build(percentile, [], tmp / "int8-percentile"),
         }
-        # The same MinMax model before SiLU inputs' ranges were floored: the backend given no SiLUs to floor.
-        backend.silu = {}
-        models["INT8 MinMax, SiLU inputs' whole range (before)"] = backend.build(ranges, [], tmp / "int8-whole")
-        models["INT8 Percentile, SiLU inputs' whole range (before)"] = backend.build(
+        # The same models before the output layers read float inputs: the rules without it.
+        before = OnnxQdqBackend(fp32, tmp / "work-before",
+                                dataclasses.replace(ONNXRUNTIME_QDQ, float_output_layers=False))
+        models["INT8 MinMax, output layers' inputs rounded (before)"] = before.build(ranges, [], tmp / "int8-in")
+        models["INT8 Percentile, output layers' inputs rounded (before)"] = before.build(
+            percentile, [], tmp / "int8-percentile-in")
+        # And before SiLU inputs' ranges were floored: that backend given no SiLUs to floor.
+        before.silu = {}
+        models["INT8 MinMax, inputs rounded, SiLU inputs' whole range (before)"] = before.build(
+            ranges, [], tmp / "int8-whole")
+        models["INT8 Percentile, inputs rounded, SiLU inputs' whole range (before)"] = before.build(
             percentile, [], tmp / "int8-percentile-whole")
         models["INT8 MinMax, whole range and outputs rounded to 8 bits (before)"] = rounded
         print(f"model {args.model} imgsz {info.imgsz}; {len(calibration.files)} calibration photos of {args.photos}")
@@ -91,27 +103,31 @@ def main() -> None:
 
 
 def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: float) -> None:
-    reference_detections = run_detections(split, ort_infer(models["FP32"], 1), info.strides)
+    reference_detections = run_detections(split, ort_infer(models["FP32"], 1), info.strides,
+                                          also_at_iou=UNSURE_NMS_IOUS)
     banded = fidelity_reference(reference_detections, conf)
-    unbanded = FidelityReference(banded.boxes, [[] for _ in banded.boxes], conf)
-    required = sum(len(b) for b in banded.boxes)
-    unsure = sum(len(b) for b in banded.unsure)
-    print(f"\n{len(split.files)} {role} photos; {required} FP32 boxes at conf >= {conf}, {unsure} in the unsure "
-          "band\n")
-    print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | without the band: "
-          "mAP50-95, drop | FP32 boxes found again | box sides moved, mean px |")
-    print("|---|---|---|---|---|---|---|")
-    # Every drop is against the FP32 model's own score, 100 by construction, with and without the band.
-    base_with, base_without = (fidelity(reference_detections, info, r) for r in (banded, unbanded))
+    # The band's score side alone: the reference as the decode at evaluation's NMS alone gives it.
+    score_banded = fidelity_reference(Detections(reference_detections.sizes, reference_detections.per_image), conf)
+    unbanded = FidelityReference(score_banded.boxes, [[] for _ in score_banded.boxes], conf)
+    references = (banded, score_banded, unbanded)
+    print(f"\n{len(split.files)} {role} photos; {sum(len(b) for b in banded.boxes)} FP32 boxes required "
+          f"(conf >= {conf}, NMS keeps them at IoU {UNSURE_NMS_IOUS[0]:g} too), "
+          f"{sum(len(b) for b in banded.unsure)} in the unsure band; with its score side only "
+          f"{sum(len(b) for b in score_banded.boxes)} and {sum(len(b) for b in score_banded.unsure)}\n")
+    print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | score band only: drop | "
+          "no band: drop | FP32 boxes found again | box sides moved, mean px |")
+    print("|---|---|---|---|---|---|---|---|")
+    # Every drop is against the FP32 model's own score, 100 by construction, under each reference.
+    bases = [fidelity(reference_detections, info, r) for r in references]
     for label, path in models.items():
         detections = (reference_detections if path == models["FP32"]
                       else run_detections(split, ort_infer(path, 1), info.strides))
-        with_band, without = fidelity(detections, info, banded), fidelity(detections, info, unbanded)
-        drop, old_drop = drop_points(base_with, with_band), drop_points(base_without, without)
+        scored = [fidelity(detections, info, r) for r in references]
+        drop, score_side_drop, unbanded_drop = (drop_points(b, s) for b, s in zip(bases, scored))
         low, high = drop.interval or (0.0, 0.0)
-        print(f"| {label} | {with_band.map50 * 100:.2f} | {with_band.map50_95 * 100:.2f} | {float(drop):.2f} "
-              f"[{low:.2f}..{high:.2f}] | {without.map50_95 * 100:.2f}, {float(old_drop):.2f} | "
-              f"{with_band.matched_boxes:.1%} | {with_band.box_shift_px:.3f} |", flush=True)
+        print(f"| {label} | {scored[0].map50 * 100:.2f} | {scored[0].map50_95 * 100:.2f} | {float(drop):.2f} "
+              f"[{low:.2f}..{high:.2f}] | {float(score_side_drop):.2f} | {float(unbanded_drop):.2f} | "
+              f"{scored[0].matched_boxes:.1%} | {scored[0].box_shift_px:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

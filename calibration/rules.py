@@ -69,8 +69,9 @@ class QuantRules:
     # integer only with its output quantized (below), they run float whatever their inputs, so rounding the inputs
     # saves no time, and its error lands on the outputs with no later layer to average it: the class logits it
     # moves decide which of two neighbouring anchors NMS keeps, a box a few pixels off. On the real-image
-    # YOLOv8s-size model the Percentile build lost 1.26 fidelity points on its report photos with them rounded,
-    # 1.01 without, at the same speed (benchmarks/fidelity_floor.py).
+    # YOLOv8s-size model the Percentile build lost 1.18 fidelity points on its report photos with them rounded and
+    # 0.91 without, 0.64 and 0.45 on the selection photos; MinMax 0.94 and 1.03, 1.08 and 0.50 (within noise on the
+    # report photos); the speed is the same (benchmarks/fidelity_floor.py).
     float_output_layers: bool = False
     # Whether a weighted node runs in integer only when its output is quantized too (onnxruntime fuses
     # Dequantize-Conv-Quantize into QLinearConv; TensorRT needs only the inputs'): where so, a weighted node whose

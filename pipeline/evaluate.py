@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,9 +19,10 @@ import numpy as np
 
 from edge_deploy.calibration.preprocess import load_tensor, read_image
 from edge_deploy.calibration.sets import ImageSet, parse_label_file
-from edge_deploy.pipeline.detect import postprocess
+from edge_deploy.pipeline.detect import decode, select
 from edge_deploy.pipeline.errors import InputError
-from edge_deploy.pipeline.results import UNSURE_FRACTION, Accuracy, FidelityReference, ImageSplit, ModelInfo
+from edge_deploy.pipeline.results import (UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, FidelityReference, ImageSplit,
+                                          ModelInfo)
 
 # Ultralytics' validation settings, so that numbers compare with `yolo val`: every box down to this confidence,
 # NMS at this IoU, at most this many boxes per image (the evaluator counts as many as the decode keeps).
@@ -47,18 +48,22 @@ class Detections:
 
     sizes: list[tuple[int, int]]  # (width, height) per image
     per_image: list[np.ndarray]
+    # The same decode kept by NMS at other IoU thresholds, when asked for (run_detections' `also_at_iou`).
+    at_iou: dict[float, list[np.ndarray]] = field(default_factory=dict)
 
 
 def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
-                   strides: list[int], detect: Callable[[np.ndarray], np.ndarray] | None = None) -> Detections:
+                   strides: list[int], detect: Callable[[np.ndarray], np.ndarray] | None = None,
+                   also_at_iou: tuple[float, ...] = ()) -> Detections:
     """Runs `infer` (one preprocessed image -> raw head maps) over the split, decoded as evaluation decodes.
 
     `detect` replaces infer + the shared decode for models that decode in their own graph (other tools'
     exports): one preprocessed image -> detections (n, 6) in input pixels. An `infer` whose `images_at_once`
     attribute is above 1 (a runtime that spreads a batch over processes or threads) is given that many images per
-    call.
+    call. `also_at_iou`: NMS IoU thresholds to keep the same decode at as well (Detections.at_iou; with `infer`).
     """
     sizes, per_image = [], []
+    at_iou: dict[float, list[np.ndarray]] = {iou: [] for iou in also_at_iou}
     at_once = 1 if detect is not None else max(1, int(getattr(infer, "images_at_once", 1)))
     files = list(split.files)
     for start in range(0, len(files), at_once):
@@ -70,33 +75,58 @@ def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarr
             sizes.append((bgr.shape[1], bgr.shape[0]))
             tensors.append(load_tensor(path, split.preprocess))
         if detect is not None:
-            found = [detect(tensor) for tensor, _ in tensors]
+            found = [{EVAL_IOU: detect(tensor)} for tensor, _ in tensors]
         else:
             box_dist, cls_logit = infer(np.concatenate([tensor for tensor, _ in tensors]))
-            found = [postprocess(box_dist[k], cls_logit[k], split.preprocess.imgsz, strides, conf=EVAL_CONF,
-                                 iou=EVAL_IOU, max_det=EVAL_MAX_DET) for k in range(len(tensors))]
-        for dets, (_, lb) in zip(found, tensors):
-            out = dets.astype(np.float32).copy()
-            out[:, :4] = lb.to_original(dets[:, :4])
-            per_image.append(out)
-    return Detections(sizes, per_image)
+            found = []
+            for k in range(len(tensors)):
+                boxes, scores = decode(box_dist[k], cls_logit[k], split.preprocess.imgsz, strides)
+                found.append({iou: select(boxes, scores, split.preprocess.imgsz, EVAL_CONF, iou, EVAL_MAX_DET)
+                              for iou in (EVAL_IOU, *also_at_iou)})
+        for kept, (_, lb) in zip(found, tensors):
+            for iou, dets in kept.items():
+                out = dets.astype(np.float32).copy()
+                out[:, :4] = lb.to_original(dets[:, :4])
+                (per_image if iou == EVAL_IOU else at_iou[iou]).append(out)
+    return Detections(sizes, per_image, at_iou)
 
 
 def split_labels(split: ImageSet, sizes: list[tuple[int, int]]) -> list[Boxes]:
     return [read_yolo_labels(label, w, h) for label, (w, h) in zip(split.labels, sizes)]
 
 
-def reference_boxes(detections: Detections, conf: float, below: float | None = None) -> list[Boxes]:
-    """The FP32 model's detections scored at least `conf` (and under `below`, when given), as boxes."""
-    return [[(int(c), float(x1), float(y1), float(x2 - x1), float(y2 - y1))
-             for x1, y1, x2, y2, score, c in dets if score >= conf and (below is None or score < below)]
-            for dets in detections.per_image]
+# NMS's side of fidelity's unsure band (results.UNSURE_FRACTION is the score's): the IoU thresholds a reference box
+# must survive NMS at, and may survive it at, to be required.
+UNSURE_NMS_IOUS = (round(EVAL_IOU - UNSURE_NMS_MARGIN, 4), round(EVAL_IOU + UNSURE_NMS_MARGIN, 4))
 
 
 def fidelity_reference(detections: Detections, conf: float) -> FidelityReference:
-    """The FP32 model's detections as fidelity's reference: required at `conf` and above, ignored in the band."""
-    return FidelityReference(reference_boxes(detections, conf),
-                             reference_boxes(detections, conf * UNSURE_FRACTION, conf), conf)
+    """The FP32 model's detections as fidelity's reference: required at `conf` and above, ignored in the band.
+
+    With the FP32 detections also kept at UNSURE_NMS_IOUS (run_detections' `also_at_iou`), the band takes in the
+    boxes NMS is unsure of as well: required only if NMS keeps them at the stricter IoU, ignored if it keeps them at
+    the looser one and not the stricter.
+    """
+    strict, loose = (detections.at_iou.get(iou) for iou in UNSURE_NMS_IOUS)
+    required, unsure = [], []
+    for k, dets in enumerate(detections.per_image):
+        kept_strictly = None if strict is None else {row.tobytes() for row in strict[k]}
+        sure = [row for row in dets
+                if row[4] >= conf and (kept_strictly is None or row.tobytes() in kept_strictly)]
+        sure_keys = {row.tobytes() for row in sure}
+        candidates = dets if loose is None else np.concatenate([dets, loose[k]])
+        unsure_rows, seen = [], set(sure_keys)
+        for row in candidates:
+            if row[4] >= conf * UNSURE_FRACTION and row.tobytes() not in seen:
+                seen.add(row.tobytes())
+                unsure_rows.append(row)
+        required.append(_as_boxes(sure))
+        unsure.append(_as_boxes(unsure_rows))
+    return FidelityReference(required, unsure, conf)
+
+
+def _as_boxes(rows) -> Boxes:
+    return [(int(c), float(x1), float(y1), float(x2 - x1), float(y2 - y1)) for x1, y1, x2, y2, _, c in rows]
 
 
 def map_against(ground_truth: list[Boxes], detections: Detections, num_classes: int) -> tuple[float, float, int]:

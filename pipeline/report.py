@@ -16,8 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from edge_deploy.pipeline.results import UNSURE_FRACTION, Accuracy, AccuracyReport, ModelInfo, ProbeResult, \
-    QuantizationReport, SpeedReport
+from edge_deploy.pipeline.results import UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, AccuracyReport, ModelInfo, \
+    ProbeResult, QuantizationReport, SpeedReport
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 GREY = "#9e9e9e"
@@ -223,7 +223,8 @@ def _accuracy(r: ReportInputs) -> Section:
         blocks.append("No labels were given: these are fidelity figures, not accuracy. Each model's detections are "
                       "scored (COCO mAP by pycocotools) against the FP32 model's own confident detections on the "
                       "same images, so FP32 scores itself; its detections scored just under the confidence (from "
-                      f"{UNSURE_FRACTION:g} of it) are neither required nor counted wrong. `found again` is the share of "
+                      f"{UNSURE_FRACTION:g} of it), and those NMS keeps or drops only within {UNSURE_NMS_MARGIN:g} "
+                      "of its IoU, are neither required nor counted wrong. `found again` is the share of "
                       "the confident boxes the model finds again at the same confidence (same class, IoU at least "
                       "0.5), with how far the found boxes' sides are from FP32's on average, in image pixels.")
     else:

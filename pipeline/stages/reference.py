@@ -33,13 +33,14 @@ class ReferenceStage(Stage):
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
-        from edge_deploy.pipeline.evaluate import describe_split, fidelity_reference, run_detections, score_split
+        from edge_deploy.pipeline.evaluate import (UNSURE_NMS_IOUS, describe_split, fidelity_reference,
+                                                    run_detections, score_split)
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         infer = ort_infer(inputs["onnx"].path, SCORING_THREADS)
         measured = {}
         for role, split in (("selection", self.selection), ("report", self.report)):
-            detections = run_detections(split, infer, info.strides)
+            detections = run_detections(split, infer, info.strides, also_at_iou=UNSURE_NMS_IOUS)
             reference = fidelity_reference(detections, self.fidelity_conf)
             measured[role] = (score_split(split, detections, info, reference), reference)
         selection, report = measured["selection"][1], measured["report"][1]

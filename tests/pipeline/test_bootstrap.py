@@ -202,6 +202,48 @@ def test_fidelity_ignores_scores_crossing_the_threshold_inside_the_unsure_band()
     assert fidelity(lost, info, reference).map50_95 < 1.0
 
 
+def _kept_by_nms(boxes: np.ndarray, scores: np.ndarray, ious=(0.7, *evaluate.UNSURE_NMS_IOUS)) -> Detections:
+    """One 300-px image's boxes through the decode's own NMS at evaluation's IoU and the band's."""
+    from edge_deploy.pipeline.detect import select
+
+    kept = {iou: select(boxes, scores[:, None], 300, evaluate.EVAL_CONF, iou) for iou in ious}
+    return Detections([(300, 300)], [kept[evaluate.EVAL_IOU]], {iou: [kept[iou]] for iou in ious[1:]})
+
+
+def test_fidelity_ignores_boxes_whose_nms_fate_hangs_on_a_neighbour():
+    """B overlaps A at IoU 0.68: NMS at 0.7 keeps it, at 0.65 it would not. C overlaps A at 0.72: dropped at 0.7, kept
+    at 0.75. Neither is required, so a candidate whose B moved to overlap A at 0.71 (NMS now drops it) or whose C
+    survives has changed nothing the band does not allow; one that loses D, alone and confident, has."""
+    from edge_deploy.pipeline.evaluate import fidelity, fidelity_reference
+    from edge_deploy.pipeline.results import FidelityReference, ModelInfo
+
+    info = ModelInfo("test", "yolov8n", "detect", ["a"], 160, [8, 16, 32], 16, 0)
+    a, b, c, d = [0, 0, 100, 100], [19, 0, 119, 100], [0, 16, 100, 116], [200, 200, 250, 250]
+    scores = np.array([0.9, 0.6, 0.5, 0.8], np.float32)
+    fp32 = _kept_by_nms(np.array([a, b, c, d], np.float32), scores)
+    assert len(fp32.per_image[0]) == 3
+    reference = fidelity_reference(fp32, 0.25)
+    required = {tuple(round(v) for v in box[1:3]) for box in reference.boxes[0]}
+    assert required == {(0, 0), (200, 200)}
+    assert {tuple(round(v) for v in box[1:3]) for box in reference.unsure[0]} == {(19, 0), (0, 16)}
+    assert fidelity(fp32, info, reference).map50_95 == 1.0
+
+    b_moved = [17, 0, 117, 100]  # IoU with A 83/117 = 0.709
+    flipped = _kept_by_nms(np.array([a, b_moved, c, d], np.float32), scores)
+    assert len(flipped.per_image[0]) == 2
+    assert fidelity(flipped, info, reference).map50_95 == 1.0
+    score_band_only = FidelityReference([[*reference.boxes[0], (0, 19.0, 0.0, 100.0, 100.0)]], [[]], 0.25)
+    assert fidelity(flipped, info, score_band_only).map50_95 < 1.0
+
+    c_moved = [0, 14, 100, 114]  # IoU with A 86/114 = 0.754: kept
+    assert fidelity(_kept_by_nms(np.array([a, b, c_moved, d], np.float32), scores), info, reference).map50_95 == 1.0
+
+    lost = _kept_by_nms(np.array([a, b, c], np.float32), scores[:3])
+    assert fidelity(lost, info, reference).map50_95 < 1.0
+    # Without the detections at the band's IoUs (a model that decodes in its own graph), the band is the score's.
+    assert fidelity_reference(Detections(fp32.sizes, fp32.per_image), 0.25).unsure == [[]]
+
+
 def test_fidelity_says_how_far_found_boxes_moved_in_pixels():
     """The shift is the mean distance of the found boxes' sides from the FP32 boxes'; boxes not found again do not
     enter it, and FP32 against itself is 0."""
