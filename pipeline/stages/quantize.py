@@ -132,12 +132,17 @@ class QuantizeStage(Stage):
             # share found again and their shift let the user judge whether that matters before accepting it.
             found = found_by_stem.get(best.built.stem)
             found_text = f"; {found} of FP32 boxes found again" if found else ""
+            # The candidate kept is the simplest within noise of the smallest drop, which may not be the smallest.
+            smallest = min(outcome.candidates, key=lambda c: c.drop_points)
+            smallest_text = ("" if smallest.drop_points >= best.drop_points else
+                             f"; the smallest drop measured, {smallest.drop_points:.2f} with "
+                             f"{len(smallest.float_units)} {rules.unit_kind}s float, is within noise of it")
             raise AccuracyGateError(
                 f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} "
-                f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points at best on the "
-                f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float{found_text}), "
-                f"over the {self.max_map_drop:.2f} point budget; raise --max-map-drop (quantize.max_map_drop) or "
-                "pass --accept-drop")
+                f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points on the "
+                f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float{found_text}"
+                f"{smallest_text}), over the {self.max_map_drop:.2f} point budget; raise --max-map-drop "
+                "(quantize.max_map_drop) or pass --accept-drop")
         quantized = out_dir / f"quantized{best.built.suffix}"
         best.built.rename(quantized)
         outputs["quantized"] = quantized
