@@ -145,9 +145,9 @@ UNSURE_FRACTION = 0.5
 # unsure as one scored just under the threshold, and so is one NMS keeps only at that plus the margin. Whether it
 # stays hangs on its overlap with a neighbour the FP32 model also found, and boxes moving by a fraction of a pixel
 # decide it: on the real-image YOLOv8s-size model FP16-rounded weights (boxes 0.003 px off) lost one such box of 375
-# on the selection photos, which cost 0.40 fidelity points with the score band alone and 0 with both; every
-# reference box the Percentile INT8 model missed at IoU 0.8 or less had a neighbour at IoU 0.61-0.71
-# (benchmarks/fidelity_floor.py has both bands and the score band alone).
+# on the selection photos, which cost 0.40 fidelity points with the score band alone and 0 with both
+# (benchmarks/fidelity_floor.py has both bands and the score band alone); in a one-off check, every reference box
+# the Percentile INT8 model missed at IoU 0.8 or less had a neighbour at IoU 0.61-0.71.
 UNSURE_NMS_MARGIN = 0.05
 
 

@@ -259,9 +259,8 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         if quantization.float_for_speed:
             lines += [f"Kept float because INT8 is slower there: {', '.join(quantization.float_for_speed)}.", ""]
         if quantization.float_outputs:
-            lines += [f"Kept float so that the outputs, and where the rules say so the inputs of the layers that compute "
-                      f"them, are not rounded to 8 bits: "
-                      f"{', '.join(quantization.float_outputs)}.", ""]
+            lines += ["Kept float so that the outputs, and where the rules say so the inputs of the layers that "
+                      f"compute them, are not rounded to 8 bits: {', '.join(quantization.float_outputs)}.", ""]
     lines += _limits(info, config, verify, probe, quantization, pruning)
     return "\n".join(lines)
 
