@@ -76,31 +76,24 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
 SHAPE_OPS = ("Reshape", "Concat", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
-def output_tail(model_path: Path) -> list[str]:
-    """The shape-only nodes between the graph outputs and the layers that compute them."""
+def output_tail(model_path: Path) -> tuple[list[str], list[str]]:
+    """The shape-only nodes between the graph outputs and the layers that compute them, and those of the layers that
+    carry weights (in graph order)."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
-    tail, pending = [], [o.name for o in graph.output]
+    tail, computing, pending = [], set(), [o.name for o in graph.output]
     while pending:
         node = producer.get(pending.pop())
-        if node is None or node.op_type not in SHAPE_OPS or node.name in tail:
+        if node is None or node.name in tail:
+            continue
+        if node.op_type not in SHAPE_OPS:
+            computing.add(node.name)
             continue
         tail.append(node.name)
         pending += list(node.input)
-    return tail
-
-
-def output_layers(model_path: Path, tail: list[str]) -> list[str]:
-    """The weighted nodes whose outputs are graph outputs or feed the shape-only `tail` (output_tail)."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    reaches_output = {o.name for o in graph.output}
-    reaches_output |= {name for node in graph.node if node.name in tail for name in node.input}
-    return [node.name for node in graph.node
-            if node.op_type in WEIGHT_INPUT and any(out in reaches_output for out in node.output)]
+    return tail, [n.name for n in graph.node if n.name in computing and n.op_type in WEIGHT_INPUT]
 
 
 def silu_inputs(model_path: Path) -> dict[str, str]:
@@ -356,9 +349,8 @@ class OnnxQdqBackend:
             self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
         # Nodes the rules keep float (for speed, or so that the outputs are not rounded) are never quantized: not
         # candidates for the fallback, not counted.
-        self.float_outputs = tuple(output_tail(self.prepared)) if rules.float_outputs else ()
-        if rules.float_output_layers:
-            self.float_outputs += tuple(output_layers(self.prepared, list(self.float_outputs)))
+        tail, layers = output_tail(self.prepared) if rules.float_outputs else ((), ())
+        self.float_outputs = (*tail, *(layers if rules.float_output_layers else ()))
         self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
         self.silu = silu_inputs(self.prepared)
 
