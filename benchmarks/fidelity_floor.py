@@ -33,7 +33,7 @@ from pathlib import Path
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
-from edge_deploy.calibration.qdq import OnnxQdqBackend, quantize, thin_convs
+from edge_deploy.calibration.qdq import OnnxQdqBackend, quantize
 from edge_deploy.calibration.ranges import collect_statistics, ranges_for
 from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ
 from edge_deploy.calibration.sets import unlabelled_splits
@@ -75,7 +75,7 @@ def main() -> None:
         percentile = ranges_for(stats, "percentile")
         # The previous method: every quantized tensor's pair left in place, the outputs rounded.
         rounded = quantize(backend.prepared, tmp / "int8-rounded.onnx", ranges, True, False,
-                           thin_convs(backend.prepared, ONNXRUNTIME_QDQ.float_convs_below_channels))
+                           [unit for unit in backend.fixed_float_units if unit not in backend.float_outputs])
         models = {
             "FP32": fp32,
             "FP32, weights rounded to FP16": fp16_weights(fp32, tmp / "fp16w.onnx"),

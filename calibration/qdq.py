@@ -76,12 +76,9 @@ def quantize(prepared: Path, out_path: Path, ranges: dict[str, tuple[float, floa
 SHAPE_OPS = ("Reshape", "Concat", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
-def output_tail(model_path: Path) -> tuple[list[str], list[str]]:
+def output_tail(graph) -> tuple[list[str], list[str]]:
     """The shape-only nodes between the graph outputs and the layers that compute them, and those of the layers that
     carry weights (in graph order)."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}
     tail, computing, pending = [], set(), [o.name for o in graph.output]
     while pending:
@@ -96,11 +93,8 @@ def output_tail(model_path: Path) -> tuple[list[str], list[str]]:
     return tail, [n.name for n in graph.node if n.name in computing and n.op_type in WEIGHT_INPUT]
 
 
-def silu_inputs(model_path: Path) -> dict[str, str]:
+def silu_inputs(graph) -> dict[str, str]:
     """{input: output} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input nothing else reads."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -233,16 +227,13 @@ def fake_quant_weight(w: np.ndarray, bits: int = 8, per_channel: bool = True) ->
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
-def thin_convs(model_path: Path, below_channels: int) -> list[str]:
+def thin_convs(graph, below_channels: int) -> list[str]:
     """Conv nodes whose input has fewer than `below_channels` channels (weight in-channels x groups)."""
     if below_channels <= 0:
         return []
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    weight_dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    weight_dims = {i.name: list(i.dims) for i in graph.initializer}
     thin = []
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weight_dims:
             continue
         groups = next((a.i for a in node.attribute if a.name == "group"), 1)
@@ -349,10 +340,15 @@ class OnnxQdqBackend:
             self.source = with_int4_grid(self.prepared, self.weights, work / "int4grid.onnx")
         # Nodes the rules keep float (for speed, or so that the outputs are not rounded) are never quantized: not
         # candidates for the fallback, not counted.
-        tail, layers = output_tail(self.prepared) if rules.float_outputs else ((), ())
+        import onnx
+
+        graph = onnx.load(str(self.prepared), load_external_data=False).graph
+        tail, layers = output_tail(graph) if rules.float_outputs else ((), ())
         self.float_outputs = (*tail, *(layers if rules.float_output_layers else ()))
-        self.fixed_float_units = (*thin_convs(self.prepared, rules.float_convs_below_channels), *self.float_outputs)
-        self.silu = silu_inputs(self.prepared)
+        self.fixed_float_units = (*thin_convs(graph, rules.float_convs_below_channels), *self.float_outputs)
+        self.silu = silu_inputs(graph)
+        self.quantizable_units = sum(1 for n in graph.node if (not rules.op_types or n.op_type in rules.op_types)
+                                     and n.name not in self.fixed_float_units)
 
     def activation_ranges(self, ranges) -> dict[str, tuple[float, float]]:
         """The ranges a candidate quantizes with: a SiLU's input reaches down only as far as its output's grid can
@@ -395,8 +391,4 @@ class OnnxQdqBackend:
                                 self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units)
 
     def units(self) -> int:
-        import onnx
-
-        nodes = onnx.load(str(self.prepared), load_external_data=False).graph.node
-        return sum(1 for n in nodes if (not self.rules.op_types or n.op_type in self.rules.op_types)
-                   and n.name not in self.fixed_float_units)
+        return self.quantizable_units
