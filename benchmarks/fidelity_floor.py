@@ -75,7 +75,7 @@ def main() -> None:
         percentile = ranges_for(stats, "percentile")
         # The previous method: every quantized tensor's pair left in place, the outputs rounded.
         rounded = quantize(backend.prepared, tmp / "int8-rounded.onnx", ranges, True, False,
-                           [unit for unit in backend.fixed_float_units if unit not in backend.float_outputs])
+                           list(backend.thin_convs))
         models = {
             "FP32": fp32,
             "FP32, weights rounded to FP16": fp16_weights(fp32, tmp / "fp16w.onnx"),

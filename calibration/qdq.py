@@ -345,7 +345,8 @@ class OnnxQdqBackend:
         graph = onnx.load(str(self.prepared), load_external_data=False).graph
         tail, layers = output_tail(graph) if rules.float_outputs else ((), ())
         self.float_outputs = (*tail, *(layers if rules.float_output_layers else ()))
-        self.fixed_float_units = (*thin_convs(graph, rules.float_convs_below_channels), *self.float_outputs)
+        self.thin_convs = tuple(thin_convs(graph, rules.float_convs_below_channels))
+        self.fixed_float_units = (*self.thin_convs, *self.float_outputs)
         self.silu = silu_inputs(graph)
         self.quantizable_units = sum(1 for n in graph.node if (not rules.op_types or n.op_type in rules.op_types)
                                      and n.name not in self.fixed_float_units)
