@@ -24,10 +24,36 @@ SCORING_THREADS = 1
 MAX_SCORING_WORKERS = 4
 
 
+def _cores_to_run_on() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def usable_cores() -> int:
+    """The cores this process may use: those it may run on, or fewer where OMP_NUM_THREADS says so.
+
+    Ray sets OMP_NUM_THREADS to the CPUs a task declares: a search trial given one CPU then scores one image at a
+    time, where before every one of N trials at once used every core.
+    """
+    cores = _cores_to_run_on()
+    budget = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return max(1, min(cores, int(budget))) if budget.isdigit() and int(budget) > 0 else cores
+
+
 def scoring_workers() -> int:
-    """Images computed at once while scoring: one per core this process may run on, at most MAX_SCORING_WORKERS."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_SCORING_WORKERS))
+    """Images computed at once while scoring: one per usable core, at most MAX_SCORING_WORKERS."""
+    return min(usable_cores(), MAX_SCORING_WORKERS)
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime CPU session options at `threads` intra-op threads; by default onnxruntime's own choice (every
+    physical core), or the process's CPU budget where it has fewer usable cores (a search trial)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    budget = usable_cores()
+    if threads or budget < _cores_to_run_on():
+        options.intra_op_num_threads = threads or budget
+    return options
 
 
 def ort_infer(model: Path, threads: int | None = None) -> Infer:
@@ -38,10 +64,7 @@ def ort_infer(model: Path, threads: int | None = None) -> Infer:
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     workers = scoring_workers() if threads == 1 else 1
     lanes = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -90,7 +113,7 @@ def session_with_all_outputs(model_path: Path, float_only: bool = True):
     for name in names:
         if name not in existing and name not in graph_inputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-    options = ort.SessionOptions()
+    options = session_options()
     # Optimisations would fuse nodes away and hide their outputs.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

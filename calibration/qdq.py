@@ -256,7 +256,7 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from edge_deploy.calibration.onnxrt import session_with_all_outputs, tensor_types
+    from edge_deploy.calibration.onnxrt import session_options, session_with_all_outputs, tensor_types
     from edge_deploy.calibration.ranges import sqnr_db
 
     model = onnx.load(str(prepared))
@@ -271,7 +271,7 @@ def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], bat
             values.setdefault(name, []).append(value)
         values.setdefault(input_name, []).append(batch)
 
-    options = ort.SessionOptions()
+    options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     results = []
     for node in model.graph.node:

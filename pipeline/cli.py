@@ -243,7 +243,8 @@ def _listed(text: str | None, kind: type, option: str):
 @click.option("--time-budget", type=float, help="seconds after which no new trial starts")
 @click.option("--workers", type=int, help="trials at once (default: 1 when trials are timed on this machine, "
                                           "else CPUs / --cpus-per-trial)")
-@click.option("--cpus-per-trial", type=int, help="CPUs each trial declares to Ray (default 1)")
+@click.option("--cpus-per-trial", type=int, help="CPUs each trial declares to Ray and keeps to (default: the "
+                                                 "cores shared among the trials at once; 1 on a cluster)")
 @click.option("--ray-address", help="join this Ray cluster (host:port) instead of starting a local instance")
 @click.option("--pick", type=click.Choice(["none", "best-under-budget"]),
               help="best-under-budget publishes the fastest trial within --max-map-drop as a bundle")

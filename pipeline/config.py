@@ -145,7 +145,10 @@ class SearchConfig(Section):
     workers: Optional[int] = Field(None, ge=1, le=1024, description="trials at once (default: 1 when trials are "
                                                                      "timed on this machine, else CPUs / "
                                                                      "cpus_per_trial)")
-    cpus_per_trial: int = Field(1, ge=1, le=256, description="CPUs each trial's Ray task declares")
+    cpus_per_trial: Optional[int] = Field(None, ge=1, le=256, description="CPUs each trial's Ray task declares, "
+                                                                      "which its scoring and fine-tuning keep to "
+                                                                      "(default: this machine's cores shared "
+                                                                      "among the trials at once; 1 on a cluster)")
     ray_address: Optional[str] = Field(None, description="an existing Ray cluster (host:port or ray://host:port); "
                                                          "default: a local Ray instance")
     pick: Literal["none", "best-under-budget"] = Field(

@@ -252,7 +252,9 @@ def run_trial(config_json: dict, home: str, spec_json: dict, key: str) -> dict:
     """One trial, in a Ray worker (or here): the build, then what the search compares. Never raises."""
     started = time.time()
     spec = TrialSpec(**spec_json)
-    worker = {"host": socket.gethostname(), "pid": os.getpid()}
+    from edge_deploy.calibration.onnxrt import usable_cores
+
+    worker = {"host": socket.gethostname(), "pid": os.getpid(), "cpus": usable_cores()}
     # Which worker runs which trial, while it runs (a user watching a cluster, or killing a stuck trial).
     marker = Path(config_json["output"]).parent / f"{key}.running"
     try:
@@ -396,6 +398,7 @@ class _Ray:
         self.ray = None
         self.remote = None
         self.workers = 1
+        self.cpus_per_trial = search.cpus_per_trial or 1  # on a cluster; here, local_shares decides
 
     def start(self) -> None:
         if self.ray is not None:
@@ -406,6 +409,8 @@ class _Ray:
         import logging
 
         import ray
+
+        from edge_deploy.calibration.onnxrt import usable_cores
 
         self.on_event("ray", f"connecting to {search.ray_address}" if search.ray_address else "starting a local "
                                                                                                "instance")
@@ -423,9 +428,12 @@ class _Ray:
                 if search.ray_address:
                     ray.init(address=search.ray_address, **options)
                 else:
-                    workers = search.workers or max(1, (os.cpu_count() or 1) // search.cpus_per_trial)
+                    workers, self.cpus_per_trial = local_shares(search)
+                    if workers * self.cpus_per_trial > usable_cores():
+                        self.why_workers += (f"; more CPUs than this machine's {usable_cores()}: the trials' "
+                                             "latencies are taken on a loaded machine")
                     # Ray listens on the machine's address (it replaces loopback with it), token-authenticated.
-                    ray.init(num_cpus=workers * search.cpus_per_trial, object_store_memory=128 * 1024 * 1024,
+                    ray.init(num_cpus=workers * self.cpus_per_trial, object_store_memory=128 * 1024 * 1024,
                              **options)
         except Exception as exc:  # noqa: BLE001 - Ray's own errors vary by version; the user gets one line
             raise InputError(f"Ray could not start{' at ' + search.ray_address if search.ray_address else ''}: "
@@ -437,10 +445,11 @@ class _Ray:
                 signal.signal(signal.SIGTERM, sigterm)
         self.ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.workers = search.workers or max(1, cpus // search.cpus_per_trial)
+        self.workers = search.workers or max(1, cpus // self.cpus_per_trial)
         # max_retries: a worker that dies mid-trial (killed, out of memory) is retried once by Ray on another.
-        self.remote = ray.remote(num_cpus=search.cpus_per_trial, max_retries=1)(run_trial)
-        self.on_event("ray", f"{self.workers} trial(s) at once, {search.cpus_per_trial} CPU each{self.why_workers}")
+        # Ray gives the task OMP_NUM_THREADS = its CPUs, which its scoring and fine-tuning keep to.
+        self.remote = ray.remote(num_cpus=self.cpus_per_trial, max_retries=1)(run_trial)
+        self.on_event("ray", f"{self.workers} trial(s) at once, {self.cpus_per_trial} CPU each{self.why_workers}")
 
     def stop(self, refs) -> None:
         if self.ray is None:
@@ -516,6 +525,19 @@ class _Scheduler:
 
     def finished(self) -> bool:
         return not self.queue and not self.running and self._promotion(take=False) is None
+
+
+def local_shares(search: SearchConfig) -> tuple[int, int]:
+    """Trials at once on this machine, and the CPUs each declares: by default the usable cores shared among them.
+
+    Each trial's scoring and fine-tuning use the CPUs it declares, so N trials of one CPU each on a 2-core machine
+    run N images at once, not N times two; one trial at a time gets every core.
+    """
+    from edge_deploy.calibration.onnxrt import usable_cores
+
+    cores = usable_cores()
+    workers = search.workers or max(1, cores // (search.cpus_per_trial or 1))
+    return workers, search.cpus_per_trial or max(1, cores // workers)
 
 
 def timed_here_one_at_a_time(search: SearchConfig, device: str | None) -> bool:

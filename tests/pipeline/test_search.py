@@ -349,6 +349,33 @@ def test_a_worker_dying_mid_trial_is_retried_and_the_search_goes_on(searched):
     assert first["status"] == "done" and first["worker"]["pid"] != searched["killed"]
 
 
+def test_each_trial_keeps_to_the_cpus_it_declares(searched):
+    """One trial at a time gets every core; two at once (--workers 2) get half each, so their scoring does not run
+    two images per core (each trial used to score on every core whatever ran beside it)."""
+    from edge_deploy.calibration.onnxrt import usable_cores
+
+    summary = json.loads(searched["second"].stdout)
+    cpus = {f"{t['key']}.json" in searched["before"]: t["worker"]["cpus"] for t in summary["trials"]}
+    assert cpus == {True: usable_cores(), False: max(1, usable_cores() // 2)}
+
+
+def test_a_process_keeps_to_the_cpu_budget_ray_gives_its_task(monkeypatch):
+    from edge_deploy.calibration.onnxrt import scoring_workers, session_options, usable_cores
+    from edge_deploy.pipeline.search import local_shares
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = usable_cores()
+    assert session_options().intra_op_num_threads == 0  # onnxruntime's own choice
+    assert local_shares(SearchConfig(workers=1)) == (1, cores)
+    assert local_shares(SearchConfig(workers=2, cpus_per_trial=3)) == (2, 3)
+    assert local_shares(SearchConfig()) == (cores, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert (usable_cores(), scoring_workers(), session_options().intra_op_num_threads) == (1, 1, 1)
+    assert session_options(4).intra_op_num_threads == 4  # an explicit thread count (a probe) is kept
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert usable_cores() == cores
+
+
 def test_counting_a_trials_macs_configures_ultralytics_first(tmp_path):
     """A Ray worker whose trial found every Ultralytics stage in the cache imports Ultralytics for the first time
     when it counts the trial's MACs; the import must be the offline one, or the worker's next trial that loads a
