@@ -28,14 +28,16 @@ def _cores_to_run_on() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def usable_cores() -> int:
-    """The cores this process may use: those it may run on, or fewer where OMP_NUM_THREADS says so.
+# The cores a build may use, where fewer than it may run on: a search trial's share of the machine (set by the trial
+# from the CPUs it declares to Ray), or a user's. Not OMP_NUM_THREADS: importing Ultralytics sets that to 1.
+CPUS_VARIABLE = "DEPLOY_CPUS"
 
-    Ray sets OMP_NUM_THREADS to the CPUs a task declares: a search trial given one CPU then scores one image at a
-    time, where before every one of N trials at once used every core.
-    """
+
+def usable_cores() -> int:
+    """The cores this process may use: those it may run on, or fewer where DEPLOY_CPUS says so (a search trial
+    given one CPU then scores one image at a time, where before every one of N trials at once used every core)."""
     cores = _cores_to_run_on()
-    budget = os.environ.get("OMP_NUM_THREADS", "").strip()
+    budget = os.environ.get(CPUS_VARIABLE, "").strip()
     return max(1, min(cores, int(budget))) if budget.isdigit() and int(budget) > 0 else cores
 
 

@@ -248,12 +248,16 @@ def trial_key(plan: Plan, spec: TrialSpec) -> str:
 # --------------------------------------------------------------------------------------------------------- trial
 
 
-def run_trial(config_json: dict, home: str, spec_json: dict, key: str) -> dict:
-    """One trial, in a Ray worker (or here): the build, then what the search compares. Never raises."""
+def run_trial(config_json: dict, home: str, spec_json: dict, key: str, cpus: int) -> dict:
+    """One trial, in a Ray worker: the build on the `cpus` the task declared, then what the search compares. Never
+    raises."""
+    from edge_deploy.calibration.onnxrt import CPUS_VARIABLE, usable_cores
+
     started = time.time()
     spec = TrialSpec(**spec_json)
-    from edge_deploy.calibration.onnxrt import usable_cores
-
+    # The worker process runs one trial at a time. Fine-tuning is not held to it: Ultralytics sets torch to every
+    # core when it trains on the CPU.
+    os.environ[CPUS_VARIABLE] = str(cpus)
     worker = {"host": socket.gethostname(), "pid": os.getpid(), "cpus": usable_cores()}
     # Which worker runs which trial, while it runs (a user watching a cluster, or killing a stuck trial).
     marker = Path(config_json["output"]).parent / f"{key}.running"
@@ -447,7 +451,6 @@ class _Ray:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = search.workers or max(1, cpus // self.cpus_per_trial)
         # max_retries: a worker that dies mid-trial (killed, out of memory) is retried once by Ray on another.
-        # Ray gives the task OMP_NUM_THREADS = its CPUs, which its scoring and fine-tuning keep to.
         self.remote = ray.remote(num_cpus=self.cpus_per_trial, max_retries=1)(run_trial)
         self.on_event("ray", f"{self.workers} trial(s) at once, {self.cpus_per_trial} CPU each{self.why_workers}")
 
@@ -594,9 +597,9 @@ def run_search(config: BuildConfig, home: Path,
 
     def submit(spec: TrialSpec, key: str, attempts: int) -> None:
         out = trials_dir / key
+        ray.start()  # it decides the CPUs each trial gets
         args = (trial_config(plan, spec, out.resolve()).model_dump(mode="json"), str(Path(home).resolve()),
-                asdict(spec), key)
-        ray.start()
+                asdict(spec), key, ray.cpus_per_trial)
         in_flight[ray.remote.remote(*args)] = (spec, key, attempts)
         scheduler.running[spec] = None
         on_event(f"trial {spec.label()}", "running")

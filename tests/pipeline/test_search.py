@@ -359,20 +359,20 @@ def test_each_trial_keeps_to_the_cpus_it_declares(searched):
     assert cpus == {True: usable_cores(), False: max(1, usable_cores() // 2)}
 
 
-def test_a_process_keeps_to_the_cpu_budget_ray_gives_its_task(monkeypatch):
+def test_a_process_keeps_to_the_cpus_it_is_given(monkeypatch):
     from edge_deploy.calibration.onnxrt import scoring_workers, session_options, usable_cores
     from edge_deploy.pipeline.search import local_shares
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("DEPLOY_CPUS", raising=False)
     cores = usable_cores()
     assert session_options().intra_op_num_threads == 0  # onnxruntime's own choice
     assert local_shares(SearchConfig(workers=1)) == (1, cores)
     assert local_shares(SearchConfig(workers=2, cpus_per_trial=3)) == (2, 3)
     assert local_shares(SearchConfig()) == (cores, 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("DEPLOY_CPUS", "1")
     assert (usable_cores(), scoring_workers(), session_options().intra_op_num_threads) == (1, 1, 1)
     assert session_options(4).intra_op_num_threads == 4  # an explicit thread count (a probe) is kept
-    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    monkeypatch.setenv("DEPLOY_CPUS", "not a number")
     assert usable_cores() == cores
 
 
