@@ -18,7 +18,14 @@ share of the FP32 model's confident boxes found again, and how far the found box
 fidelity reports both).
 Scoring is in ONNX Runtime at one thread.
 
+With `--target arm`, the INT8 models are the arm target's ncnn ones instead (MinMax and Entropy, its methods, from
+its sampled statistics of the same calibration photos), with the layers that compute the outputs reading float
+inputs as the arm rules keep them, and as they were built before (those layers' inputs rounded too); ncnn runs them
+at one thread. The FP32 and FP16 rows stay onnxruntime's. The ncnn models (FP32 too) are then timed side by side at
+one thread on one report photo, the timing repeated (`--repeats`, `--rounds`, `--block`).
+
     .venv/bin/python benchmarks/fidelity_floor.py --model .deploy/models/yolov8s-deepforest.pt --photos photos/
+    .venv/bin/python benchmarks/fidelity_floor.py --model ... --photos photos/ --target arm
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--imgsz", type=int, help="default: the checkpoint's training size")
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("DEPLOY_HOME", ".deploy")))
+    parser.add_argument("--target", choices=("cpu", "arm"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--block", type=int, default=10)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +80,16 @@ def main() -> None:
             args.photos, pre, config.calibration.size, config.selection.size, config.fidelity.report_size,
             config.calibration.seed)
         conf = config.fidelity.conf
+        if args.target == "arm":
+            models, folders = arm_models(fp32, info, [load_tensor(path, pre)[0] for path in calibration.files], tmp)
+            import ncnn
+
+            print(f"model {args.model} imgsz {info.imgsz}; {len(calibration.files)} calibration photos of "
+                  f"{args.photos}; INT8 rows: ncnn {ncnn.__version__}")
+            for role, split in (("held-out selection", selection), ("report", report)):
+                score_split_table(role, split, models, info, conf)
+            time_ncnn(folders, load_tensor(report.files[0], pre)[0], args)
+            return
         backend = OnnxQdqBackend(fp32, tmp / "work", ONNXRUNTIME_QDQ)
         stats = collect_statistics(backend.tap(), [load_tensor(path, pre)[0] for path in calibration.files])
         ranges = ranges_for(stats, "minmax")
@@ -76,25 +97,28 @@ def main() -> None:
         # The previous method: every quantized tensor's pair left in place, the outputs rounded.
         rounded = quantize(backend.prepared, tmp / "int8-rounded.onnx", ranges, True, False,
                            list(backend.thin_convs))
+        onnx_model = lambda path: lambda: ort_infer(path, 1)  # noqa: E731
         models = {
-            "FP32": fp32,
-            "FP32, weights rounded to FP16": fp16_weights(fp32, tmp / "fp16w.onnx"),
-            "INT8 MinMax (nothing float for accuracy)": backend.build(ranges, [], tmp / "int8"),
-            "INT8 Percentile (nothing float for accuracy)": backend.build(percentile, [], tmp / "int8-percentile"),
+            "FP32": onnx_model(fp32),
+            "FP32, weights rounded to FP16": onnx_model(fp16_weights(fp32, tmp / "fp16w.onnx")),
+            "INT8 MinMax (nothing float for accuracy)": onnx_model(backend.build(ranges, [], tmp / "int8")),
+            "INT8 Percentile (nothing float for accuracy)": onnx_model(
+                backend.build(percentile, [], tmp / "int8-percentile")),
         }
         # The same models before the output layers read float inputs: the rules without it.
         before = OnnxQdqBackend(fp32, tmp / "work-before",
                                 dataclasses.replace(ONNXRUNTIME_QDQ, float_output_layers=False))
-        models["INT8 MinMax, output layers' inputs rounded (before)"] = before.build(ranges, [], tmp / "int8-in")
-        models["INT8 Percentile, output layers' inputs rounded (before)"] = before.build(
-            percentile, [], tmp / "int8-percentile-in")
+        models["INT8 MinMax, output layers' inputs rounded (before)"] = onnx_model(
+            before.build(ranges, [], tmp / "int8-in"))
+        models["INT8 Percentile, output layers' inputs rounded (before)"] = onnx_model(
+            before.build(percentile, [], tmp / "int8-percentile-in"))
         # And before SiLU inputs' ranges were floored: that backend given no SiLUs to floor.
         before.silu = {}
-        models["INT8 MinMax, inputs rounded, SiLU inputs' whole range (before)"] = before.build(
-            ranges, [], tmp / "int8-whole")
-        models["INT8 Percentile, inputs rounded, SiLU inputs' whole range (before)"] = before.build(
-            percentile, [], tmp / "int8-percentile-whole")
-        models["INT8 MinMax, whole range and outputs rounded to 8 bits (before)"] = rounded
+        models["INT8 MinMax, inputs rounded, SiLU inputs' whole range (before)"] = onnx_model(
+            before.build(ranges, [], tmp / "int8-whole"))
+        models["INT8 Percentile, inputs rounded, SiLU inputs' whole range (before)"] = onnx_model(
+            before.build(percentile, [], tmp / "int8-percentile-whole"))
+        models["INT8 MinMax, whole range and outputs rounded to 8 bits (before)"] = onnx_model(rounded)
         print(f"model {args.model} imgsz {info.imgsz}; {len(calibration.files)} calibration photos of {args.photos}")
         # The selection photos are the ones a build chooses on; the report photos, which no choice is made on, say
         # whether a gain there holds elsewhere.
@@ -102,9 +126,55 @@ def main() -> None:
             score_split_table(role, split, models, info, conf)
 
 
+def arm_models(fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dict:
+    """The arm target's ncnn INT8 models, MinMax and Entropy, as it builds them and as it built them before the
+    output layers read float inputs; the FP32 rows as for cpu. Also every ncnn model's folder and precision."""
+    from edge_deploy.pipeline.stages.quantize import batched
+    from edge_deploy.targets.arm import NcnnArm, NcnnInt8Backend
+
+    class Before(NcnnInt8Backend):
+        rules = dataclasses.replace(NcnnInt8Backend.rules, float_output_layers=False)
+
+    backend = NcnnInt8Backend(NcnnArm(), fp32, info, tmp / "arm")
+    before = Before(NcnnArm(), fp32, info, tmp / "arm-before")
+    # Both backends tap the same FP32 ncnn model; the one quantizing more inputs taps a superset.
+    stats = collect_statistics(before.tap(), batched(calibration))
+    models = {"FP32": lambda: ort_infer(fp32, 1),
+              "FP32, weights rounded to FP16": lambda: ort_infer(fp16_weights(fp32, tmp / "fp16w.onnx"), 1)}
+    folders = {"ncnn FP32": (backend.fp32_dir, "fp32")}
+    for method in ("minmax", "entropy"):
+        ranges = ranges_for(stats, method)
+        name = {"minmax": "MinMax", "entropy": "Entropy"}[method]
+        for label, which in ((f"ncnn INT8 {name}, output layers' inputs float", backend),
+                             (f"ncnn INT8 {name}, output layers' inputs rounded (before)", before)):
+            built = which.build(ranges, [], tmp / f"ncnn-{method}-{len(folders)}")
+            models[label] = lambda built=built, which=which: which.runtime(built)
+            folders[label] = (built, "int8")
+    return models, folders
+
+
+def time_ncnn(folders: dict, image, args) -> None:
+    """p50 of each ncnn model at one thread, interleaved and repeated; speed against ncnn FP32."""
+    from interleave import load_average, ratios, repeated_p50s, spread
+
+    from edge_deploy.targets.arm import NcnnArm, ncnn_net, runner
+
+    nets = {label: ncnn_net(folder, precision, threads=1) for label, (folder, precision) in folders.items()}
+    outputs = [NcnnArm.io_names["box_dist"], NcnnArm.io_names["cls_logit"]]
+    runs = {label: (lambda net=net: runner.run_once(net, image, outputs)) for label, net in nets.items()}
+    started = load_average()
+    p50s = repeated_p50s(runs, args.repeats, args.rounds, args.block, warmup=3)
+    print(f"\nncnn at 1 thread on one report photo; {args.repeats} repeats x {args.rounds} rounds x {args.block} "
+          f"runs per model, interleaved; load average {started} at the start, {load_average()} at the end\n")
+    print("| model | p50 ms | speed vs ncnn FP32, median [min-max] |")
+    print("|---|---|---|")
+    for label in folders:
+        print(f"| {label} | {sorted(p50s[label])[len(p50s[label]) // 2]:.2f} | "
+              f"{spread(ratios(p50s, 'ncnn FP32', label))} |")
+
+
 def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: float) -> None:
-    reference_detections = run_detections(split, ort_infer(models["FP32"], 1), info.strides,
-                                          also_at_iou=UNSURE_NMS_IOUS)
+    reference_detections = run_detections(split, models["FP32"](), info.strides, also_at_iou=UNSURE_NMS_IOUS)
     banded = fidelity_reference(reference_detections, conf)
     # The band's score side alone: the reference as the decode at evaluation's NMS alone gives it.
     score_banded = fidelity_reference(Detections(reference_detections.sizes, reference_detections.per_image), conf)
@@ -119,9 +189,9 @@ def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: flo
     print("|---|---|---|---|---|---|---|---|")
     # Every drop is against the FP32 model's own score, 100 by construction, under each reference.
     bases = [fidelity(reference_detections, info, r) for r in references]
-    for label, path in models.items():
-        detections = (reference_detections if path == models["FP32"]
-                      else run_detections(split, ort_infer(path, 1), info.strides))
+    for label, runtime in models.items():
+        detections = (reference_detections if label == "FP32"
+                      else run_detections(split, runtime(), info.strides))
         scored = [fidelity(detections, info, r) for r in references]
         drop, score_side_drop, unbanded_drop = (drop_points(b, s) for b, s in zip(bases, scored))
         low, high = drop.interval or (0.0, 0.0)

@@ -87,7 +87,7 @@ ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node
                              calibration_files=("tensorrt-cache",), float_convs_below_channels=8,
                              float_outputs=True, float_output_layers=True, integer_needs_quantized_output=True)
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
-                       "the input blob of every Convolution (ncnn's int8_scale_term)")
+                       "the input blob of every Convolution (ncnn's int8_scale_term)", float_output_layers=True)
 
 # TensorRT's explicit quantization: Q/DQ on the inputs of the layers that run in INT8 (weighted layers, and both
 # inputs of residual Adds so the add fuses into the preceding convolution's epilogue), never on their outputs

@@ -178,6 +178,6 @@ class QuantizeStage(Stage):
                      f"{self.target.quant_rules.float_convs_below_channels} input channels kept float (slower in "
                      "INT8)")
         if float_outputs:
-            text += (f"; {len(float_outputs)} nodes between the last activations and the outputs float (shape ops, "
-                     "and the layers that compute the outputs where the rules say so), so the outputs are not rounded")
+            text += (f"; {len(float_outputs)} {self.target.quant_rules.unit_kind}s that compute or reshape the outputs "
+                     "kept float, so the outputs are not rounded, nor those layers' inputs where the rules say so")
         return text

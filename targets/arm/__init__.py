@@ -151,12 +151,10 @@ class NcnnInt8Backend:
     """
 
     rules = NCNN_INT8
-    fixed_float_units: tuple[str, ...] = ()
-    float_outputs: tuple[str, ...] = ()
 
     def __init__(self, target: NcnnArm, fp32_onnx: Path, info: ModelInfo, work: Path,
                  calibration_images: int | None = None, say: Callable[[str], None] | None = None):
-        from edge_deploy.targets.arm.ncnn_int8 import read_param
+        from edge_deploy.targets.arm.ncnn_int8 import output_convs, read_param
 
         self.target, self.imgsz, self.calibration_images, self.say = target, info.imgsz, calibration_images, say
         self.fp32_dir = work / "fp32"
@@ -164,7 +162,13 @@ class NcnnInt8Backend:
         pnnx_convert(fp32_onnx, info.imgsz, False, self.fp32_dir)
         write_meta(self.fp32_dir, "fp32", info.imgsz, target.io_names)
         _, layers = read_param(self.fp32_dir / FILES[0])
-        self.convs = [layer for layer in layers if layer.kind == "Convolution"]
+        # ncnn's INT8 convolutions return float, so the outputs are never rounded; only the output convs' inputs
+        # may be (QuantRules.float_output_layers).
+        outputs = [target.io_names["box_dist"], target.io_names["cls_logit"]]
+        self.float_outputs = tuple(output_convs(layers, outputs)) if self.rules.float_output_layers else ()
+        self.fixed_float_units = self.float_outputs
+        self.convs = [layer for layer in layers if layer.kind == "Convolution"
+                      and layer.name not in self.fixed_float_units]
 
     def tap(self):
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
@@ -191,7 +195,7 @@ class NcnnInt8Backend:
                              "all-zero input, so no INT8 scale exists; use calibration images like the real input")
         out.mkdir(parents=True)
         write_int8(self.fp32_dir / FILES[0], self.fp32_dir / FILES[1], out,
-                   {name: 127.0 / t for name, t in thresholds.items()}, set(float_units))
+                   {name: 127.0 / t for name, t in thresholds.items()}, {*float_units, *self.fixed_float_units})
         write_meta(out, "int8", self.imgsz, self.target.io_names)
         return out
 

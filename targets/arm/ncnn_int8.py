@@ -56,6 +56,26 @@ def read_param(path: Path) -> tuple[str, list[Layer]]:
     return lines[0], layers
 
 
+# Layers that only move values between the last convolutions and the net's outputs.
+SHAPE_LAYERS = ("Reshape", "Concat", "Permute", "Flatten", "Squeeze", "ExpandDims")
+
+
+def output_convs(layers: list[Layer], outputs: list[str]) -> list[str]:
+    """The Convolutions whose tops reach `outputs` through shape layers only, in graph order."""
+    producer = {top: layer for layer in layers for top in layer.tops}
+    found, seen, pending = set(), set(), list(outputs)
+    while pending:
+        layer = producer.get(pending.pop())
+        if layer is None or layer.name in seen:
+            continue
+        seen.add(layer.name)
+        if layer.kind in SHAPE_LAYERS:
+            pending += layer.bottoms
+        elif layer.kind == "Convolution":
+            found.add(layer.name)
+    return [layer.name for layer in layers if layer.name in found]
+
+
 @dataclass
 class ConvWeights:
     weight: np.ndarray  # (num_output, rest) float32

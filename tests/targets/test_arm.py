@@ -108,11 +108,15 @@ def test_probe_runner_measures_ncnn_through_the_local_transport(compiled, tmp_pa
 
 
 def test_int8_is_written_as_ncnn2int8_would(compiled):
-    from edge_deploy.targets.arm.ncnn_int8 import TAG_INT8, read_param
+    from edge_deploy.targets.arm.ncnn_int8 import TAG_INT8, output_convs, read_param
 
     folder = compiled["int8"]
     _, layers = read_param(folder / "model.ncnn.param")
-    convs = [layer for layer in layers if layer.kind == "Convolution"]
+    # The box and class convs of each of the three scales read float inputs (QuantRules.float_output_layers).
+    outputs = output_convs(layers, [NcnnArm.io_names["box_dist"], NcnnArm.io_names["cls_logit"]])
+    assert len(outputs) == 6
+    assert all(layer.param("8") is None for layer in layers if layer.name in outputs)
+    convs = [layer for layer in layers if layer.kind == "Convolution" and layer.name not in outputs]
     assert convs and all(layer.param("8") == "2" for layer in convs)
     assert int.from_bytes((folder / "model.ncnn.bin").read_bytes()[:4], "little") == TAG_INT8
     assert (folder / "model.ncnn.bin").stat().st_size < (compiled["fp32"] / "model.ncnn.bin").stat().st_size / 3
@@ -185,7 +189,7 @@ def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, info
     assert outcome.within_budget or outcome.best.drop_points == min(t.drop_points for t in trials)
     _, layers = read_param(outcome.best.built / "model.ncnn.param")
     kept = {layer.name for layer in layers if layer.kind == "Convolution" and layer.param("8") is None}
-    assert kept == set(outcome.best.float_units)
+    assert kept == {*outcome.best.float_units, *backend.fixed_float_units} and len(backend.fixed_float_units) == 6
 
 
 def test_ranking_finds_the_layer_whose_range_was_spoiled(exported, info, calibration_images, tmp_path):
