@@ -146,9 +146,9 @@ class SearchConfig(Section):
                                                                      "timed on this machine, else CPUs / "
                                                                      "cpus_per_trial)")
     cpus_per_trial: Optional[int] = Field(None, ge=1, le=256, description="CPUs each trial's Ray task declares, "
-                                                                      "which its scoring and fine-tuning keep to "
-                                                                      "(default: this machine's cores shared "
-                                                                      "among the trials at once; 1 on a cluster)")
+                                                                      "which its scoring keeps to (default: this "
+                                                                      "machine's cores shared among the trials at "
+                                                                      "once; 1 on a cluster)")
     ray_address: Optional[str] = Field(None, description="an existing Ray cluster (host:port or ray://host:port); "
                                                          "default: a local Ray instance")
     pick: Literal["none", "best-under-budget"] = Field(

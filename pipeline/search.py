@@ -533,8 +533,8 @@ class _Scheduler:
 def local_shares(search: SearchConfig) -> tuple[int, int]:
     """Trials at once on this machine, and the CPUs each declares: by default the usable cores shared among them.
 
-    Each trial's scoring and fine-tuning use the CPUs it declares, so N trials of one CPU each on a 2-core machine
-    run N images at once, not N times two; one trial at a time gets every core.
+    Each trial scores on the CPUs it declares, so N trials of one CPU each on a 2-core machine score N images at
+    once, not N times two; one trial at a time gets every core.
     """
     from edge_deploy.calibration.onnxrt import usable_cores
 
