@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -80,8 +81,14 @@ def main() -> None:
             args.photos, pre, config.calibration.size, config.selection.size, config.fidelity.report_size,
             config.calibration.seed)
         conf = config.fidelity.conf
+        onnx_model = lambda path: lambda: ort_infer(path, 1)  # noqa: E731
+        models = {
+            "FP32": onnx_model(fp32),
+            "FP32, weights rounded to FP16": onnx_model(fp16_weights(fp32, tmp / "fp16w.onnx")),
+        }
         if args.target == "arm":
-            models, folders = arm_models(fp32, info, [load_tensor(path, pre)[0] for path in calibration.files], tmp)
+            folders = add_arm_models(models, fp32, info, [load_tensor(path, pre)[0] for path in calibration.files],
+                                     tmp)
             import ncnn
 
             print(f"model {args.model} imgsz {info.imgsz}; {len(calibration.files)} calibration photos of "
@@ -97,14 +104,9 @@ def main() -> None:
         # The previous method: every quantized tensor's pair left in place, the outputs rounded.
         rounded = quantize(backend.prepared, tmp / "int8-rounded.onnx", ranges, True, False,
                            list(backend.thin_convs))
-        onnx_model = lambda path: lambda: ort_infer(path, 1)  # noqa: E731
-        models = {
-            "FP32": onnx_model(fp32),
-            "FP32, weights rounded to FP16": onnx_model(fp16_weights(fp32, tmp / "fp16w.onnx")),
-            "INT8 MinMax (nothing float for accuracy)": onnx_model(backend.build(ranges, [], tmp / "int8")),
-            "INT8 Percentile (nothing float for accuracy)": onnx_model(
-                backend.build(percentile, [], tmp / "int8-percentile")),
-        }
+        models["INT8 MinMax (nothing float for accuracy)"] = onnx_model(backend.build(ranges, [], tmp / "int8"))
+        models["INT8 Percentile (nothing float for accuracy)"] = onnx_model(
+            backend.build(percentile, [], tmp / "int8-percentile"))
         # The same models before the output layers read float inputs: the rules without it.
         before = OnnxQdqBackend(fp32, tmp / "work-before",
                                 dataclasses.replace(ONNXRUNTIME_QDQ, float_output_layers=False))
@@ -126,9 +128,9 @@ def main() -> None:
             score_split_table(role, split, models, info, conf)
 
 
-def arm_models(fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dict:
-    """The arm target's ncnn INT8 models, MinMax and Entropy, as it builds them and as it built them before the
-    output layers read float inputs; the FP32 rows as for cpu. Also every ncnn model's folder and precision."""
+def add_arm_models(models: dict, fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dict:
+    """Adds the arm target's ncnn INT8 models, MinMax and Entropy, as it builds them and as it built them before the
+    output layers read float inputs; returns every ncnn model's folder and precision, for timing."""
     from edge_deploy.pipeline.stages.quantize import batched
     from edge_deploy.targets.arm import NcnnArm, NcnnInt8Backend
 
@@ -139,8 +141,6 @@ def arm_models(fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dic
     before = Before(NcnnArm(), fp32, info, tmp / "arm-before")
     # Both backends tap the same FP32 ncnn model; the one quantizing more inputs taps a superset.
     stats = collect_statistics(before.tap(), batched(calibration))
-    models = {"FP32": lambda: ort_infer(fp32, 1),
-              "FP32, weights rounded to FP16": lambda: ort_infer(fp16_weights(fp32, tmp / "fp16w.onnx"), 1)}
     folders = {"ncnn FP32": (backend.fp32_dir, "fp32")}
     for method in ("minmax", "entropy"):
         ranges = ranges_for(stats, method)
@@ -150,7 +150,7 @@ def arm_models(fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dic
             built = which.build(ranges, [], tmp / f"ncnn-{method}-{len(folders)}")
             models[label] = lambda built=built, which=which: which.runtime(built)
             folders[label] = (built, "int8")
-    return models, folders
+    return folders
 
 
 def time_ncnn(folders: dict, image, args) -> None:
@@ -169,7 +169,7 @@ def time_ncnn(folders: dict, image, args) -> None:
     print("| model | p50 ms | speed vs ncnn FP32, median [min-max] |")
     print("|---|---|---|")
     for label in folders:
-        print(f"| {label} | {sorted(p50s[label])[len(p50s[label]) // 2]:.2f} | "
+        print(f"| {label} | {statistics.median(p50s[label]):.2f} | "
               f"{spread(ratios(p50s, 'ncnn FP32', label))} |")
 
 

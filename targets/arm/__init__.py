@@ -195,7 +195,7 @@ class NcnnInt8Backend:
                              "all-zero input, so no INT8 scale exists; use calibration images like the real input")
         out.mkdir(parents=True)
         write_int8(self.fp32_dir / FILES[0], self.fp32_dir / FILES[1], out,
-                   {name: 127.0 / t for name, t in thresholds.items()}, {*float_units, *self.fixed_float_units})
+                   {name: 127.0 / t for name, t in thresholds.items()}, set(float_units))
         write_meta(out, "int8", self.imgsz, self.target.io_names)
         return out
 
