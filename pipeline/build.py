@@ -296,6 +296,11 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         run(ReferenceStage(selection, val, config.fidelity.conf))
         q = config.quantize
         budget = q.budget(config.precision)
+        bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
+                       f"{target.name}-{config.precision}")
+        # Where a build stopped by its accuracy gate leaves what it measured; a later build that publishes drops it.
+        rejected_path = Path(config.output) / f"{bundle_name}.rejected.json"
+        label_free_images = None if data_yaml else str(config.calibration.source)
         try:
             if calibration is not None:
                 # A TensorRT calibration cache names the TensorRT that reads it: the profile's, where it says.
@@ -309,9 +314,14 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
         except AccuracyGateError as exc:
             kept = keep_fp32(export.artifacts["onnx"].path,
                              Path(config.output) / f"{model_name(info, model_path)}-{info['imgsz']}.fp32.onnx")
-            raise AccuracyGateError(f"{exc}; the FP32 model is kept at {kept}") from None
-        bundle_name = (f"{model_name(info, model_path)}-{info['imgsz']}{'-pruned' if config.prune.enabled else ''}-"
-                       f"{target.name}-{config.precision}")
+            message = f"{exc}; the FP32 model is kept at {kept}"
+            if exc.report is not None:
+                write_build_record(rejected_path, records, {
+                    "rejected_by": exc.stage, "error": message, "report": exc.report, "fp32_model": str(kept),
+                    "model": str(model_path), "data": str(data_yaml) if data_yaml else None,
+                    "label_free_images": label_free_images})
+                message += f", and what {exc.stage} measured at {rejected_path}"
+            raise AccuracyGateError(message, exc.stage, exc.report) from None
         # A target whose engine is built where it runs is timed only on a device; here it is not timed at all.
         probed = target.compile_runs_on == "host" or config.probe.device is not None
         if probed:
@@ -326,7 +336,7 @@ def run_build(config: BuildConfig, home: Path, use_cache: bool = True,
                                    device_files="device_files" in available))
         bundle, changed = publish(release.artifacts["bundle"].path, config.output)
         record_path = Path(config.output) / f"{bundle_name}.build.json"
-        label_free_images = None if data_yaml else str(config.calibration.source)
+        rejected_path.unlink(missing_ok=True)
         write_build_record(record_path, records, {"bundle": str(bundle), "model": str(model_path),
                                                   "data": str(data_yaml) if data_yaml else None,
                                                   "label_free_images": label_free_images})

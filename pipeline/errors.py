@@ -26,7 +26,14 @@ class ConversionMismatch(DeployError):
 
 
 class AccuracyGateError(DeployError):
+    """A build over its accuracy budget. `report` is what the failing stage measured (candidates, drops,
+    intervals), which the build keeps beside the FP32 model so the evidence outlives the stage's work folder."""
+
     exit_code = 4
+
+    def __init__(self, message: str, stage: str | None = None, report: dict | None = None):
+        super().__init__(message)
+        self.stage, self.report = stage, report
 
 
 class ToolchainMissing(DeployError):

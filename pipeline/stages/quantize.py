@@ -142,7 +142,7 @@ class QuantizeStage(Stage):
                 f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points on the "
                 f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float{found_text}"
                 f"{smallest_text}), over the {self.max_map_drop:.2f} point budget; raise --max-map-drop "
-                "(quantize.max_map_drop) or pass --accept-drop")
+                "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=report.to_json())
         quantized = out_dir / f"quantized{best.built.suffix}"
         best.built.rename(quantized)
         outputs["quantized"] = quantized

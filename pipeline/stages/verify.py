@@ -119,13 +119,14 @@ class VerifyStage(Stage):
                 f"{interval_text(total.interval)} against the original model on the report split "
                 f"({(measured or reference.report).map50_95:.4f} vs {original.map50_95:.4f}); the budget is "
                 f"{self.total_budget:.2f} (prune.max_map_drop + the precision's budget); fine-tune longer "
-                "(--prune-epochs), prune less, or pass --accept-drop")
+                "(--prune-epochs), prune less, or pass --accept-drop", stage=self.name, report=result.to_json())
         if drop > self.max_map_drop and self.enforce_budget:
             raise AccuracyGateError(
                 f"verify: {label} loses {drop:.2f} {'fidelity ' if measured.kind == 'fidelity' else ''}mAP50-95 "
                 f"points{interval_text(interval)} against FP32 on the report split ({measured.map50_95:.4f} vs "
                 f"{reference.report.map50_95:.4f}); the budget is "
-                f"{self.max_map_drop:.2f} (quantize.max_map_drop)")
+                f"{self.max_map_drop:.2f}; raise --max-map-drop (quantize.max_map_drop) or pass --accept-drop",
+                stage=self.name, report=result.to_json())
         path = out_dir / "verify.json"
         path.write_text(json.dumps(result.to_json(), indent=1))
         return StageOutput({"verify_report": path}, result.to_json())

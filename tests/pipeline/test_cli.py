@@ -93,9 +93,19 @@ def test_missed_accuracy_budget_fails_and_keeps_the_fp32_model(built, deploy_hom
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "over the 0.00 point budget" in lines[0]
     assert "the FP32 model is kept at dist/yolov8n-160.fp32.onnx" in lines[0]
+    assert "what quantize measured at dist/yolov8n-160-cpu-w4a8.rejected.json" in lines[0]
     after = tree_state(cwd)
     kept = after.pop("dist/yolov8n-160.fp32.onnx")
+    after.pop("dist/yolov8n-160-cpu-w4a8.rejected.json")
     assert after == before and len(kept) > 1_000_000
+    rejected = json.loads((cwd / "dist" / "yolov8n-160-cpu-w4a8.rejected.json").read_text())
+    assert rejected["rejected_by"] == "quantize" and rejected["report"]["within_budget"] is False
+    assert rejected["report"]["trials"] and rejected["fp32_model"] == "dist/yolov8n-160.fp32.onnx"
+    assert [s["stage"] for s in rejected["stages"]][-1] == "reference"
+    # A build of the same name that publishes supersedes the record of the one that did not.
+    assert run_deploy(["build", "--precision", "w4a8", "--max-map-drop", "0", "--accept-drop"], cwd,
+                      deploy_home).returncode == 0
+    assert not (cwd / "dist" / "yolov8n-160-cpu-w4a8.rejected.json").exists()
 
 
 def test_accept_drop_ships_the_best_quantized_model(built, deploy_home, tmp_path):

@@ -106,10 +106,17 @@ def test_calibration_tensors_are_what_inference_is_fed(sets):
 
 
 def test_budget_nothing_meets_reports_the_best_and_fails(referenced, sets, tmp_path):
-    with pytest.raises(AccuracyGateError, match="mAP50-95 points on the selection split.*raise --max-map-drop"):
+    with pytest.raises(AccuracyGateError, match="mAP50-95 points on the selection split.*raise --max-map-drop") \
+            as caught:
         # Even every node float does not gain 5 points: no candidate can meet it.
         Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=-5.0), referenced)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    # What was tried goes with the error (the build keeps it beside the FP32 model): every candidate scored.
+    tried = caught.value.report
+    assert caught.value.stage == "quantize" and tried["within_budget"] is False
+    assert len(tried["trials"]) > 1 and tried["trials"][0]["float_units"] == []
+    assert {"method", "float_units", "drop_points", "drop_interval"} <= set(tried["trials"][-1])
+    assert f"loses {tried['drop_points']:.2f}" in str(caught.value)
 
 
 def test_fake_quant_helpers():

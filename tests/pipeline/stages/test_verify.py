@@ -82,3 +82,16 @@ def test_a_drop_on_too_few_images_is_reported_with_its_interval_and_flagged(refe
     assert all("bootstrap" not in record.metrics[k] for k in ("reference", "artifact", "fidelity"))
     assert record.metrics["bootstrap"]["resamples"] == BOOTSTRAP_RESAMPLES
     assert result.fidelity.map50_95_interval is not None
+
+
+def test_a_missed_budget_fails_naming_the_flags_and_carries_what_it_measured(referenced, engine, tmp_path):
+    from edge_deploy.pipeline.errors import AccuracyGateError
+
+    available, report, _ = referenced
+    available = {**available, "artifact": artifact_folder(available["onnx"].path, tmp_path / "noisy", 0.15)}
+    with pytest.warns(UserWarning), pytest.raises(AccuracyGateError, match="raise --max-map-drop .*--accept-drop") \
+            as caught:
+        engine.run(VerifyStage(OnnxRuntimeCpu(), "int8", report, 0.1), available)
+    measured = AccuracyReport.from_json(caught.value.report)
+    assert caught.value.stage == "verify" and measured.within_budget is False
+    assert measured.drop_points > 0.1 and f"loses {measured.drop_points:.2f}" in str(caught.value)
