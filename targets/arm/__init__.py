@@ -22,7 +22,7 @@ import numpy as np
 from edge_deploy.calibration.rules import NCNN_INT8
 from edge_deploy.pipeline.errors import ConversionMismatch, DeployError, InputError, ToolchainMissing
 from edge_deploy.pipeline.results import ModelInfo
-from edge_deploy.targets.arm.workers import (FILES, SAMPLE_PER_IMAGE, NcnnWorkers, ncnn_net, sample_image,
+from edge_deploy.targets.arm.workers import (FILES, SAMPLE_PER_IMAGE, NcnnInProcess, NcnnWorkers, ncnn_net,
                                              worker_count)
 from edge_deploy.targets.base import Converted, Infer, Profile, Target
 
@@ -103,7 +103,6 @@ class NcnnArm(Target):
         """A batch -> outputs callable. At one thread (scoring), a model of MIN_IMGSZ or more spreads the images of
         a batch over worker processes of one thread each, and says how many images it takes at once."""
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
-        from edge_deploy.targets.arm import runner
 
         meta = json.loads((Path(artifact_dir) / META).read_text())
         # Unasked, one thread: this runtime checks and scores (timing is the probe's, with its own count), and on a
@@ -111,19 +110,17 @@ class NcnnArm(Target):
         # made compile's 8-image check a minute long.
         threads = threads or SCORING_THREADS
         workers = worker_count(meta["imgsz"]) if threads == 1 else 1
-        pool = NcnnWorkers(Path(artifact_dir), meta["precision"], workers) if workers > 1 else None
-        net = None if pool else ncnn_net(Path(artifact_dir), meta["precision"], threads)
+        nets = (NcnnWorkers(Path(artifact_dir), meta["precision"], workers) if workers > 1 else
+                NcnnInProcess(ncnn_net(Path(artifact_dir), meta["precision"], threads)))
 
         def infer(batch: np.ndarray):
             if batch.shape[-1] != meta["imgsz"] or batch.shape[-2] != meta["imgsz"]:
                 raise DeployError(f"the ncnn model was compiled for {meta['imgsz']}x{meta['imgsz']} input, "
                                   f"got {batch.shape[-2]}x{batch.shape[-1]}")
-            per_image = (pool.outputs(batch, meta["outputs"]) if pool else
-                         [runner.run_once(net, image, meta["outputs"]) for image in batch])
+            per_image = nets.outputs(batch, meta["outputs"])
             return tuple(np.stack([outputs[k] for outputs in per_image]) for k in range(len(meta["outputs"])))
 
-        infer.images_at_once = 4 * workers  # a few per process keeps every process busy between batches
-        infer.workers = pool  # kept alive with the callable
+        infer.images_at_once = 4 * nets.workers  # a few per process keeps every process busy between batches
         return infer
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:
@@ -178,7 +175,7 @@ class NcnnInt8Backend:
         # Large inputs spread the images over worker processes instead.
         workers = worker_count(self.imgsz)
         source = (NcnnWorkers(self.fp32_dir, "fp32", workers) if workers > 1 else
-                  ncnn_net(self.fp32_dir, "fp32", threads=SCORING_THREADS))
+                  NcnnInProcess(ncnn_net(self.fp32_dir, "fp32", threads=SCORING_THREADS)))
         # In graph order: ncnn's extractor frees a blob once its consumers have run (light mode), so a blob
         # asked for after a later one may be gone.
         blobs = list(dict.fromkeys(layer.bottoms[0] for layer in self.convs))
@@ -256,7 +253,8 @@ class SampledTap:
     calibration.ranges.collect_statistics asks for each batch twice (extremes first, then histograms over them);
     the second request is answered from what the first computed, so each image runs once. The extremes are exact
     (min/max are taken over the full tensor), so MinMax ranges do not depend on the sample; the histograms behind
-    Entropy are built from the sample (see `sample_image`). `source` is a one-thread ncnn net, or NcnnWorkers
+    Entropy are built from the sample (see `sample_image`). `source` is a one-thread ncnn net in this process
+    (NcnnInProcess), or NcnnWorkers
     that compute the images of a batch in parallel processes with the same result.
     """
 
@@ -275,10 +273,7 @@ class SampledTap:
         return values
 
     def _sample(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if isinstance(self.source, NcnnWorkers):
-            per_image = self.source.samples(batch, self.blobs, self.per_image)
-        else:
-            per_image = [sample_image(self.source, image, self.blobs, self.per_image) for image in batch]
+        per_image = self.source.samples(batch, self.blobs, self.per_image)
         parts: list[list[np.ndarray]] = [[] for _ in self.blobs]
         lowest = np.full(len(self.blobs), np.inf, np.float32)
         highest = np.full(len(self.blobs), -np.inf, np.float32)

@@ -85,6 +85,21 @@ def _sample(job: tuple[np.ndarray, list[str], int]) -> tuple[np.ndarray, np.ndar
     return sample_image(_net, image, blobs, per_image)
 
 
+class NcnnInProcess:
+    """One net in this process, asked as NcnnWorkers is: what scores and calibrates need not care which it has."""
+
+    workers = 1
+
+    def __init__(self, net):
+        self.net = net
+
+    def outputs(self, images, names: list[str]) -> list[list[np.ndarray]]:
+        return [run_once(self.net, image, names) for image in images]
+
+    def samples(self, images, blobs: list[str], per_image: int):
+        return [sample_image(self.net, image, blobs, per_image) for image in images]
+
+
 class NcnnWorkers:
     """A pool of processes, each with the model at `artifact_dir` open at one thread; results come back in order."""
 
