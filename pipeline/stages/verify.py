@@ -121,10 +121,13 @@ class VerifyStage(Stage):
                 f"{self.total_budget:.2f} (prune.max_map_drop + the precision's budget); fine-tune longer "
                 "(--prune-epochs), prune less, or pass --accept-drop", stage=self.name, report=result.to_json())
         if drop > self.max_map_drop and self.enforce_budget:
+            # As quantize's gate does: what fidelity's points stand for, so the user can judge --accept-drop.
+            found = measured.found_text() if measured.kind == "fidelity" else None
             raise AccuracyGateError(
                 f"verify: {label} loses {drop:.2f} {'fidelity ' if measured.kind == 'fidelity' else ''}mAP50-95 "
                 f"points{interval_text(interval)} against FP32 on the report split ({measured.map50_95:.4f} vs "
-                f"{reference.report.map50_95:.4f}); the budget is "
+                f"{reference.report.map50_95:.4f}{f'; {found} of FP32 boxes found again' if found else ''}); "
+                "the budget is "
                 f"{self.max_map_drop:.2f}; raise --max-map-drop (quantize.max_map_drop) or pass --accept-drop",
                 stage=self.name, report=result.to_json())
         path = out_dir / "verify.json"

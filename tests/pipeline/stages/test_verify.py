@@ -95,3 +95,22 @@ def test_a_missed_budget_fails_naming_the_flags_and_carries_what_it_measured(ref
     measured = AccuracyReport.from_json(caught.value.report)
     assert caught.value.stage == "verify" and measured.within_budget is False
     assert measured.drop_points > 0.1 and f"loses {measured.drop_points:.2f}" in str(caught.value)
+
+
+def test_a_missed_fidelity_budget_says_how_far_the_boxes_moved(exported, engine, shapes_yaml, preprocess, tmp_path):
+    """Without labels the gate's line gives what the points stand for, as quantize's does."""
+    import dataclasses
+    import re
+
+    from edge_deploy.pipeline.errors import AccuracyGateError
+
+    selection, report = choice_splits(shapes_yaml, preprocess, 100, 0)
+    selection, report = (dataclasses.replace(split.head(n), labels=()) for split, n in ((selection, 8), (report, 6)))
+    available = dict(exported)
+    available.update(engine.run(ReferenceStage(selection, report), available).artifacts)
+    available["artifact"] = artifact_folder(available["onnx"].path, tmp_path / "noisy", 0.15)
+    with pytest.warns(UserWarning), pytest.raises(AccuracyGateError) as caught:
+        engine.run(VerifyStage(OnnxRuntimeCpu(), "int8", report, 0.1), available)
+    assert AccuracyReport.from_json(caught.value.report).artifact.kind == "fidelity"
+    assert re.search(r"fidelity mAP50-95 points .*\d+\.\d% \(\d+\.\d\d px\) of FP32 boxes found again",
+                     str(caught.value)), caught.value
