@@ -12,6 +12,9 @@ made on (same seed and sizes as the build):
 - both as the cpu target built them before those layers read float inputs (QuantRules.float_output_layers), and
   before that, when SiLU inputs' ranges did not yet stop at their output's grid (ranges.floor_silu_inputs), and
   the MinMax one before that with its outputs rounded to 8 bits too,
+- the FP32 model with seeded Gaussian noise added to its class logits (`--logit-noise`, standard deviations): how
+  much output error the metric itself turns into points, beside the INT8 MinMax model's own class-logit error
+  (root mean square over the anchors where FP32 scores any class above 0.05, on the report photos),
 each with fidelity's unsure band (score and NMS), with its score side only (the metric before the NMS side) and
 without it (the metric before the band), and prints mAP50, mAP50-95, the
 share of the FP32 model's confident boxes found again, and how far the found boxes' sides moved (mean, pixels;
@@ -38,6 +41,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 
 from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
@@ -64,7 +68,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--block", type=int, default=10)
+    parser.add_argument("--logit-noise", default="0.01,0.02",
+                        help="standard deviations of the noise added to FP32's class logits, one row each")
     args = parser.parse_args()
+    sigmas = [float(v) for v in args.logit_noise.split(",") if v]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -86,6 +93,8 @@ def main() -> None:
             "FP32": onnx_model(fp32),
             "FP32, weights rounded to FP16": onnx_model(fp16_weights(fp32, tmp / "fp16w.onnx")),
         }
+        for sigma in sigmas:
+            models[f"FP32, class logits + N(0, {sigma:g}) noise"] = with_logit_noise(onnx_model(fp32), sigma)
         if args.target == "arm":
             folders = add_arm_models(models, fp32, info, [load_tensor(path, pre)[0] for path in calibration.files],
                                      tmp)
@@ -95,6 +104,7 @@ def main() -> None:
                   f"{args.photos}; INT8 rows: ncnn {ncnn.__version__}")
             for role, split in (("held-out selection", selection), ("report", report)):
                 score_split_table(role, split, models, info, conf)
+            print_logit_error("ncnn INT8 MinMax, output layers' inputs float", models, report, pre)
             time_ncnn(folders, load_tensor(report.files[0], pre)[0], args)
             return
         backend = OnnxQdqBackend(fp32, tmp / "work", ONNXRUNTIME_QDQ)
@@ -126,6 +136,39 @@ def main() -> None:
         # whether a gain there holds elsewhere.
         for role, split in (("held-out selection", selection), ("report", report)):
             score_split_table(role, split, models, info, conf)
+        print_logit_error("INT8 MinMax (nothing float for accuracy)", models, report, pre)
+
+
+def with_logit_noise(make, sigma: float, seed: int = 0):
+    """A runtime maker like `make`, its class logits given seeded Gaussian noise (the same noise on each split's
+    first call, so a row is reproducible)."""
+    def runtime():
+        infer, rng = make(), np.random.default_rng(seed)
+
+        def noisy(batch):
+            box_dist, cls_logit = infer(batch)
+            return box_dist, cls_logit + rng.normal(0, sigma, cls_logit.shape).astype(cls_logit.dtype)
+
+        noisy.images_at_once = getattr(infer, "images_at_once", 1)
+        return noisy
+
+    return runtime
+
+
+def print_logit_error(label: str, models: dict, split, pre: Preprocess) -> None:
+    """The class-logit error of model `label` against FP32, where FP32 scores any class above 0.05: the part of the
+    outputs that decides which boxes NMS keeps."""
+    fp32, other = models["FP32"](), models[label]()
+    errors = []
+    for path in split.files:
+        image = load_tensor(path, pre)[0]
+        (_, reference), (_, produced) = fp32(image), other(image)
+        scored = 1 / (1 + np.exp(-reference.max(axis=1))) > 0.05  # (images, anchors)
+        errors.append((produced - reference).transpose(0, 2, 1)[scored].ravel())
+    errors = np.concatenate(errors)
+    print(f"\n{label}: class-logit error against FP32, root mean square over the anchors where FP32 scores a class "
+          f"above 0.05 on the {len(split.files)} report photos: {np.sqrt(np.mean(errors ** 2)):.4f} "
+          f"({errors.size} logits)")
 
 
 def add_arm_models(models: dict, fp32: Path, info: ModelInfo, calibration: list, tmp: Path) -> dict:
