@@ -254,8 +254,7 @@ class SampledTap:
     the second request is answered from what the first computed, so each image runs once. The extremes are exact
     (min/max are taken over the full tensor), so MinMax ranges do not depend on the sample; the histograms behind
     Entropy are built from the sample (see `sample_image`). `source` is a one-thread ncnn net in this process
-    (NcnnInProcess), or NcnnWorkers
-    that compute the images of a batch in parallel processes with the same result.
+    (NcnnInProcess), or NcnnWorkers that compute the images of a batch in parallel processes with the same result.
     """
 
     def __init__(self, source, blobs: list[str], progress: "Progress", per_image: int = SAMPLE_PER_IMAGE):
