@@ -217,29 +217,35 @@ def time_ncnn(folders: dict, image, args) -> None:
 
 
 def score_split_table(role: str, split, models: dict, info: ModelInfo, conf: float) -> None:
-    reference_detections = run_detections(split, models["FP32"](), info.strides, also_at_iou=UNSURE_NMS_IOUS)
+    reference_detections = run_detections(split, models["FP32"](), info.strides, also_at_iou=UNSURE_NMS_IOUS,
+                                          near_ties_from=conf)
     banded = fidelity_reference(reference_detections, conf)
+    # The band without its anchor side (near-ties), as the build scored before it.
+    without_ties = FidelityReference(banded.boxes, banded.unsure, conf)
     # The band's score side alone: the reference as the decode at evaluation's NMS alone gives it.
     score_banded = fidelity_reference(Detections(reference_detections.sizes, reference_detections.per_image), conf)
     unbanded = FidelityReference(score_banded.boxes, [[] for _ in score_banded.boxes], conf)
-    references = (banded, score_banded, unbanded)
+    references = (banded, without_ties, score_banded, unbanded)
     print(f"\n{len(split.files)} {role} photos; {sum(len(b) for b in banded.boxes)} FP32 boxes required "
           f"(conf >= {conf}, NMS keeps them at IoU {UNSURE_NMS_IOUS[0]:g} too), "
-          f"{sum(len(b) for b in banded.unsure)} in the unsure band; with its score side only "
-          f"{sum(len(b) for b in score_banded.boxes)} and {sum(len(b) for b in score_banded.unsure)}\n")
-    print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | score band only: drop | "
-          "no band: drop | FP32 boxes found again | box sides moved, mean px |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{sum(len(b) for b in banded.unsure)} in the unsure band, "
+          f"{sum(1 for image in banded.near_ties for ties in image if ties)} with a near-tie; with the band's score "
+          f"side only {sum(len(b) for b in score_banded.boxes)} and {sum(len(b) for b in score_banded.unsure)}\n")
+    print("| model | fidelity mAP50 | fidelity mAP50-95 | drop, points [95% interval] | boxes taken as their near-tie | "
+          "without near-ties: drop | score band only: drop | no band: drop | FP32 boxes found again | "
+          "box sides moved, mean px |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     # Every drop is against the FP32 model's own score, 100 by construction, under each reference.
     bases = [fidelity(reference_detections, info, r) for r in references]
     for label, runtime in models.items():
         detections = (reference_detections if label == "FP32"
                       else run_detections(split, runtime(), info.strides))
         scored = [fidelity(detections, info, r) for r in references]
-        drop, score_side_drop, unbanded_drop = (drop_points(b, s) for b, s in zip(bases, scored))
+        drop, untied_drop, score_side_drop, unbanded_drop = (drop_points(b, s) for b, s in zip(bases, scored))
         low, high = drop.interval or (0.0, 0.0)
         print(f"| {label} | {scored[0].map50 * 100:.2f} | {scored[0].map50_95 * 100:.2f} | {float(drop):.2f} "
-              f"[{low:.2f}..{high:.2f}] | {float(score_side_drop):.2f} | {float(unbanded_drop):.2f} | "
+              f"[{low:.2f}..{high:.2f}] | {scored[0].near_tie_boxes} | {float(untied_drop):.2f} | "
+              f"{float(score_side_drop):.2f} | {float(unbanded_drop):.2f} | "
               f"{scored[0].matched_boxes:.1%} | {scored[0].box_shift_px:.3f} |", flush=True)
 
 

@@ -21,8 +21,8 @@ from edge_deploy.calibration.preprocess import load_tensor, read_image
 from edge_deploy.calibration.sets import ImageSet, parse_label_file
 from edge_deploy.pipeline.detect import decode, select
 from edge_deploy.pipeline.errors import InputError
-from edge_deploy.pipeline.results import (UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, FidelityReference, ImageSplit,
-                                          ModelInfo)
+from edge_deploy.pipeline.results import (NEAR_TIE_IOU, NEAR_TIE_SCORE, UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy,
+                                          FidelityReference, ImageSplit, ModelInfo)
 
 # Ultralytics' validation settings, so that numbers compare with `yolo val`: every box down to this confidence,
 # NMS at this IoU, at most this many boxes per image (the evaluator counts as many as the decode keeps).
@@ -50,20 +50,26 @@ class Detections:
     per_image: list[np.ndarray]
     # The same decode kept by NMS at other IoU thresholds, when asked for (run_detections' `also_at_iou`).
     at_iou: dict[float, list[np.ndarray]] = field(default_factory=dict)
+    # Per image and per kept box, the boxes (m, 4) xyxy in original pixels of the anchors NMS suppressed for it
+    # with a score within NEAR_TIE_SCORE, when asked for (run_detections' `near_ties_from`); empty otherwise.
+    near_ties: list[list[np.ndarray]] = field(default_factory=list)
 
 
 def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None,
                    strides: list[int], detect: Callable[[np.ndarray], np.ndarray] | None = None,
-                   also_at_iou: tuple[float, ...] = ()) -> Detections:
+                   also_at_iou: tuple[float, ...] = (), near_ties_from: float | None = None) -> Detections:
     """Runs `infer` (one preprocessed image -> raw head maps) over the split, decoded as evaluation decodes.
 
     `detect` replaces infer + the shared decode for models that decode in their own graph (other tools'
     exports): one preprocessed image -> detections (n, 6) in input pixels. An `infer` whose `images_at_once`
     attribute is above 1 (a runtime that spreads a batch over processes or threads) is given that many images per
     call. `also_at_iou`: NMS IoU thresholds to keep the same decode at as well (Detections.at_iou; with `infer`).
+    `near_ties_from`: for each kept box scored at least this, the anchors it nearly tied with (Detections.near_ties;
+    with `infer`).
     """
     sizes, per_image = [], []
     at_iou: dict[float, list[np.ndarray]] = {iou: [] for iou in also_at_iou}
+    near_ties: list[list[np.ndarray]] = []
     at_once = 1 if detect is not None else max(1, int(getattr(infer, "images_at_once", 1)))
     files = list(split.files)
     for start in range(0, len(files), at_once):
@@ -83,12 +89,42 @@ def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarr
                 boxes, scores = decode(box_dist[k], cls_logit[k], split.preprocess.imgsz, strides)
                 found.append({iou: select(boxes, scores, split.preprocess.imgsz, EVAL_CONF, iou, EVAL_MAX_DET)
                               for iou in (EVAL_IOU, *also_at_iou)})
+                if near_ties_from is not None:
+                    ties = suppressed_near_ties(found[-1][EVAL_IOU], boxes, scores, near_ties_from)
+                    near_ties.append([tensors[k][1].to_original(t) for t in ties])
         for kept, (_, lb) in zip(found, tensors):
             for iou, dets in kept.items():
                 out = dets.astype(np.float32).copy()
                 out[:, :4] = lb.to_original(dets[:, :4])
                 (per_image if iou == EVAL_IOU else at_iou[iou]).append(out)
-    return Detections(sizes, per_image, at_iou)
+    return Detections(sizes, per_image, at_iou, near_ties)
+
+
+def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of (n, 4) xyxy boxes."""
+    ix = (np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0])).clip(0)
+    iy = (np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1])).clip(0)
+    inter = ix * iy
+    union = ((box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+             - inter)
+    return inter / np.maximum(union, 1e-9)
+
+
+def suppressed_near_ties(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                         from_score: float) -> list[np.ndarray]:
+    """Per kept detection (n, 6) scored at least `from_score`, the decoded boxes (m, 4) of the other anchors of its
+    class that NMS suppressed for it (IoU at least EVAL_IOU) with a score within NEAR_TIE_SCORE of it; an empty
+    (0, 4) array for every other detection."""
+    ties = []
+    for row in kept:
+        if row[4] < from_score:
+            ties.append(np.zeros((0, 4), np.float32))
+            continue
+        close = scores[:, int(row[5])] >= row[4] - NEAR_TIE_SCORE
+        close &= box_iou(row[:4], boxes) >= EVAL_IOU
+        close &= ~np.all(boxes == row[:4], axis=1)  # the kept anchor itself
+        ties.append(boxes[close].astype(np.float32))
+    return ties
 
 
 def split_labels(split: ImageSet, sizes: list[tuple[int, int]]) -> list[Boxes]:
@@ -108,11 +144,15 @@ def fidelity_reference(detections: Detections, conf: float) -> FidelityReference
     the looser one and not the stricter.
     """
     strict, loose = (detections.at_iou.get(iou) for iou in UNSURE_NMS_IOUS)
-    required, unsure = [], []
+    required, unsure, near_ties = [], [], []
     for k, dets in enumerate(detections.per_image):
         kept_strictly = None if strict is None else {row.tobytes() for row in strict[k]}
-        sure = [row for row in dets
-                if row[4] >= conf and (kept_strictly is None or row.tobytes() in kept_strictly)]
+        sure_rows = [j for j, row in enumerate(dets)
+                     if row[4] >= conf and (kept_strictly is None or row.tobytes() in kept_strictly)]
+        sure = [dets[j] for j in sure_rows]
+        if detections.near_ties:
+            near_ties.append([[(float(x1), float(y1), float(x2 - x1), float(y2 - y1))
+                               for x1, y1, x2, y2 in detections.near_ties[k][j]] for j in sure_rows])
         candidates = dets if loose is None else np.concatenate([dets, loose[k]])
         unsure_rows, seen = [], {row.tobytes() for row in sure}
         for row in candidates:
@@ -121,7 +161,7 @@ def fidelity_reference(detections: Detections, conf: float) -> FidelityReference
                 unsure_rows.append(row)
         required.append(_as_boxes(sure))
         unsure.append(_as_boxes(unsure_rows))
-    return FidelityReference(required, unsure, conf)
+    return FidelityReference(required, unsure, conf, near_ties)
 
 
 def _as_boxes(rows) -> Boxes:
@@ -384,9 +424,53 @@ def score_split(split: ImageSet, detections: Detections, info: ModelInfo,
 
 
 def fidelity(detections: Detections, info: ModelInfo, reference: FidelityReference) -> Accuracy:
-    """How closely a model reproduces the FP32 model's confident boxes (on any split, labelled or not)."""
-    return measured(score_images(reference.boxes, detections, len(info.names), reference.unsure), "fidelity",
-                    *found_again(reference.boxes, detections, reference.conf))
+    """How closely a model reproduces the FP32 model's confident boxes (on any split, labelled or not). The boxes
+    found again and their shift are counted as detected; mAP counts a near-tie as the box it nearly tied with."""
+    scored, near_tie_count = resolve_near_ties(detections, reference)
+    return measured(score_images(reference.boxes, scored, len(info.names), reference.unsure), "fidelity",
+                    *found_again(reference.boxes, detections, reference.conf),
+                    near_tie_boxes=near_tie_count if reference.near_ties else None)
+
+
+def resolve_near_ties(detections: Detections, reference: FidelityReference) -> tuple[Detections, int]:
+    """The detections with each one that is a missing required box's near-tie (IoU at least NEAR_TIE_IOU with one of
+    its near-tie boxes, and more than with the box itself) moved onto that box; and how many were moved. A required
+    box some detection already is (IoU at least NEAR_TIE_IOU, and no less than with any of its near-ties) takes
+    none: a second box there is an extra one, not FP32's other choice."""
+    if not reference.near_ties:
+        return detections, 0
+    moved_count, per_image = 0, []
+    for dets, boxes, ties in zip(detections.per_image, reference.boxes, reference.near_ties):
+        owners = [j for j, alternatives in enumerate(ties) for _ in alternatives]
+        if not owners:
+            per_image.append(dets)
+            continue
+        owner = np.asarray(owners)
+        alternatives = np.array([(x, y, x + w, y + h) for image_ties in ties for x, y, w, h in image_ties],
+                                np.float32)
+        required = np.array([(x, y, x + w, y + h) for _, x, y, w, h in boxes], np.float32)
+        classes = np.array([c for c, *_ in boxes])
+        present = set()
+        for j in set(owners):
+            same = dets[dets[:, 5] == classes[j]]
+            if not len(same):
+                continue
+            on_box = box_iou(required[j], same[:, :4])
+            on_ties = np.max([box_iou(tie, same[:, :4]) for tie in alternatives[owner == j]], axis=0)
+            if np.any((on_box >= NEAR_TIE_IOU) & (on_box >= on_ties)):
+                present.add(j)
+        dets = dets.copy()
+        for row in dets:  # best score first, as NMS keeps them
+            overlap = np.where((classes[owner] == int(row[5])) & ~np.isin(owner, list(present)),
+                               box_iou(row[:4], alternatives), 0.0)
+            best = int(np.argmax(overlap))
+            target = owner[best]
+            if overlap[best] >= NEAR_TIE_IOU and overlap[best] > box_iou(row[:4], required[target][None])[0]:
+                row[:4] = required[target]
+                present.add(int(target))
+                moved_count += 1
+        per_image.append(dets)
+    return Detections(detections.sizes, per_image, detections.at_iou), moved_count
 
 
 def accuracy(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
@@ -424,13 +508,13 @@ def percentile_interval(samples: np.ndarray, digits: int) -> list[float]:
 
 
 def measured(scores: ImageScores, kind: str = "accuracy", matched_boxes: float | None = None,
-             box_shift_px: float | None = None) -> Accuracy:
+             box_shift_px: float | None = None, near_tie_boxes: int | None = None) -> Accuracy:
     """An Accuracy with its bootstrap: the interval of mAP50-95 and the per-resample values."""
     _, samples = resampled_map(scores, bootstrap_weights(scores.images))
     # Six decimals: far below the 0.01-point resolution drops are shown with, and a third of the JSON.
     samples = np.round(samples, 6)
     return Accuracy(scores.map50, scores.map50_95, scores.images, scores.objects, kind, matched_boxes,
-                    percentile_interval(samples, 4), samples.tolist(), box_shift_px)
+                    percentile_interval(samples, 4), samples.tolist(), box_shift_px, near_tie_boxes)
 
 
 class Drop(float):

@@ -16,8 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from edge_deploy.pipeline.results import UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, AccuracyReport, ModelInfo, \
-    ProbeResult, QuantizationReport, SpeedReport
+from edge_deploy.pipeline.results import NEAR_TIE_SCORE, UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, \
+    AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, SpeedReport
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 GREY = "#9e9e9e"
@@ -224,7 +224,8 @@ def _accuracy(r: ReportInputs) -> Section:
                       "scored (COCO mAP by pycocotools) against the FP32 model's own confident detections on the "
                       "same images, so FP32 scores itself; its detections scored just under the confidence (from "
                       f"{UNSURE_FRACTION:g} of it), and those NMS keeps or drops only within {UNSURE_NMS_MARGIN:g} "
-                      "of its IoU, are neither required nor counted wrong. `found again` is the share of "
+                      f"of its IoU, are neither required nor counted wrong; {near_tie_rule(v.artifact)}. "
+                      "`found again` is the share of "
                       "the confident boxes the model finds again at the same confidence (same class, IoU at least "
                       "0.5), with how far the found boxes' sides are from FP32's on average, in image pixels.")
     else:
@@ -439,6 +440,15 @@ def _candidate_label(q: QuantizationReport, index: int, trial: dict) -> str:
 
 def _split_text(split) -> str:
     return f"{split.images} images from `{split.source}` (fingerprint {split.fingerprint[:16]})"
+
+
+def near_tie_rule(artifact: Accuracy | None) -> str:
+    """Fidelity's near-tie rule in words, with how many of the artifact's boxes it applied to."""
+    text = (f"a box that is the neighbouring anchor a confident FP32 box won NMS over by less than {NEAR_TIE_SCORE:g} "
+            "in score counts as that box")
+    if artifact is not None and artifact.near_tie_boxes:
+        text += f" ({artifact.near_tie_boxes} of the final artifact's did)"
+    return text
 
 
 def _found(accuracy: Accuracy) -> str:

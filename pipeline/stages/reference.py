@@ -40,14 +40,15 @@ class ReferenceStage(Stage):
         infer = ort_infer(inputs["onnx"].path, SCORING_THREADS)
         measured = {}
         for role, split in (("selection", self.selection), ("report", self.report)):
-            detections = run_detections(split, infer, info.strides, also_at_iou=UNSURE_NMS_IOUS)
+            detections = run_detections(split, infer, info.strides, also_at_iou=UNSURE_NMS_IOUS,
+                                        near_ties_from=self.fidelity_conf)
             reference = fidelity_reference(detections, self.fidelity_conf)
             measured[role] = (score_split(split, detections, info, reference), reference)
         selection, report = measured["selection"][1], measured["report"][1]
         result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
                                    describe_split(self.selection, "selection"), describe_split(self.report, "report"),
                                    self.fidelity_conf, selection.boxes, report.boxes, SCORING_THREADS,
-                                   selection.unsure, report.unsure)
+                                   selection.unsure, report.unsure, selection.near_ties, report.near_ties)
         path = out_dir / "reference.json"
         # With the bootstrap samples: every later comparison on these images pairs its own with them.
         path.write_text(json.dumps(result.to_json(internal=True)))

@@ -11,7 +11,7 @@ from edge_deploy.pipeline.artifacts import Artifact, sha256_tree
 from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
 from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
 from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
-from edge_deploy.pipeline.report import ReportInputs, render_html, render_markdown
+from edge_deploy.pipeline.report import ReportInputs, near_tie_rule, render_html, render_markdown
 from edge_deploy.pipeline.results import (AccuracyReport, ModelInfo, QuantizationReport, ReferenceAccuracy,
                                           SpeedReport, UNSURE_FRACTION, UNSURE_NMS_MARGIN, reported)
 
@@ -173,10 +173,10 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                   f"against the FP32 model's own detections at confidence {config['fidelity']['conf']} or above, "
                   "so FP32 scores itself and a lower number means the deployed model answers differently. Its "
                   f"detections from {UNSURE_FRACTION:g} of that confidence up to it, and those NMS keeps or drops only "
-                  f"within {UNSURE_NMS_MARGIN:g} of its IoU, are neither required nor counted "
-                  "wrong. `found` is the share of the FP32 model's confident boxes the model finds again at the "
-                  "same confidence (same class, IoU ≥ 0.5), with how far the found boxes' sides are from FP32's on "
-                  "average, in image pixels.", ""]
+                  f"within {UNSURE_NMS_MARGIN:g} of its IoU, are neither required nor counted wrong; "
+                  f"{near_tie_rule(verify.artifact)}. `found` is the share of the FP32 model's confident boxes the "
+                  "model finds again at the same confidence (same class, IoU ≥ 0.5), with how far the found boxes' "
+                  "sides are from FP32's on average, in image pixels.", ""]
     lines += [
         "| model | mAP50 | mAP50-95 | its 95% interval | found |",
         "|---|---|---|---|---|",

@@ -244,6 +244,57 @@ def test_fidelity_ignores_boxes_whose_nms_fate_hangs_on_a_neighbour():
     assert fidelity_reference(Detections(fp32.sizes, fp32.per_image), 0.25).unsure == [[]]
 
 
+def _with_near_ties(boxes: np.ndarray, scores: np.ndarray) -> Detections:
+    """_kept_by_nms with each kept box's near-ties, as run_detections gives them for the FP32 reference."""
+    kept = _kept_by_nms(boxes, scores)
+    kept.near_ties.append(evaluate.suppressed_near_ties(kept.per_image[0], boxes, scores[:, None], 0.25))
+    return kept
+
+
+def test_fidelity_takes_a_near_tie_for_the_box_it_tied_with():
+    """NMS kept A over B (IoU 0.90), which FP32 scored 0.005 lower: a candidate that keeps B instead has made the
+    choice FP32 itself could not, and is scored as if it kept A. C (IoU 0.79 with A, 0.72 with B) scored 0.10 lower:
+    keeping it instead is a changed answer. The boxes found again and their shift still count B where it is."""
+    from edge_deploy.pipeline.evaluate import fidelity, fidelity_reference
+    from edge_deploy.pipeline.results import (NEAR_TIE_SCORE, Accuracy, FidelityReference, ImageSplit, ModelInfo,
+                                              ReferenceAccuracy)
+
+    info = ModelInfo("test", "yolov8n", "detect", ["a"], 160, [8, 16, 32], 16, 0)
+    a, b, c, d = [0, 0, 100, 100], [5, 0, 105, 100], [0, 12, 100, 112], [200, 200, 250, 250]
+    boxes = np.array([a, b, c, d], np.float32)
+    fp32_scores = np.array([0.80, 0.795, 0.70, 0.90], np.float32)
+    assert 0.80 - 0.795 < NEAR_TIE_SCORE < 0.80 - 0.70
+    fp32 = _with_near_ties(boxes, fp32_scores)
+    reference = fidelity_reference(fp32, 0.25)
+    ties = {tuple(round(v) for v in box[1:3]): t for box, t in zip(reference.boxes[0], reference.near_ties[0])}
+    assert ties == {(0, 0): [(5.0, 0.0, 100.0, 100.0)], (200, 200): []}
+    assert fidelity(fp32, info, reference).map50_95 == 1.0
+
+    b_won = _kept_by_nms(boxes, np.array([0.80, 0.81, 0.70, 0.90], np.float32))
+    scored = fidelity(b_won, info, reference)
+    assert scored.map50_95 == 1.0 and scored.near_tie_boxes == 1
+    assert scored.matched_boxes == 1.0 and scored.box_shift_px == pytest.approx((5 + 0 + 5 + 0) / 8)
+    assert "1 scored as the FP32 box they are a near-tie of" in scored.describe()
+    untied = fidelity(b_won, info, FidelityReference(reference.boxes, reference.unsure, reference.conf))
+    assert untied.map50_95 < 1.0 and untied.near_tie_boxes is None
+
+    # A candidate that keeps A and, besides it, a box where B is has found A: the other box is an extra, not moved.
+    extra = Detections(fp32.sizes, [np.concatenate([fp32.per_image[0], [[*b, 0.3, 0]]]).astype(np.float32)])
+    assert fidelity(extra, info, reference).near_tie_boxes == 0
+
+    c_won = _kept_by_nms(boxes, np.array([0.80, 0.795, 0.85, 0.90], np.float32))
+    changed = fidelity(c_won, info, reference)
+    assert changed.map50_95 < 1.0 and changed.near_tie_boxes == 0
+
+    # The reference stage's JSON carries the near-ties to the stages that score against it.
+    split = ImageSplit("selection", "photos", 1, "f")
+    stored = ReferenceAccuracy(scored, scored, split, split, 0.25, reference.boxes, reference.boxes, 1,
+                               reference.unsure, reference.unsure, reference.near_ties, reference.near_ties)
+    again = ReferenceAccuracy.from_json(stored.to_json(internal=True)).fidelity_reference("report")
+    assert again.near_ties == reference.near_ties and again.boxes == reference.boxes
+    assert Accuracy.from_json(scored.to_json()).near_tie_boxes == 1
+
+
 def test_fidelity_says_how_far_found_boxes_moved_in_pixels():
     """The shift is the mean distance of the found boxes' sides from the FP32 boxes'; boxes not found again do not
     enter it, and FP32 against itself is 0."""

@@ -47,6 +47,9 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     card = (bundle / "README.md").read_text()
     assert "## Fidelity to the FP32 model (no labels were given)" in card and "not accuracy figures" in card
     assert f"({verify['artifact']['box_shift_px']:.2f} px)" in card
+    # The near-tie rule is stated, and the count it applied to is recorded (0 or more, never absent without labels).
+    assert "won NMS over by less than 0.01 in score counts as that box" in card
+    assert verify["artifact"]["near_tie_boxes"] >= 0 and verify["reference"]["near_tie_boxes"] >= 0
     assert run_deploy(["check", str(bundle)], user, home).returncode == 0
 
 
