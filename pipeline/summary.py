@@ -104,7 +104,8 @@ def render_summary(result, config) -> None:
     if verify.reference.kind == "fidelity":
         conf = ReferenceAccuracy.from_json(result.metrics('reference')).fidelity_conf
         console.print(f"no labels: fidelity = mAP against the FP32 model's own detections (conf >= {conf:g}; "
-                      f"{conf * UNSURE_FRACTION:g}-{conf:g} and boxes at NMS's edge ignored), not accuracy; on "
+                      f"{conf * UNSURE_FRACTION:g}-{conf:g} and boxes at NMS's edge ignored, a near-tie taken as the "
+                      "box it tied with), not accuracy; on "
                       f"the {verify.split.describe()}; choices made on a held-out selection split")
     else:
         console.print(f"accuracy on the {verify.split.describe()}; choices made on a held-out selection split")
