@@ -160,8 +160,8 @@ UNSURE_NMS_MARGIN = 0.05
 # NEAR_TIE_IOU with it, and more than with the kept box) is scored as the kept box. On the real-image YOLOv8s-size
 # model the whole INT8 fidelity drop came from such swaps: independent noise of 0.01 on FP32's class logits cost
 # 0.65 / 0.64 points on the selection / report photos without this side and 0 with it; INT8 MinMax went from 0.50 /
-# 1.03 to 0.10 / 0.12 (12 of the 495 report boxes), while FP16-rounded weights stay at 0 either way
-# (benchmarks/fidelity_floor.py has the drop with and without it).
+# 1.03 to 0.10 / 0.12 (6 and 10 boxes taken as their near-tie), while FP32 and FP16-rounded weights take none and
+# stay at 0 (benchmarks/fidelity_floor.py has the drop with and without it).
 NEAR_TIE_SCORE = 0.01
 NEAR_TIE_IOU = 0.9
 
