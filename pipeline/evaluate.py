@@ -440,7 +440,8 @@ def resolve_near_ties(detections: Detections, reference: FidelityReference) -> t
     if not reference.near_ties:
         return detections, 0
     moved_count, per_image = 0, []
-    for dets, boxes, ties in zip(detections.per_image, reference.boxes, reference.near_ties):
+    # strict: a reference for other images must fail loudly, not score a prefix of them.
+    for dets, boxes, ties in zip(detections.per_image, reference.boxes, reference.near_ties, strict=True):
         owners = [j for j, alternatives in enumerate(ties) for _ in alternatives]
         if not owners:
             per_image.append(dets)
