@@ -42,6 +42,16 @@ def decode(box_dist: np.ndarray, cls_logit: np.ndarray, imgsz: int, strides: lis
     return boxes, scores
 
 
+def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of (n, 4) xyxy boxes (nms keeps its own, with the areas computed once)."""
+    ix = (np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0])).clip(0)
+    iy = (np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1])).clip(0)
+    inter = ix * iy
+    union = ((box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+             - inter)
+    return inter / np.maximum(union, 1e-9)
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int | None = None) -> np.ndarray:
     """Greedy NMS; returns kept indices, best score first, at most `limit` of them.
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_deploy.calibration.preprocess import load_tensor, read_image
 from edge_deploy.calibration.sets import ImageSet, parse_label_file
-from edge_deploy.pipeline.detect import decode, select
+from edge_deploy.pipeline.detect import box_iou, decode, select
 from edge_deploy.pipeline.errors import InputError
 from edge_deploy.pipeline.results import (NEAR_TIE_IOU, NEAR_TIE_SCORE, UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy,
                                           FidelityReference, ImageSplit, ModelInfo)
@@ -98,16 +98,6 @@ def run_detections(split: ImageSet, infer: Callable[[np.ndarray], tuple[np.ndarr
                 out[:, :4] = lb.to_original(dets[:, :4])
                 (per_image if iou == EVAL_IOU else at_iou[iou]).append(out)
     return Detections(sizes, per_image, at_iou, near_ties)
-
-
-def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of (n, 4) xyxy boxes."""
-    ix = (np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0])).clip(0)
-    iy = (np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1])).clip(0)
-    inter = ix * iy
-    union = ((box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-             - inter)
-    return inter / np.maximum(union, 1e-9)
 
 
 def suppressed_near_ties(kept: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
@@ -387,16 +377,13 @@ def found_again(reference: list[Boxes], detections: Detections, conf: float,
             if not same.size:
                 continue
             cand = kept[same]
-            ix = (np.minimum(cand[:, 2], x + w) - np.maximum(cand[:, 0], x)).clip(0)
-            iy = (np.minimum(cand[:, 3], y + h) - np.maximum(cand[:, 1], y)).clip(0)
-            inter = ix * iy
-            union = w * h + (cand[:, 2] - cand[:, 0]) * (cand[:, 3] - cand[:, 1]) - inter
-            overlap = inter / np.maximum(union, 1e-9)
+            box = np.array((x, y, x + w, y + h))
+            overlap = box_iou(box, cand[:, :4])
             best = int(np.argmax(overlap))
             if overlap[best] >= iou:
                 used[same[best]] = True
                 matched += 1
-                shifts.append(np.abs(cand[best, :4] - (x, y, x + w, y + h)))
+                shifts.append(np.abs(cand[best, :4] - box))
     share = round(matched / total, 4) if total else None
     return share, (round(float(np.mean(shifts)), 4) if shifts else None)
 
