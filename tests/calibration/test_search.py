@@ -61,7 +61,8 @@ def test_a_difference_within_noise_keeps_the_simpler_method(tmp_path, monkeypatc
     shared = np.random.default_rng(0).normal(0, 1.0, RESAMPLES)  # image-to-image variation both candidates share
     table = {("minmax", 0): noisy(0.40, 0.3, 1, shared), ("percentile", 0): noisy(0.30, 0.3, 2, shared),
              ("entropy", 0): noisy(0.35, 0.3, 3, shared)}
-    outcome = _run(table, ("minmax", "percentile", "entropy"), 0.5, tmp_path, monkeypatch)
+    # A budget every interval is within: the choice between methods is what is tested.
+    outcome = _run(table, ("minmax", "percentile", "entropy"), 3.0, tmp_path, monkeypatch)
     assert outcome.best.method == "minmax" and outcome.within_budget
     assert "within noise" in outcome.reason and "percentile" in outcome.reason
     assert outcome.candidates[0].describe()["drop_interval"] is not None
@@ -71,7 +72,7 @@ def test_a_difference_beyond_noise_takes_the_better_method(tmp_path, monkeypatch
     shared = np.random.default_rng(0).normal(0, 1.0, RESAMPLES)
     table = {("minmax", 0): noisy(2.0, 0.05, 1, shared), ("percentile", 0): noisy(0.3, 0.05, 2, shared),
              ("entropy", 0): noisy(1.9, 0.05, 3, shared)}
-    outcome = _run(table, ("minmax", "percentile", "entropy"), 0.5, tmp_path, monkeypatch)
+    outcome = _run(table, ("minmax", "percentile", "entropy"), 3.0, tmp_path, monkeypatch)
     assert outcome.best.method == "percentile" and "beyond noise" in outcome.reason
     # Paired: the shared image variation (spread 1 point) cancels, so 1.7 points apart is far beyond noise.
     assert beats(outcome.candidates[1], outcome.candidates[0])
@@ -80,8 +81,33 @@ def test_a_difference_beyond_noise_takes_the_better_method(tmp_path, monkeypatch
 def test_among_tied_methods_one_within_budget_wins(tmp_path, monkeypatch):
     shared = np.random.default_rng(0).normal(0, 1.0, RESAMPLES)
     table = {("minmax", 0): noisy(0.6, 0.4, 1, shared), ("percentile", 0): noisy(0.45, 0.4, 2, shared)}
+    # Its interval reaches past the budget, so the fallback looks for one that does not; keeping units float
+    # helps nothing here, and the method's own candidate, within budget by its point estimate, is kept.
+    table.update({("percentile", units): noisy(0.48, 0.4, 10 + units, shared) for units in (1, 2, 4)})
     outcome = _run(table, ("minmax", "percentile"), 0.5, tmp_path, monkeypatch)
-    assert outcome.best.method == "percentile" and outcome.within_budget
+    assert outcome.best.method == "percentile" and outcome.within_budget and outcome.best.float_units == []
+    assert [len(c.float_units) for c in outcome.candidates] == [0, 0, 1, 2, 4]
+    assert "by point estimate" in outcome.reason
+
+
+def test_a_budget_met_only_by_the_point_estimate_keeps_units_float_until_the_interval_is_within_it(
+        tmp_path, monkeypatch):
+    table = {("minmax", 0): noisy(0.38, 0.15, 1), ("minmax", 1): noisy(0.36, 0.15, 2),
+             ("minmax", 2): noisy(0.12, 0.05, 3), ("minmax", 4): noisy(0.05, 0.02, 4)}
+    outcome = _run(table, ("minmax",), 0.5, tmp_path, monkeypatch)
+    assert not outcome.candidates[0].surely_within(0.5) and outcome.candidates[2].surely_within(0.5)
+    assert outcome.within_budget and len(outcome.best.float_units) == 2
+    assert [len(c.float_units) for c in outcome.candidates] == [0, 1, 2]
+    assert "2 most sensitive units float: the fewest whose 95% interval is within the budget" in outcome.reason
+
+
+def test_a_method_within_budget_over_its_interval_wins_over_a_simpler_one_only_by_point_estimate(
+        tmp_path, monkeypatch):
+    shared = np.random.default_rng(0).normal(0, 0.1, RESAMPLES)
+    table = {("minmax", 0): noisy(0.45, 0.2, 1, shared), ("percentile", 0): noisy(0.35, 0.02, 2, shared)}
+    outcome = _run(table, ("minmax", "percentile"), 0.7, tmp_path, monkeypatch)
+    assert not beats(outcome.candidates[1], outcome.candidates[0])  # tied
+    assert outcome.best.method == "percentile" and outcome.best.float_units == []
 
 
 def test_without_a_bootstrap_the_smallest_point_estimate_wins(tmp_path, monkeypatch):
