@@ -177,9 +177,9 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
         # The fewest float units: the method's own candidate when it was within budget.
         first = min(within, key=lambda c: (len(c.float_units), tried.index(c)))
         return SearchOutcome(first, True, tried, sensitivity,
-                             f"{reason}; {len(first.float_units)} most sensitive units float: no candidate's "
-                             f"{TIE_LEVEL:.0%} interval is within the budget (up to {len(tried[-1].float_units)} "
-                             "units float), so the fewest float units within it by point estimate")
+                             f"{reason}; no candidate's {TIE_LEVEL:.0%} interval is within the budget (up to "
+                             f"{len(tried[-1].float_units)} most sensitive units float), so {len(first.float_units)} "
+                             "units float: the fewest within it by point estimate")
     tied = tied_with_best(tried)
     last = min(tied, key=lambda c: (len(c.float_units), c.drop_points, tried.index(c)))
     return SearchOutcome(last, False, tried, sensitivity,

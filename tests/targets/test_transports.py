@@ -76,8 +76,12 @@ def test_a_timing_whose_spread_says_the_machine_was_busy_is_flagged():
     from edge_deploy.pipeline.results import ProbeResult
     from edge_deploy.pipeline.stages.probe import contention
 
-    def result(p50, p90):
-        return ProbeResult.from_runner({**RESULT, "latency_ms": {"p50": p50, "p90": p90, "p99": p90}}, {})
+    def result(p50, p90, fastest=None):
+        latency = {"p50": p50, "p90": p90, "p99": p90, **({"min": fastest} if fastest else {})}
+        return ProbeResult.from_runner({**RESULT, "latency_ms": latency}, {})
 
     assert contention([result(4.0, 4.4)]) is None
     assert "p90 9.0 ms is 2.2x its p50 4.0 ms" in contention([result(4.0, 4.4), result(4.0, 9.0)])
+    # Most runs slowed alike: the p90 stays near the p50, the fastest run shows what the machine could do.
+    assert contention([result(59.37, 63.4, 58.1)]) is None
+    assert "p50 52.3 ms is 1.33x its fastest run (39.27 ms)" in contention([result(52.3, 60.2, 39.27)])
