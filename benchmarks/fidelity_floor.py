@@ -52,7 +52,7 @@ from edge_deploy.calibration.sets import unlabelled_splits
 from edge_deploy.pipeline.build import run_build
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.evaluate import (UNSURE_NMS_IOUS, Detections, drop_points, fidelity, fidelity_reference,
-                                           run_detections)
+                                           run_detections, with_logit_jitter)
 from edge_deploy.pipeline.results import FidelityReference, ModelInfo
 # The jetson target's own FP16 weight rounding: what FP16 storage does to the weights.
 from edge_deploy.targets.jetson import fp16_weights
@@ -141,18 +141,8 @@ def main() -> None:
 
 def with_logit_noise(make, sigma: float, seed: int = 0):
     """A runtime maker like `make`, its class logits given seeded Gaussian noise (the same noise on each split's
-    first call, so a row is reproducible)."""
-    def runtime():
-        infer, rng = make(), np.random.default_rng(seed)
-
-        def noisy(batch):
-            box_dist, cls_logit = infer(batch)
-            return box_dist, cls_logit + rng.normal(0, sigma, cls_logit.shape).astype(cls_logit.dtype)
-
-        noisy.images_at_once = getattr(infer, "images_at_once", 1)
-        return noisy
-
-    return runtime
+    first call, so a row is reproducible): the noise the build's jitter floor adds (evaluate.with_logit_jitter)."""
+    return lambda: with_logit_jitter(make(), sigma, seed)
 
 
 def print_logit_error(label: str, models: dict, split, pre: Preprocess) -> None:

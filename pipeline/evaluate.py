@@ -533,5 +533,48 @@ def drop_points(reference: Accuracy, candidate: Accuracy) -> Drop:
     return Drop(round((reference.map50_95 - candidate.map50_95) * 100, 2), samples)
 
 
+# The jitter floor's noise on the class logits: under a third of an 8-bit model's own class-logit error on the
+# real-image models measured (root mean square where FP32 scores above 0.05: onnxruntime INT8 0.035 and ncnn INT8
+# 0.062 on the YOLOv8s-size model, 0.042 and 0.051 on the fixture YOLOv8n; benchmarks/fidelity_floor.py), so every
+# INT8 model moves the logits more than this does.
+JITTER_SIGMA = 0.01
+JITTER_SEED = 0
+
+
+def with_logit_jitter(infer: Callable, sigma: float = JITTER_SIGMA, seed: int = JITTER_SEED) -> Callable:
+    """`infer` with seeded Gaussian noise added to its class logits (a new generator per call of this function, so
+    the same split in the same batches gets the same noise)."""
+    rng = np.random.default_rng(seed)
+
+    def jittered(batch: np.ndarray):
+        box_dist, cls_logit = infer(batch)
+        return box_dist, cls_logit + rng.normal(0, sigma, cls_logit.shape).astype(cls_logit.dtype)
+
+    jittered.images_at_once = getattr(infer, "images_at_once", 1)
+    return jittered
+
+
+def jitter_floor(split: ImageSet, infer: Callable, info: ModelInfo, scored: Accuracy,
+                 reference: FidelityReference) -> dict:
+    """What the FP32 model `infer` loses in fidelity on `split` (against its own detections, `scored`) when its class
+    logits get JITTER_SIGMA of noise: where near-tied boxes trade places at NMS, fidelity cannot tell a change of
+    any 8-bit model's size from chance, and a budget under this is finer than it resolves on these images."""
+    drop = drop_points(scored, accuracy(split, with_logit_jitter(infer), info, reference))
+    return {"sigma": JITTER_SIGMA, "drop_points": float(drop), "drop_interval": drop.interval}
+
+
+def jitter_floor_text(floor: dict | None, budget: float) -> str:
+    """The floor for a gate's message, '' without one."""
+    if floor is None:
+        return ""
+    interval = floor["drop_interval"]
+    interval_text = f" [{interval[0]:.2f}..{interval[1]:.2f}]" if interval else ""
+    text = (f"; FP32 itself, its class logits jittered by N(0, {floor['sigma']:g}) (less than any INT8 model moves "
+            f"them), loses {floor['drop_points']:.2f}{interval_text} on the selection photos")
+    if floor["drop_points"] >= budget:
+        text += ", so this budget is finer than fidelity resolves on these photos"
+    return text
+
+
 def describe_split(images: ImageSet, role: str) -> ImageSplit:
     return ImageSplit(role, images.source, len(images.files), images.fingerprint)

@@ -200,6 +200,10 @@ class ReferenceAccuracy(JsonResult):
     # Per required box, the neighbouring anchors' boxes it nearly tied with (FidelityReference.near_ties).
     selection_near_tie_boxes: list = field(default_factory=list)
     report_near_tie_boxes: list = field(default_factory=list)
+    # Where the selection split is scored by fidelity: what the FP32 model itself loses there with its class logits
+    # given seeded noise far smaller than an 8-bit model's error ({"sigma", "drop_points", "drop_interval"}). A
+    # budget under it is finer than fidelity resolves on these images (evaluate.jitter_floor).
+    selection_jitter_floor: dict | None = None
 
     def fidelity_reference(self, role: str) -> FidelityReference:
         """What fidelity on the `selection` or `report` split scores against."""

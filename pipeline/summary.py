@@ -24,8 +24,11 @@ def _key_metrics(name: str, metrics: dict) -> str:
         return f"opset {metrics['opset']}, {metrics['nodes']} nodes, max rel err {metrics['max_rel_error']:.1e}"
     if name == "reference":
         ref = ReferenceAccuracy.from_json(metrics)
+        floor = ref.selection_jitter_floor
         return (f"FP32 mAP50-95 {ref.selection.map50_95:.4f} on {ref.selection_split.images} selection images, "
-                f"{ref.report.map50_95:.4f} on {ref.report_split.images} report images")
+                f"{ref.report.map50_95:.4f} on {ref.report_split.images} report images"
+                + (f"; with its class logits jittered by N(0, {floor['sigma']:g}) it loses "
+                   f"{floor['drop_points']:.2f} fidelity points on the selection images" if floor else ""))
     if name == "quantize":
         q = QuantizationReport.from_json(metrics)
         # The chosen candidate's own trial carries its interval.

@@ -72,7 +72,7 @@ class QuantizeStage(Stage):
         from edge_deploy.calibration.formats import write_trt_cache
         from edge_deploy.calibration.ranges import collect_statistics, ranges_for, save_statistics
         from edge_deploy.calibration.search import search
-        from edge_deploy.pipeline.evaluate import accuracy, describe_split, drop_points
+        from edge_deploy.pipeline.evaluate import accuracy, describe_split, drop_points, jitter_floor_text
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         reference = ReferenceAccuracy.from_json(json.loads(inputs["reference"].path.read_text()))
@@ -141,7 +141,8 @@ class QuantizeStage(Stage):
                 f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} "
                 f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points on the "
                 f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float{found_text}"
-                f"{smallest_text}), over the {self.max_map_drop:.2f} point budget; raise --max-map-drop "
+                f"{smallest_text}), over the {self.max_map_drop:.2f} point budget"
+                f"{jitter_floor_text(reference.selection_jitter_floor, self.max_map_drop)}; raise --max-map-drop "
                 "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=report.to_json())
         quantized = out_dir / f"quantized{best.built.suffix}"
         best.built.rename(quantized)

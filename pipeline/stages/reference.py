@@ -34,7 +34,7 @@ class ReferenceStage(Stage):
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
         from edge_deploy.pipeline.evaluate import (UNSURE_NMS_IOUS, describe_split, fidelity_reference,
-                                                    run_detections, score_split)
+                                                    jitter_floor, run_detections, score_split)
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         infer = ort_infer(inputs["onnx"].path, SCORING_THREADS)
@@ -45,10 +45,13 @@ class ReferenceStage(Stage):
             reference = fidelity_reference(detections, self.fidelity_conf)
             measured[role] = (score_split(split, detections, info, reference), reference)
         selection, report = measured["selection"][1], measured["report"][1]
+        # Only where choices are scored by fidelity (no labels): the floor belongs to its reference boxes.
+        floor = (jitter_floor(self.selection, infer, info, measured["selection"][0], selection)
+                 if measured["selection"][0].kind == "fidelity" else None)
         result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
                                    describe_split(self.selection, "selection"), describe_split(self.report, "report"),
                                    self.fidelity_conf, selection.boxes, report.boxes, SCORING_THREADS,
-                                   selection.unsure, report.unsure, selection.near_ties, report.near_ties)
+                                   selection.unsure, report.unsure, selection.near_ties, report.near_ties, floor)
         path = out_dir / "reference.json"
         # With the bootstrap samples: every later comparison on these images pairs its own with them.
         path.write_text(json.dumps(result.to_json(internal=True)))

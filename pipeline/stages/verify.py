@@ -77,7 +77,7 @@ class VerifyStage(Stage):
 
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
-        from edge_deploy.pipeline.evaluate import (bootstrap_settings, drop_points, fidelity,
+        from edge_deploy.pipeline.evaluate import (bootstrap_settings, drop_points, fidelity, jitter_floor_text,
                                                    run_detections, score_split)
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
@@ -128,7 +128,8 @@ class VerifyStage(Stage):
                 f"points{interval_text(interval)} against FP32 on the report split ({measured.map50_95:.4f} vs "
                 f"{reference.report.map50_95:.4f}{f'; {found} of FP32 boxes found again' if found else ''}); "
                 "the budget is "
-                f"{self.max_map_drop:.2f}; raise --max-map-drop (quantize.max_map_drop) or pass --accept-drop",
+                f"{self.max_map_drop:.2f}{jitter_floor_text(reference.selection_jitter_floor, self.max_map_drop)}; "
+                "raise --max-map-drop (quantize.max_map_drop) or pass --accept-drop",
                 stage=self.name, report=result.to_json())
         path = out_dir / "verify.json"
         path.write_text(json.dumps(result.to_json(), indent=1))

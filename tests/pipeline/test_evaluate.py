@@ -3,7 +3,7 @@ import numpy as np
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.sets import labelled_split
 from edge_deploy.pipeline.detect import make_anchors
-from edge_deploy.pipeline.evaluate import coco_map, read_yolo_labels
+from edge_deploy.pipeline.evaluate import coco_map, jitter_floor_text, read_yolo_labels, with_logit_jitter
 
 
 def _oracle(val, shift_px: float = 0.0):
@@ -66,3 +66,21 @@ def test_scoring_several_images_at_once_gives_what_one_at_a_time_gives(exported,
     together = run_detections(val, lanes, model_info["strides"])
     alone = run_detections(val, one_by_one, model_info["strides"])
     assert all(np.array_equal(a, b) for a, b in zip(together.per_image, alone.per_image))
+
+
+def test_logit_jitter_is_seeded_and_leaves_the_boxes_alone():
+    def infer(batch):
+        return np.ones((1, 64, 5000), np.float32), np.zeros((1, 2, 5000), np.float32)
+
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    (boxes, first), (_, again) = with_logit_jitter(infer)(image), with_logit_jitter(infer)(image)
+    assert np.array_equal(first, again) and np.array_equal(boxes, infer(image)[0])
+    assert 0.009 < float(first.std()) < 0.011
+
+
+def test_the_jitter_floor_says_when_a_budget_is_under_it():
+    floor = {"sigma": 0.01, "drop_points": 0.59, "drop_interval": [0.0, 1.06]}
+    under = jitter_floor_text(floor, 0.5)
+    assert "jittered by N(0, 0.01)" in under and "loses 0.59 [0.00..1.06] on the selection photos" in under
+    assert under.endswith("so this budget is finer than fidelity resolves on these photos")
+    assert "finer" not in jitter_floor_text(floor, 1.0) and jitter_floor_text(None, 0.5) == ""

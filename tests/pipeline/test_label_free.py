@@ -42,6 +42,9 @@ def test_a_build_without_labels_reports_fidelity_not_accuracy(built, user):
     assert verify["split"]["images"] == 12 and "held out, reported" in verify["split"]["source"]
     quantize = stages["quantize"]
     assert quantize["selection"]["images"] == 12 and quantize["calibration_images"] == 24
+    # What fidelity cannot resolve on these images: FP32 itself with its class logits jittered.
+    floor = stages["reference"]["selection_jitter_floor"]
+    assert floor["sigma"] == 0.01 and floor["drop_points"] >= 0 and len(floor["drop_interval"]) == 2
     assert not (home / "data").exists()  # the embedded shapes set is never used for a user's model
     bundle = user / "dist" / "yolov8n-160-cpu-int8"
     card = (bundle / "README.md").read_text()
@@ -64,6 +67,9 @@ def test_a_fidelity_gate_says_how_far_the_boxes_moved(built, user):
     line = done.stderr.strip().splitlines()[-1]
     assert "fidelity mAP50-95 points" in line and "of FP32 boxes found again" in line
     assert re.search(r"\d+\.\d% \(\d+\.\d\d px\) of FP32 boxes found again", line), line
+    # And what FP32 itself loses to noise smaller than any INT8 model's: a zero budget is under it whatever it is.
+    assert re.search(r"FP32 itself, its class logits jittered by N\(0, 0.01\) .* loses \d+\.\d\d \[", line), line
+    assert "so this budget is finer than fidelity resolves on these photos" in line
 
 
 def test_the_held_out_images_are_never_calibrated_on(built):
