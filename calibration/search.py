@@ -23,8 +23,9 @@ every candidate, so two candidates' difference has a paired interval. One
 candidate beats another only when that 95 % interval excludes zero; candidates
 the best does not beat are tied with it, and among the tied:
 - method choice takes one within budget over its whole interval if any, then
-  one within budget by point estimate (the gate's rule), then the earliest in the backend's list (simplest first: minmax,
-  percentile, entropy); when none is within budget, the smallest point estimate
+  one within budget by point estimate (the gate's rule), then the earliest in
+  the backend's list (simplest first: minmax, percentile, entropy); when none
+  is within budget, the smallest point estimate
   (the float fallback then starts from the smallest gap it has to close, and a
   failed build reports the best drop it saw);
 - the fallback's last resort takes the fewest float units (the faster model),
@@ -157,9 +158,9 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
     reason = _method_reason(best, tried, tied, budget)
     if best.surely_within(budget) or not fallback or stats is None:
         return SearchOutcome(best, best.drop_points <= budget, tried, reason=reason)
-    # Within budget by its point estimate but not by its interval, a candidate is as likely as not to miss the budget
-    # on the images the gate scores; keeping units float brings the interval in, at some speed. When none of the
-    # float candidates gets there, the point estimate decides, as the gate's does.
+    # Within budget by its point estimate but not over its interval, a candidate can miss the budget on the images
+    # the gate scores; keeping units float narrows the interval, at some speed. When none of the float candidates
+    # gets there, the point estimate decides, as the gate's does.
     ranges = ranges_of[best.method]
     sensitivity = backend.rank_units(ranges, check_batches)
     count = 1

@@ -535,8 +535,8 @@ def drop_points(reference: Accuracy, candidate: Accuracy) -> Drop:
 
 # The jitter floor's noise on the class logits: under a third of an 8-bit model's own class-logit error on the
 # real-image models measured (root mean square where FP32 scores above 0.05: onnxruntime INT8 0.035 and ncnn INT8
-# 0.062 on the YOLOv8s-size model, 0.042 and 0.051 on the fixture YOLOv8n; benchmarks/fidelity_floor.py), so every
-# INT8 model moves the logits more than this does.
+# 0.062 on the YOLOv8s-size model, 0.042 and 0.051 on the fixture YOLOv8n; benchmarks/fidelity_floor.py): each of
+# those INT8 models moved the logits three to six times as much as this does.
 JITTER_SIGMA = 0.01
 JITTER_SEED = 0
 
@@ -557,8 +557,8 @@ def with_logit_jitter(infer: Callable, sigma: float = JITTER_SIGMA, seed: int = 
 def jitter_floor(split: ImageSet, infer: Callable, info: ModelInfo, scored: Accuracy,
                  reference: FidelityReference) -> dict:
     """What the FP32 model `infer` loses in fidelity on `split` (against its own detections, `scored`) when its class
-    logits get JITTER_SIGMA of noise: where near-tied boxes trade places at NMS, fidelity cannot tell a change of
-    any 8-bit model's size from chance, and a budget under this is finer than it resolves on these images."""
+    logits get JITTER_SIGMA of noise: where near-tied boxes trade places at NMS, fidelity cannot tell a change of an
+    8-bit model's size from chance, and a budget under this is finer than it resolves on these images."""
     drop = drop_points(scored, accuracy(split, with_logit_jitter(infer), info, reference))
     return {"sigma": JITTER_SIGMA, "drop_points": float(drop), "drop_interval": drop.interval}
 
@@ -569,8 +569,8 @@ def jitter_floor_text(floor: dict | None, budget: float) -> str:
         return ""
     interval = floor["drop_interval"]
     interval_text = f" [{interval[0]:.2f}..{interval[1]:.2f}]" if interval else ""
-    text = (f"; FP32 itself, its class logits jittered by N(0, {floor['sigma']:g}) (less than any INT8 model moves "
-            f"them), loses {floor['drop_points']:.2f}{interval_text} on the selection photos")
+    text = (f"; FP32 itself, its class logits jittered by N(0, {floor['sigma']:g}) (a third or less of the INT8 "
+            f"error measured on real models), loses {floor['drop_points']:.2f}{interval_text} on the selection photos")
     if floor["drop_points"] >= budget:
         text += ", so this budget is finer than fidelity resolves on these photos"
     return text
