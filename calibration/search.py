@@ -81,6 +81,7 @@ class QuantBackend(Protocol):
 # Two candidates differ beyond noise when the central interval of their paired drop difference, at this level,
 # excludes zero: the level every reported interval has.
 TIE_LEVEL = 0.95
+TAIL_PERCENT = (1 - TIE_LEVEL) / 2 * 100  # each side of the central interval
 
 
 @dataclass
@@ -96,15 +97,12 @@ class Candidate:
     def interval(self) -> list[float] | None:
         if self.samples is None:
             return None
-        tail = (1 - TIE_LEVEL) / 2 * 100
-        return [round(float(v), 2) for v in np.percentile(self.samples, [tail, 100 - tail])]
+        return [round(float(v), 2) for v in np.percentile(self.samples, [TAIL_PERCENT, 100 - TAIL_PERCENT])]
 
     def surely_within(self, budget: float) -> bool:
         """Within `budget` over its whole interval (by its point estimate when scored without a bootstrap)."""
-        if self.samples is None:
-            return self.drop_points <= budget
-        return self.drop_points <= budget and float(np.percentile(self.samples, 100 - (1 - TIE_LEVEL) / 2 * 100)) \
-            <= budget
+        return self.drop_points <= budget and (
+            self.samples is None or float(np.percentile(self.samples, 100 - TAIL_PERCENT)) <= budget)
 
     def describe(self) -> dict:
         return {"method": self.method, "float_units": list(self.float_units), "drop_points": self.drop_points,
@@ -115,8 +113,7 @@ def beats(first: Candidate, second: Candidate) -> bool:
     """Whether `first` loses less than `second` beyond noise (paired bootstrap), or by point estimate without one."""
     if first.samples is None or second.samples is None or len(first.samples) != len(second.samples):
         return first.drop_points < second.drop_points
-    tail = (1 - TIE_LEVEL) / 2 * 100
-    return float(np.percentile(np.asarray(second.samples) - np.asarray(first.samples), tail)) > 0
+    return float(np.percentile(np.asarray(second.samples) - np.asarray(first.samples), TAIL_PERCENT)) > 0
 
 
 def tied_with_best(candidates: list[Candidate]) -> list[Candidate]:
