@@ -22,6 +22,10 @@ class ReferenceStage(Stage):
     toolchain = ("onnxruntime", "pycocotools")
     inputs = ("model_info", "onnx")
 
+    # Whether to measure fidelity's jitter floor on the selection split: the quantize and verify gates read it from
+    # this build's own reference; the unpruned model's is read for its report split only.
+    measures_jitter_floor = True
+
     def __init__(self, selection: ImageSet, report: ImageSet, fidelity_conf: float = 0.25):
         self.selection, self.report, self.fidelity_conf = selection, report, fidelity_conf
 
@@ -47,7 +51,7 @@ class ReferenceStage(Stage):
         selection, report = measured["selection"][1], measured["report"][1]
         # Only where choices are scored by fidelity (no labels): the floor belongs to its reference boxes.
         floor = (jitter_floor(self.selection, infer, info, measured["selection"][0], selection)
-                 if measured["selection"][0].kind == "fidelity" else None)
+                 if self.measures_jitter_floor and measured["selection"][0].kind == "fidelity" else None)
         result = ReferenceAccuracy(measured["selection"][0], measured["report"][0],
                                    describe_split(self.selection, "selection"), describe_split(self.report, "report"),
                                    self.fidelity_conf, selection.boxes, report.boxes, SCORING_THREADS,
@@ -64,3 +68,4 @@ class OriginalReferenceStage(ReferenceStage):
     """The unpruned model's FP32 reference: the gate compares the final artifact with it too."""
 
     name = "reference-original"
+    measures_jitter_floor = False  # an FP32 pass over the selection images that nothing would read
