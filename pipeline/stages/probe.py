@@ -140,7 +140,7 @@ def same_device(first, second) -> bool:
 CONTENDED_P90_OVER_P50 = 1.5
 # A p50 this far above the fastest run means most runs were slowed, evenly enough to pass the p90 test: an INT8
 # probe on a 2-core VM whose runs went from 55 ms down to 40 ms in its last tenth gave p50 52.3 ms, 1.33x its
-# fastest, p90 only 1.15x p50, and 1.14x FP32's speed where an interleaved timing of the same two models gave 1.80x.
+# fastest, p90 only 1.15x p50, and 1.14x FP32's speed where a one-off interleaved timing gave 1.80x.
 # Quiet probes of this project's builds measured 1.02-1.17x (2026-12-01).
 CONTENDED_P50_OVER_MIN = 1.25
 
