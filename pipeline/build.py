@@ -188,11 +188,9 @@ def probe_stage(config: BuildConfig, target, image: Path, preprocess, home: Path
     def hold(label: str):
         return device_lock(home, label, wait_s=device.timeout_s)
 
-    def on_result(role: str, result, artifact_dir: Path) -> None:
+    def on_result(role: str, result, artifact_dir: Path, owner, precision: str) -> None:
         described = json.loads((artifact_dir / "runtime.json").read_text())
         files = {f: sha256_file(artifact_dir / f) for f in described.get("files", {}).values()}
-        owner = target if role == "artifact" else reference_target
-        precision = config.precision if role == "artifact" else "fp32"
         store.add(result, device=result.device["transport"].get("device", LOCAL),
                   artifact_sha256=artifact_digest(files), artifact_label=f"{owner.name} {precision}",
                   target=owner.name, precision=precision, bundle=bundle_name, role=role,

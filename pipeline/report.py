@@ -16,8 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from edge_deploy.pipeline.results import NEAR_TIE_SCORE, UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, \
-    AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, SpeedReport
+from edge_deploy.pipeline.results import FP32_ONNX, NEAR_TIE_SCORE, ONE_AFTER_THE_OTHER, UNSURE_FRACTION, \
+    UNSURE_NMS_MARGIN, Accuracy, AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, SpeedReport
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 GREY = "#9e9e9e"
@@ -313,7 +313,8 @@ def _latency(r: ReportInputs) -> Section:
     blocks.append(Table(("model", "runtime", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms", "FPS",
                          "load ms", "peak RSS MB", "power", "runs", "device"), tuple(rows)))
     if p.speedup_p50 is not None:
-        blocks.append(f"Speed-up of the artifact over FP32 at p50: {p.speedup_p50}x (both on the same device).")
+        blocks.append(f"Speed-up of the artifact over {p.reference_label} at p50: {p.speedup_p50}x (both on the same "
+                      f"device, timed {p.timing or ONE_AFTER_THE_OTHER}).")
     sampled = [(label, res) for label, res in results if res.samples_ms]
     if sampled:
         low = min(min(res.samples_ms) for _, res in sampled)
@@ -383,8 +384,9 @@ def _pareto(r: ReportInputs) -> Section:
         left_out.append("the quantization candidates (scored on the selection split, never timed)")
     points = []
     if p is not None:
-        points.append(("FP32 ONNX" + (" (the artifact itself)" if v.artifact is None else ""), p.reference,
-                       v.reference))
+        # A target's own FP32 build was timed, not scored: its point takes the FP32 ONNX's mAP, and says so.
+        label = FP32_ONNX if p.reference_label == FP32_ONNX else f"{p.reference_label} (the FP32 ONNX's mAP)"
+        points.append((label + (" (the artifact itself)" if v.artifact is None else ""), p.reference, v.reference))
         if v.artifact is not None and p.artifact is not None:
             points.append((v.artifact_label, p.artifact, v.artifact))
     points = [(label, res, acc) for label, res, acc in points if res.latency_ms.get("p50") is not None]
@@ -425,7 +427,7 @@ def device_text(device: dict) -> str:
 
 
 def _probe_rows(p: SpeedReport) -> list[tuple[str, ProbeResult]]:
-    rows = [("FP32 ONNX", p.reference)]
+    rows = [(p.reference_label, p.reference)]
     if p.artifact is not None:
         rows.append((p.artifact_label, p.artifact))
     return rows

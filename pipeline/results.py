@@ -297,6 +297,13 @@ class ProbeResult(JsonResult):
         return "unavailable"
 
 
+# How a probe timed the FP32 reference and the artifact (SpeedReport.timing).
+INTERLEAVED = "in one process, in turns"
+ONE_AFTER_THE_OTHER = "in two jobs, one after the other"
+# The reference of a target that cannot time its own FP32 build beside the artifact.
+FP32_ONNX = "FP32 ONNX"
+
+
 @dataclass(frozen=True)
 class SpeedReport(JsonResult):
     """probe: the FP32 reference and the artifact, each in its runtime on the device that ran it."""
@@ -307,6 +314,10 @@ class SpeedReport(JsonResult):
     speedup_p50: float | None
     # Set when a timing's spread says the machine was busy: such a report is shown but never cached.
     contended: str | None = None
+    # What the reference is: the FP32 ONNX in ONNX Runtime, or the target's own FP32 build in its runtime.
+    reference_label: str = FP32_ONNX
+    # How the two were timed (INTERLEAVED or ONE_AFTER_THE_OTHER); None without an artifact.
+    timing: str | None = None
 
 
 @dataclass(frozen=True)

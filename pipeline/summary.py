@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edge_deploy.pipeline.results import (AccuracyReport, CompileReport, QuantizationReport, ReferenceAccuracy,
-                                          SpeedReport, UNSURE_FRACTION, reported)
+from edge_deploy.pipeline.results import (FP32_ONNX, INTERLEAVED, AccuracyReport, CompileReport, QuantizationReport,
+                                          ReferenceAccuracy, SpeedReport, UNSURE_FRACTION, reported)
 
 
 def _key_metrics(name: str, metrics: dict) -> str:
@@ -57,7 +57,7 @@ def _key_metrics(name: str, metrics: dict) -> str:
         parts = [f"{label} p50 {reported(r.latency_ms.get('p50'), ' ms')} ({reported(r.fps)} FPS, {r.runtime})"
                  for label, r in rows]
         if p.speedup_p50 is not None:
-            parts.append(f"{p.speedup_p50}x")
+            parts.append(f"{p.speedup_p50}x" + (", timed in turns" if p.timing == INTERLEAVED else ""))
         return ", ".join(parts)
     if name == "release":
         return f"{metrics['files']} files"
@@ -82,19 +82,30 @@ def render_summary(result, config) -> None:
     console.print(table)
     verify = AccuracyReport.from_json(result.metrics("verify"))
     probe = result.speed
-    rows = [("FP32 ONNX", verify.reference, probe.reference if probe else None)]
+    # A target timed against its own FP32 build shows that build's speed on a line of its own: its accuracy is
+    # not the FP32 ONNX's, which alone was scored.
+    own_fp32 = probe is not None and probe.reference_label != FP32_ONNX
+    rows = [(FP32_ONNX, verify.reference, probe.reference if probe and not own_fp32 else None)]
+    if own_fp32:
+        rows.append((probe.reference_label, None, probe.reference))
     if verify.artifact is not None:
         rows.append((verify.artifact_label, verify.artifact, probe.artifact if probe else None))
     for label, accuracy, speed in rows:
-        kind = "fidelity " if accuracy.kind == "fidelity" else ""
         if speed is None:
-            timing = "latency not measured here (the engine is built and timed on the device)"
+            timing = ("latency: see the next line" if own_fp32 else
+                      "latency not measured here (the engine is built and timed on the device)")
         else:
             latency = speed.latency_ms
             timing = (f"latency p50/p90/p99 {'/'.join(reported(latency.get(q)) for q in ('p50', 'p90', 'p99'))} ms  "
                       f"power {speed.power_text()}")
+        if accuracy is None:
+            console.print(f"{label:>14}: {timing}")
+            continue
+        kind = "fidelity " if accuracy.kind == "fidelity" else ""
         console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}"
                       f"{accuracy.interval_text()}  {timing}")
+    if probe is not None and probe.speedup_p50 is not None:
+        console.print(f"{'speed':>14}: {probe.speedup_p50}x {probe.reference_label}'s at p50, timed {probe.timing}")
     if verify.artifact is not None:
         kind = "fidelity " if verify.artifact.kind == "fidelity" else ""
         console.print(f"{'drop':>14}: {verify.drop_points:.2f} {kind}mAP50-95 points, 95% interval "

@@ -20,7 +20,8 @@ from typing import Awaitable, Callable
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.pipeline.artifacts import Artifact, sha256_file
 from edge_deploy.pipeline.engine import Stage, StageOutput
-from edge_deploy.pipeline.results import ModelInfo, ProbeResult, SpeedReport
+from edge_deploy.pipeline.results import (FP32_ONNX, INTERLEAVED, ONE_AFTER_THE_OTHER, ModelInfo, ProbeResult,
+                                          SpeedReport)
 from edge_deploy.pipeline.stages.verify import artifact_label
 
 
@@ -31,10 +32,11 @@ class ProbeStage(Stage):
     def __init__(self, target, precision: str, image: Path, preprocess: Preprocess, warmup: int, runs: int,
                  threads: int | None, transport, reference_target, reference_transport,
                  hold: Callable[[str], AbstractAsyncContextManager] | None = None,
-                 on_result: Callable[[str, ProbeResult, Path], None] | None = None, timeout: float = 900):
-        """`hold(device)` keeps a device to this build while its job runs; `on_result(role, result, artifact)` is
-        told of each result the moment it arrives (the results store); `timeout` bounds each device job. None of
-        them changes what is measured, so none is part of the cache key."""
+                 on_result: Callable[[str, ProbeResult, Path, object, str], None] | None = None,
+                 timeout: float = 900):
+        """`hold(device)` keeps a device to this build while its job runs; `on_result(role, result, artifact
+        folder, target, precision)` is told of each result the moment it arrives (the results store); `timeout`
+        bounds each device job. None of them changes what is measured, so none is part of the cache key."""
         self.target, self.precision, self.image, self.preprocess = target, precision, Path(image), preprocess
         self.warmup, self.runs, self.threads = warmup, runs, threads
         self.transport, self.reference_target, self.reference_transport = \
@@ -61,20 +63,36 @@ class ProbeStage(Stage):
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         tensor, _ = load_tensor(self.image, self.preprocess)
+        target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
         # The build's profile's thread count when it names one; else None, and the device runner uses every core
         # it may run on, sets that number on its runtime and reports it (a result never says "runtime default").
         job = {"warmup": self.warmup, "runs": self.runs, "threads": self.threads}
-        reference_dir = out_dir / "fp32_reference"
-        reference_dir.mkdir()
-        self.reference_target.compile(inputs["onnx"].path, None, "fp32", info, reference_dir)
-        reference = self._probe("reference", self.reference_target, self.reference_transport, reference_dir, job,
-                                tensor, out_dir / "job-fp32")
-        artifact = None
         outputs = {}
-        if self.precision not in self.target.reference_precisions:
-            target_tensor = tensor.transpose(0, 2, 3, 1).copy() if self.target.input_layout == "NHWC" else tensor
-            artifact = self._probe("artifact", self.target, self.transport, inputs["artifact"].path, job,
-                                   target_tensor, out_dir / "job-artifact")
+        if self.precision in self.target.reference_precisions:
+            reference_dir = self._fp32(self.reference_target, inputs, info, out_dir)
+            reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
+                                    out_dir / "job-fp32")
+            self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
+            artifact, reference_label = None, FP32_ONNX
+        elif self.pairs():
+            fp32_dir = self._fp32(self.target, inputs, info, out_dir)
+            both = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
+                               out_dir / "job-pair", fp32_dir)
+            reference, artifact = split_pair(both)
+            self._tell("reference", reference, fp32_dir, self.target, "fp32")
+            self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
+            # A target whose FP32 artifact is the FP32 ONNX in ONNX Runtime (cpu) timed the build's own reference.
+            reference_label = FP32_ONNX if "fp32" in self.target.reference_precisions else \
+                artifact_label(self.target, "fp32")
+        else:
+            reference_dir = self._fp32(self.reference_target, inputs, info, out_dir)
+            reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
+                                    out_dir / "job-fp32")
+            self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
+            artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
+                                   out_dir / "job-artifact")
+            self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
+            reference_label = FP32_ONNX
             # What the device built and sent back (a TensorRT engine and its logs) ships with the bundle.
             returned = [n for n in artifact.extra.get("bring_back", []) if (out_dir / "job-artifact" / n).is_file()]
             if returned:
@@ -86,8 +104,10 @@ class ProbeStage(Stage):
         if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
                 and artifact.latency_ms.get("p50"):
             speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
+        timing = INTERLEAVED if artifact is not None and "interleaved_block" in artifact.extra else \
+            (ONE_AFTER_THE_OTHER if artifact is not None else None)
         report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
-                             contention([reference] + ([artifact] if artifact else [])))
+                             contention([reference] + ([artifact] if artifact else [])), reference_label, timing)
         path = out_dir / "probe.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
         # Job folders hold copies of the model; only the results and what the device built are worth keeping.
@@ -99,13 +119,27 @@ class ProbeStage(Stage):
                           "machine", stacklevel=2)
         return StageOutput({"probe_report": path, **outputs}, report.to_json(), cacheable=report.contended is None)
 
-    def _probe(self, role: str, target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path):
+    def pairs(self) -> bool:
+        """Whether the artifact and its FP32 build are timed in one job, in turns: the target's runner can, and
+        the device runs the Python runners (a phone over adb runs ncnn's own benchmark tool instead)."""
+        return self.target.times_fp32_beside and self.transport.runs_python_runners
+
+    @staticmethod
+    def _fp32(target, inputs: dict[str, Artifact], info: ModelInfo, out_dir: Path) -> Path:
+        folder = out_dir / f"fp32-{target.name}"
+        folder.mkdir()
+        target.compile(inputs["onnx"].path, None, "fp32", info, folder)
+        return folder
+
+    def _probe(self, target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path,
+               fp32_dir: Path | None = None):
         job_dir.mkdir()
-        target.prepare_job(Path(artifact_dir), job, tensor, job_dir)
-        result = asyncio.run(self._held_job(target, transport, job_dir))
+        target.prepare_job(Path(artifact_dir), job, tensor, job_dir, **({"fp32_dir": fp32_dir} if fp32_dir else {}))
+        return asyncio.run(self._held_job(target, transport, job_dir))
+
+    def _tell(self, role: str, result: ProbeResult, artifact_dir: Path, target, precision: str) -> None:
         if self.on_result is not None:
-            self.on_result(role, result, Path(artifact_dir))
-        return result
+            self.on_result(role, result, Path(artifact_dir), target, precision)
 
     async def _held_job(self, target, transport, job_dir: Path):
         from edge_deploy.targets.transports import run_job
@@ -126,6 +160,18 @@ async def held_job(hold: Callable[[str], AbstractAsyncContextManager] | None, de
         waited = time.monotonic() - asked
         result = await job()
     return dataclasses.replace(result, host_timings={**result.host_timings, "lock_wait_s": round(waited, 3)})
+
+
+def split_pair(both: ProbeResult) -> tuple[ProbeResult, ProbeResult]:
+    """The FP32 reference's and the artifact's results out of one paired job's: the device, the host's timings
+    and the job's times are the job's, so both carry them."""
+    extra = dict(both.extra)
+    runner_reference = extra.pop("reference")
+    known = {f.name for f in dataclasses.fields(ProbeResult)}
+    own = {k: v for k, v in runner_reference.items() if k in known and k not in ("device", "extra")}
+    reference = dataclasses.replace(both, extra={k: v for k, v in runner_reference.items() if k not in known},
+                                    **own)
+    return reference, dataclasses.replace(both, extra=extra)
 
 
 def same_device(first, second) -> bool:

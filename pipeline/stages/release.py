@@ -12,8 +12,8 @@ from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
 from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
 from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
 from edge_deploy.pipeline.report import ReportInputs, near_tie_rule, render_html, render_markdown
-from edge_deploy.pipeline.results import (AccuracyReport, ModelInfo, QuantizationReport, ReferenceAccuracy,
-                                          SpeedReport, UNSURE_FRACTION, UNSURE_NMS_MARGIN, reported)
+from edge_deploy.pipeline.results import (ONE_AFTER_THE_OTHER, AccuracyReport, ModelInfo, QuantizationReport,
+                                          ReferenceAccuracy, SpeedReport, UNSURE_FRACTION, UNSURE_NMS_MARGIN, reported)
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"
@@ -221,8 +221,8 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         lines += ["## Speed (model inference only, batch 1, on the device named below each row)", "",
                   "| model | runtime | p50 ms | p90 ms | p99 ms | FPS | load ms | peak RSS MB | power |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        rows = [("FP32 ONNX", probe.reference)] + ([(probe.artifact_label, probe.artifact)] if probe.artifact
-                                                   else [])
+        rows = [(probe.reference_label, probe.reference)] + ([(probe.artifact_label, probe.artifact)]
+                                                             if probe.artifact else [])
         for label, r in rows:
             cells = [reported(r.latency_ms.get(q)) for q in ("p50", "p90", "p99")]
             cells += [reported(r.fps), reported(r.load_ms), reported(r.memory_mb.get("peak_rss"))]
@@ -235,6 +235,9 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                   f"transport. Timed on one real image of the report split, preprocessed as above: {timed.runs} "
                   f"runs after {timed.warmup} warm-up runs. Numbers from another machine will differ; run the "
                   "probe on the device.", ""]
+        if probe.speedup_p50 is not None:
+            lines += [f"Speed-up over {probe.reference_label} at p50: {probe.speedup_p50}x, timed "
+                      f"{probe.timing or ONE_AFTER_THE_OTHER}.", ""]
     if pruning:
         lines += ["## Pruning", "",
                   f"Structured channel pruning ({pruning['criterion']}), {pruning['stop']}. Each step is measured "

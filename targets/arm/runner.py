@@ -3,7 +3,8 @@
 Needs the standard library, numpy, the `ncnn` Python package, and measure.py and
 power.py beside it, so it runs unchanged on an ARM board with its job folder. JOB_DIR
 holds job.json, model.ncnn.param/.bin and input.npy (a real preprocessed image,
-NCHW); result.json is written there atomically.
+NCHW), and the FP32 model's param/bin when job.json names a reference to time
+beside it; result.json is written there atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 3
+RUNNER_VERSION = 4
 
 
 def thread_count(job: dict) -> int:
@@ -29,16 +30,18 @@ def thread_count(job: dict) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def open_net(job_dir: Path, job: dict):
+def open_net(job_dir: Path, job: dict, model: dict | None = None):
+    """`model` names the param, bin and precision (the job's own when None)."""
     import ncnn
 
+    model = model or job
     net = ncnn.Net()
     net.opt.num_threads = thread_count(job)
-    fp16 = job.get("precision") == "fp16"
+    fp16 = model.get("precision") == "fp16"
     net.opt.use_fp16_storage = fp16
     net.opt.use_fp16_packed = fp16
     net.opt.use_fp16_arithmetic = fp16
-    if net.load_param(str(job_dir / job["param"])) != 0 or net.load_model(str(job_dir / job["bin"])) != 0:
+    if net.load_param(str(job_dir / model["param"])) != 0 or net.load_model(str(job_dir / model["bin"])) != 0:
         raise RuntimeError("ncnn could not load the model")
     return net
 
@@ -60,6 +63,24 @@ def run_once(net, image_chw, outputs: list[str]):
     return results
 
 
+def open_model(job_dir: Path, job: dict, model: dict | None, image, outputs: list[str]) -> dict:
+    """A net, warmed up: its load time, first run and outputs, the process's memory around it, and one run."""
+    rss_before = measure.status_mb("VmRSS")
+    t0 = time.perf_counter()
+    net = open_net(job_dir, job, model)
+    load_ms = (time.perf_counter() - t0) * 1000
+    # The first run pays for allocations and packing the weights: reported on its own, and counted as a warm-up run.
+    t = time.perf_counter()
+    first_outputs = run_once(net, image, outputs)
+    first_ms = (time.perf_counter() - t) * 1000
+    for _ in range(max(job["warmup"] - 1, 0)):
+        run_once(net, image, outputs)
+    return {"net": net, "run": lambda: run_once(net, image, outputs), "load_ms": load_ms, "first_ms": first_ms,
+            "first_outputs": first_outputs, "precision": (model or job).get("precision", "fp32"),
+            # Read before any other model loads: a second model in the process would be counted as this one's.
+            "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)}}
+
+
 def main(job_dir: Path) -> dict:
     import ncnn
     import numpy as np
@@ -67,47 +88,55 @@ def main(job_dir: Path) -> dict:
     state_start = measure.device_state()
     job = json.loads((job_dir / "job.json").read_text())
     image = np.load(job_dir / job["input"])[0]
-    rss_before = measure.status_mb("VmRSS")
-    t0 = time.perf_counter()
-    net = open_net(job_dir, job)
-    load_ms = (time.perf_counter() - t0) * 1000
     outputs = job.get("outputs", ["out0", "out1"])
-    # The first run pays for allocations and packing the weights: reported on its own, and counted as a warm-up run.
-    t = time.perf_counter()
-    first_outputs = run_once(net, image, outputs)
-    first_ms = (time.perf_counter() - t) * 1000
+    models = {"artifact": open_model(job_dir, job, None, image, outputs)}
     if job.get("save_outputs"):
         # For cross-checking runtimes (e.g. this same model on aarch64): the outputs themselves.
-        np.savez(job_dir / "outputs.npz", *first_outputs)
-    for _ in range(max(job["warmup"] - 1, 0)):
-        run_once(net, image, outputs)
+        np.savez(job_dir / "outputs.npz", *models["artifact"]["first_outputs"])
+    if job.get("reference"):
+        # The FP32 model this artifact came from, timed in this process in turns with it: the speed-up is then
+        # one runtime's, on one machine, in one moment.
+        models["reference"] = open_model(job_dir, job, job["reference"], image, outputs)
+        models["reference"]["memory_mb"]["with"] = "the artifact loaded in the same process"
+        timings = measure.interleaved({name: m["run"] for name, m in models.items()}, job["runs"])
+        power = measure.measure_power_each({name: m["run"] for name, m in models.items()}, job["runs"],
+                                           job["runs"], job)
+        # Images back to back, as a camera loop runs them; the loop's own overhead is not in the sum.
+        fps = {name: job["runs"] / (sum(timings[name]) / 1000) for name in models}
+    else:
+        timings, loop_s = {"artifact": []}, 0.0
 
-    timings = []
-    loop_s = 0.0
+        def timed_runs():
+            nonlocal loop_s
+            loop_start = time.perf_counter()
+            for _ in range(job["runs"]):
+                t = time.perf_counter()
+                models["artifact"]["run"]()
+                timings["artifact"].append((time.perf_counter() - t) * 1000)
+            loop_s = time.perf_counter() - loop_start
 
-    def timed_runs():
-        nonlocal loop_s
-        loop_start = time.perf_counter()
-        for _ in range(job["runs"]):
-            t = time.perf_counter()
-            run_once(net, image, outputs)
-            timings.append((time.perf_counter() - t) * 1000)
-        loop_s = time.perf_counter() - loop_start
-
-    power = measure.measure_power(timed_runs, job["runs"], job)
+        power = {"artifact": measure.measure_power(timed_runs, job["runs"], job)}
+        fps = {"artifact": job["runs"] / loop_s}
+        models["artifact"]["memory_mb"]["peak_rss"] = round(measure.status_mb("VmHWM"), 1)
     state_end = measure.device_state()
-    return {
-        "runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
-        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
-        "threads": int(net.opt.num_threads), "threads_from": "job" if job.get("threads") else "every core available",
-        "precision": job.get("precision", "fp32"),
-        "batch": 1, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
-        "first_inference_ms": round(first_ms, 3),
-        "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],
-        "fps": round(job["runs"] / loop_s, 2),
-        "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)},
-        "power": power, "job": measure.echo_job(job),
-    }
+
+    def result(name: str) -> dict:
+        model = models[name]
+        return {
+            "runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
+            "threads": int(model["net"].opt.num_threads),
+            "threads_from": "job" if job.get("threads") else "every core available",
+            "precision": model["precision"], "batch": 1, "warmup": job["warmup"], "runs": job["runs"],
+            "load_ms": round(model["load_ms"], 2), "first_inference_ms": round(model["first_ms"], 3),
+            "latency_ms": measure.latency_summary(timings[name]),
+            "samples_ms": [round(ms, 3) for ms in timings[name]], "fps": round(fps[name], 2),
+            "memory_mb": model["memory_mb"], "power": power[name], "job": measure.echo_job(job),
+        }
+
+    found = {**result("artifact"), "host": {**measure.host(), "state": {"start": state_start, "end": state_end}}}
+    if "reference" in models:
+        found.update(reference=result("reference"), interleaved_block=measure.PAIR_BLOCK)
+    return found
 
 
 if __name__ == "__main__":

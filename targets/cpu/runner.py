@@ -3,8 +3,9 @@
 Needs the standard library, numpy, onnxruntime, and measure.py and power.py beside
 it, so the same files run on this machine or are copied to a device with the job
 folder.
-JOB_DIR holds job.json, the model and input.npy (a real preprocessed image);
-result.json is written there atomically.
+JOB_DIR holds job.json, the model and input.npy (a real preprocessed image), and
+the FP32 model when job.json names a reference to time beside it; result.json is
+written there atomically.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ try:  # inside the package here; beside the script on a device
 except ImportError:
     import measure
 
-RUNNER_VERSION = 4
+RUNNER_VERSION = 5
 
 
 def thread_count(job: dict) -> int:
@@ -31,6 +32,28 @@ def thread_count(job: dict) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def open_model(job_dir: Path, model: str, batch, threads: int, warmup: int) -> dict:
+    """A session on `model`, warmed up: its load time, first run, the process's memory around it, and one run."""
+    import onnxruntime as ort
+
+    rss_before = measure.status_mb("VmRSS")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(str(job_dir / model), options, providers=["CPUExecutionProvider"])
+    load_ms = (time.perf_counter() - t0) * 1000
+    feed = {session.get_inputs()[0].name: batch}
+    # The first run pays for allocations and kernel choices: reported on its own, and counted as a warm-up run.
+    t = time.perf_counter()
+    session.run(None, feed)
+    first_ms = (time.perf_counter() - t) * 1000
+    for _ in range(max(warmup - 1, 0)):
+        session.run(None, feed)
+    return {"session": session, "run": lambda: session.run(None, feed), "load_ms": load_ms, "first_ms": first_ms,
+            # Read before any other model loads: a second model in the process would be counted as this one's.
+            "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)}}
+
+
 def main(job_dir: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -39,48 +62,53 @@ def main(job_dir: Path) -> dict:
     job = json.loads((job_dir / "job.json").read_text())
     batch = np.load(job_dir / job["input"])
     images = int(batch.shape[0])
-    rss_before = measure.status_mb("VmRSS")
-    options = ort.SessionOptions()
     threads = thread_count(job)
-    options.intra_op_num_threads = threads
-    t0 = time.perf_counter()
-    session = ort.InferenceSession(str(job_dir / job["model"]), options, providers=["CPUExecutionProvider"])
-    load_ms = (time.perf_counter() - t0) * 1000
-    feed = {session.get_inputs()[0].name: batch}
-    # The first run pays for allocations and kernel choices: reported on its own, and counted as a warm-up run.
-    t = time.perf_counter()
-    session.run(None, feed)
-    first_ms = (time.perf_counter() - t) * 1000
-    for _ in range(max(job["warmup"] - 1, 0)):
-        session.run(None, feed)
+    models = {"artifact": open_model(job_dir, job["model"], batch, threads, job["warmup"])}
+    if job.get("reference"):
+        # The FP32 model this artifact came from, timed in this process in turns with it: the speed-up is then
+        # one runtime's, on one machine, in one moment.
+        models["reference"] = open_model(job_dir, job["reference"]["model"], batch, threads, job["warmup"])
+        models["reference"]["memory_mb"]["with"] = "the artifact loaded in the same process"
+        timings = measure.interleaved({name: m["run"] for name, m in models.items()}, job["runs"])
+        power = measure.measure_power_each({name: m["run"] for name, m in models.items()}, job["runs"],
+                                           job["runs"] * images, job)
+        # Batches back to back, as a serving loop runs them; the loop's own overhead is not in the sum.
+        fps = {name: job["runs"] * images / (sum(timings[name]) / 1000) for name in models}
+    else:
+        timings, loop_s = {"artifact": []}, 0.0
 
-    timings = []
-    loop_s = 0.0
+        def timed_runs():
+            nonlocal loop_s
+            loop_start = time.perf_counter()
+            for _ in range(job["runs"]):
+                t = time.perf_counter()
+                models["artifact"]["run"]()
+                timings["artifact"].append((time.perf_counter() - t) * 1000)
+            loop_s = time.perf_counter() - loop_start
 
-    def timed_runs():
-        nonlocal loop_s
-        loop_start = time.perf_counter()
-        for _ in range(job["runs"]):
-            t = time.perf_counter()
-            session.run(None, feed)
-            timings.append((time.perf_counter() - t) * 1000)
-        loop_s = time.perf_counter() - loop_start
-
-    # Energy per image, like fps: a batch of n is n inferences.
-    power = measure.measure_power(timed_runs, job["runs"] * images, job)
+        # Energy per image, like fps: a batch of n is n inferences.
+        power = {"artifact": measure.measure_power(timed_runs, job["runs"] * images, job)}
+        fps = {"artifact": job["runs"] * images / loop_s}
+        models["artifact"]["memory_mb"]["peak_rss"] = round(measure.status_mb("VmHWM"), 1)
     state_end = measure.device_state()
-    return {
-        "runner": "ort_probe", "runner_version": RUNNER_VERSION,
-        "runtime": f"onnxruntime {ort.__version__}", "providers": session.get_providers(),
-        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
-        "threads": threads, "threads_from": "job" if job.get("threads") else "every core available",
-        "batch": images, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(load_ms, 2),
-        "first_inference_ms": round(first_ms, 3),
-        "latency_ms": measure.latency_summary(timings), "samples_ms": [round(ms, 3) for ms in timings],
-        "fps": round(job["runs"] * images / loop_s, 2),
-        "memory_mb": {"rss_before_load": round(rss_before, 1), "peak_rss": round(measure.status_mb("VmHWM"), 1)},
-        "power": power, "job": measure.echo_job(job),
-    }
+
+    def result(name: str) -> dict:
+        model = models[name]
+        return {
+            "runner": "ort_probe", "runner_version": RUNNER_VERSION,
+            "runtime": f"onnxruntime {ort.__version__}", "providers": model["session"].get_providers(),
+            "threads": threads, "threads_from": "job" if job.get("threads") else "every core available",
+            "batch": images, "warmup": job["warmup"], "runs": job["runs"], "load_ms": round(model["load_ms"], 2),
+            "first_inference_ms": round(model["first_ms"], 3),
+            "latency_ms": measure.latency_summary(timings[name]),
+            "samples_ms": [round(ms, 3) for ms in timings[name]], "fps": round(fps[name], 2),
+            "memory_mb": model["memory_mb"], "power": power[name], "job": measure.echo_job(job),
+        }
+
+    found = {**result("artifact"), "host": {**measure.host(), "state": {"start": state_start, "end": state_end}}}
+    if "reference" in models:
+        found.update(reference=result("reference"), interleaved_block=measure.PAIR_BLOCK)
+    return found
 
 
 if __name__ == "__main__":

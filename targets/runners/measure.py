@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 try:  # inside the package here; beside the script on a device
@@ -289,6 +290,41 @@ def measure_power(run, inferences: int | None, job: dict | None = None, root: st
     idle window and sampling interval; {"status": "unavailable", "reason": ...} (never 0) otherwise."""
     idle_s, interval_s = power.job_settings(job or {})
     return power.measure(run, inferences, idle_s, interval_s, root=root)
+
+
+# Runs per model between switches when two models are timed in one process: short, so that a busy second or a
+# clock change falls on both models, and long enough that a switch's cold caches are a small part of a block.
+PAIR_BLOCK = 5
+
+
+def interleaved(runs: dict, count: int, block: int = PAIR_BLOCK) -> dict:
+    """`count` timed calls (ms) of each callable in `runs`, in blocks of `block` taken in turn, the order reversed
+    every round (A B, B A, ...) so that neither model always runs right after the other."""
+    names = list(runs)
+    timings = {name: [] for name in names}
+    round_index = 0
+    while any(len(timings[name]) < count for name in names):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            for _ in range(min(block, count - len(timings[name]))):
+                t = time.perf_counter()
+                runs[name]()
+                timings[name].append((time.perf_counter() - t) * 1000)
+        round_index += 1
+    return timings
+
+
+def measure_power_each(runs: dict, count: int, inferences: int | None, job: dict | None = None,
+                       root: str | None = None) -> dict:
+    """Each model's power from a window of its own `count` runs: a window over interleaved runs would describe
+    neither model. Without a sensor nothing runs, and each says why."""
+    idle_s, interval_s = power.job_settings(job or {})
+    meter = power.PowerMeter.find(root, interval_s)
+    if meter.sensor is None:
+        return {name: meter.report(inferences) for name in runs}
+    meter.close()
+    return {name: power.measure(lambda run=run: [run() for _ in range(count)], inferences, idle_s, interval_s,
+                                root=root)
+            for name, run in runs.items()}
 
 
 def write_result(job_dir: Path, result: dict) -> None:

@@ -28,6 +28,12 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     manifest = json.loads((bundle / "manifest.json").read_text())
     power = manifest["metrics"]["speed"]["artifact"]["power"]
     assert ("power unavailable" in done.stdout) == (power["status"] == "unavailable")
+    # The FP32 ONNX and the INT8 model were timed in one job, in turns, and the summary and model card say so.
+    speed = manifest["metrics"]["speed"]
+    assert speed["timing"] == "in one process, in turns" and speed["reference_label"] == "FP32 ONNX"
+    assert speed["artifact"]["started_at"] == speed["reference"]["started_at"]
+    assert "FP32 ONNX's at p50, timed in one process, in turns" in done.stdout
+    assert "timed in one process, in turns." in (bundle / "README.md").read_text()
     assert set(manifest["files"]) == {"model.onnx", "runtime.json", "postprocess.py", "metrics.json",
                                       "README.md", "report.html", "report.md"}
     assert manifest["calibration"]["images"] == 200 and len(manifest["calibration"]["fingerprint"]) == 64
@@ -141,7 +147,10 @@ def test_arm_target_ships_an_ncnn_model_verified_in_ncnn(built, deploy_home, pre
     verify = next(s for s in summary["stages"] if s["stage"] == "verify")["metrics"]
     assert verify["artifact"]["map50_95"] > 0.6 and verify["within_budget"]
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
-    assert probe["artifact"]["runtime"].startswith("ncnn")
+    # Against ncnn's own FP32 build, timed in the same process: the speed-up is the precision's, not the runtime's.
+    assert probe["artifact"]["runtime"].startswith("ncnn") and probe["reference"]["runtime"].startswith("ncnn")
+    assert probe["reference_label"] == "FP32 on arm" and probe["timing"] == "in one process, in turns"
+    assert probe["reference"]["extra"]["precision"] == "fp32" and probe["artifact"]["extra"]["precision"] == precision
     # INT8 goes through the same quantize stage as every target, with the target's own backend.
     stages = {s["stage"]: s["metrics"] for s in summary["stages"]}
     assert ("quantize" in stages) == (precision == "int8")

@@ -107,6 +107,27 @@ def test_probe_runner_measures_ncnn_through_the_local_transport(compiled, tmp_pa
     assert result.power["status"] == "unavailable" and result.power["reason"]
 
 
+def test_a_paired_job_times_int8_and_the_fp32_build_in_one_process(compiled, tmp_path):
+    from edge_deploy.pipeline.stages.probe import split_pair
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    target = NcnnArm()
+    job = tmp_path / "job"
+    job.mkdir()
+    target.prepare_job(compiled["int8"], {"warmup": 2, "runs": 50, "threads": 1}, parity_inputs(160, count=1), job,
+                       fp32_dir=compiled["fp32"])
+    reference, result = split_pair(LocalTransport().run(job, target.runner, target.runtime_packages))
+    assert (reference.extra["precision"], result.extra["precision"]) == ("fp32", "int8")
+    assert result.extra["interleaved_block"] > 0 and result.job["reference"]["param"] == "fp32.model.ncnn.param"
+    for timed in (reference, result):
+        assert timed.runtime.startswith("ncnn ") and timed.runs == 50 and len(timed.samples_ms) == 50
+        assert 0 < timed.latency_ms["p50"] <= timed.latency_ms["p90"] and timed.first_inference_ms > 0
+        assert timed.power["status"] == "unavailable" and timed.power["reason"]
+    # The FP32 build loads second, into a process that already holds the artifact, and says so.
+    assert reference.load_ms > 0 and result.load_ms > 0 and "with" in reference.memory_mb
+    assert reference.memory_mb["rss_before_load"] > result.memory_mb["rss_before_load"]
+
+
 def test_int8_is_written_as_ncnn2int8_would(compiled):
     from edge_deploy.targets.arm.ncnn_int8 import TAG_INT8, output_convs, read_param
 

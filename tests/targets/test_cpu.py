@@ -56,6 +56,47 @@ def test_probe_measures_real_runs_and_never_invents_power(exported, model_info, 
     assert result.device["transport"]["packages"]["onnxruntime"] == result.runtime.split()[1]
 
 
+def test_a_paired_job_times_the_artifact_and_its_fp32_build_in_turns(exported, model_info, preprocess, shapes_yaml,
+                                                                       tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_deploy.pipeline.stages.probe import split_pair
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    target = OnnxRuntimeCpu()
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    target.compile(exported["onnx"].path, None, "fp32", ModelInfo.from_json(model_info), artifact)
+    # In the reference's place, a one-node model on the same input: far faster than the detector, so a result
+    # filed under the wrong model shows.
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    detector_input = onnx.load(str(artifact / "model.onnx")).graph.input[0]
+    one_node = helper.make_graph([helper.make_node("ReduceMax", [detector_input.name], ["peak"], keepdims=0)],
+                                 "one_node", [detector_input], [helper.make_tensor_value_info("peak", TensorProto.FLOAT,
+                                                                                              None)])
+    onnx.save(helper.make_model(one_node, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
+              str(fp32 / "model.onnx"))
+    image = sorted((shapes_yaml.parent / "images" / "val").iterdir())[0]
+    tensor, _ = load_tensor(image, preprocess)
+    job = tmp_path / "job"
+    job.mkdir()
+    target.prepare_job(artifact, {"warmup": 2, "runs": 50, "threads": 1}, tensor, job, fp32_dir=fp32)
+    assert json.loads((job / "job.json").read_text())["reference"] == {"model": "fp32.onnx"}
+    both = LocalTransport().run(job, target.runner, target.runtime_packages)
+    reference, result = split_pair(both)
+    assert both.extra["interleaved_block"] > 0 and "interleaved_block" not in reference.extra
+    assert "reference" not in result.extra and reference.extra["providers"] == ["CPUExecutionProvider"]
+    for timed in (reference, result):
+        assert timed.runs == 50 and len(timed.samples_ms) == 50 and timed.threads == 1
+        assert 0 < timed.latency_ms["min"] <= timed.latency_ms["p50"] <= timed.latency_ms["max"]
+        assert timed.fps > 0 and timed.load_ms > 0 and timed.power["status"] in ("measured", "unavailable")
+        assert timed.device == both.device and timed.started_at == both.started_at
+    assert reference.latency_ms["max"] < result.latency_ms["min"]
+    assert reference.memory_mb["with"] == "the artifact loaded in the same process" and "with" not in result.memory_mb
+
+
 def test_runtime_matches_plain_onnxruntime(exported, model_info, tmp_path):
     import onnxruntime as ort
 

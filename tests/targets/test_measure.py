@@ -188,6 +188,43 @@ def test_measure_power_with_a_hwmon_sensor(tmp_path):
     assert result["energy_per_inference_mj"] == 0.0 and result["inferences"] == 15
 
 
+def test_interleaved_takes_blocks_in_turns_and_reverses_the_order_each_round():
+    order = []
+    timings = measure.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 12, block=5)
+    # a a a a a b b b b b | b b b b b a a a a a | a a b b: every model gets its count, the last round cut short.
+    assert "".join(order) == "a" * 5 + "b" * 10 + "a" * 7 + "b" * 2
+    assert [len(timings["a"]), len(timings["b"])] == [12, 12] and all(ms >= 0 for ms in timings["a"] + timings["b"])
+
+
+def test_interleaved_times_each_model_in_its_own_list():
+    slow, fast = (lambda: time.sleep(0.004)), (lambda: None)
+    timings = measure.interleaved({"slow": slow, "fast": fast}, 6, block=2)
+    assert min(timings["slow"]) >= 4 > max(timings["fast"])
+
+
+def test_power_of_each_model_runs_nothing_without_a_sensor(tmp_path):
+    calls = []
+    result = measure.measure_power_each({"artifact": lambda: calls.append("a"), "reference": lambda: calls.append("r")},
+                                        50, 50, {"power_idle_s": 1.0}, root=str(tmp_path))
+    assert calls == []
+    assert set(result) == {"artifact", "reference"}
+    assert all(r["status"] == "unavailable" and r["reason"].startswith("no power sensor") for r in result.values())
+
+
+def test_power_of_each_model_comes_from_its_own_window(tmp_path):
+    write_tree(tmp_path, {"sys/class/hwmon/hwmon0/name": "ina226\n",
+                          "sys/class/hwmon/hwmon0/power1_input": "3300000\n"})
+    calls = []
+
+    def run(name):
+        return lambda: (calls.append(name), time.sleep(0.01))
+
+    result = measure.measure_power_each({"artifact": run("a"), "reference": run("r")}, 15, 15,
+                                        {"power_idle_s": 0.05, "power_interval_ms": 20}, root=str(tmp_path))
+    assert "".join(calls) == "a" * 15 + "r" * 15
+    assert all(r["status"] == "measured" and r["inferences"] == 15 for r in result.values())
+
+
 def test_write_result_is_whole_json(tmp_path):
     measure.write_result(tmp_path, {"latency_ms": {"p50": 1.0}})
     assert json.loads((tmp_path / "result.json").read_text()) == {"latency_ms": {"p50": 1.0}}
