@@ -16,8 +16,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from edge_deploy.pipeline.results import FP32_ONNX, NEAR_TIE_SCORE, ONE_AFTER_THE_OTHER, UNSURE_FRACTION, \
-    UNSURE_NMS_MARGIN, Accuracy, AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, SpeedReport
+from edge_deploy.pipeline.results import FP32_ONNX, NEAR_TIE_SCORE, UNSURE_FRACTION, UNSURE_NMS_MARGIN, Accuracy, \
+    AccuracyReport, ModelInfo, ProbeResult, QuantizationReport, SpeedReport
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 GREY = "#9e9e9e"
@@ -313,8 +313,7 @@ def _latency(r: ReportInputs) -> Section:
     blocks.append(Table(("model", "runtime", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms", "FPS",
                          "load ms", "peak RSS MB", "power", "runs", "device"), tuple(rows)))
     if p.speedup_p50 is not None:
-        blocks.append(f"Speed-up of the artifact over {p.reference_label} at p50: {p.speedup_p50}x (both on the same "
-                      f"device, timed {p.timing or ONE_AFTER_THE_OTHER}).")
+        blocks.append(f"{p.speedup_text()}; both on the same device.")
     sampled = [(label, res) for label, res in results if res.samples_ms]
     if sampled:
         low = min(min(res.samples_ms) for _, res in sampled)

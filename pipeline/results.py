@@ -318,6 +318,18 @@ class SpeedReport(JsonResult):
     reference_label: str = FP32_ONNX
     # How the two were timed (INTERLEAVED or ONE_AFTER_THE_OTHER); None without an artifact.
     timing: str | None = None
+    # Timed in turns: the speed-up of each round (rounds, runs_per_round, median, min, max).
+    speedup_rounds: dict | None = None
+
+    def speedup_text(self) -> str:
+        """How much faster the artifact ran, against what, and how it was timed (a speed-up exists)."""
+        text = (f"{self.artifact_label} ran {self.speedup_p50}x as fast as {self.reference_label} at p50, timed "
+                f"{self.timing or ONE_AFTER_THE_OTHER}")
+        rounds = self.speedup_rounds
+        if rounds:
+            text += (f"; {rounds['min']}-{rounds['max']}x (median {rounds['median']}x) over its {rounds['rounds']} "
+                     f"rounds of {rounds['runs_per_round']} runs each")
+        return text
 
 
 @dataclass(frozen=True)

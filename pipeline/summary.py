@@ -105,7 +105,7 @@ def render_summary(result, config) -> None:
         console.print(f"{label:>14}: {kind}mAP50 {accuracy.map50:.4f}  {kind}mAP50-95 {accuracy.map50_95:.4f}"
                       f"{accuracy.interval_text()}  {timing}")
     if probe is not None and probe.speedup_p50 is not None:
-        console.print(f"{'speed':>14}: {probe.speedup_p50}x {probe.reference_label}'s at p50, timed {probe.timing}")
+        console.print(f"{'speed':>14}: {probe.speedup_text()}")
     if verify.artifact is not None:
         kind = "fidelity " if verify.artifact.kind == "fidelity" else ""
         console.print(f"{'drop':>14}: {verify.drop_points:.2f} {kind}mAP50-95 points, 95% interval "

@@ -104,10 +104,14 @@ class ProbeStage(Stage):
         if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
                 and artifact.latency_ms.get("p50"):
             speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
-        timing = INTERLEAVED if artifact is not None and "interleaved_block" in artifact.extra else \
-            (ONE_AFTER_THE_OTHER if artifact is not None else None)
+        timing, rounds = None, None
+        if artifact is not None:
+            block = artifact.extra.get("interleaved_block")
+            timing = INTERLEAVED if block else ONE_AFTER_THE_OTHER
+            rounds = round_speedups(reference.samples_ms, artifact.samples_ms, block) if block else None
         report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
-                             contention([reference] + ([artifact] if artifact else [])), reference_label, timing)
+                             contention([reference] + ([artifact] if artifact else [])), reference_label, timing,
+                             rounds)
         path = out_dir / "probe.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
         # Job folders hold copies of the model; only the results and what the device built are worth keeping.
@@ -172,6 +176,19 @@ def split_pair(both: ProbeResult) -> tuple[ProbeResult, ProbeResult]:
     reference = dataclasses.replace(both, extra={k: v for k, v in runner_reference.items() if k not in known},
                                     **own)
     return reference, dataclasses.replace(both, extra=extra)
+
+
+def round_speedups(reference_ms: list, artifact_ms: list, block: int) -> dict | None:
+    """The speed-up in each round of a timing in turns: the mean of a round's FP32 block over the mean of the
+    artifact's block beside it. How far they spread says how steady the ratio was while the machine moved."""
+    if not block or not reference_ms or len(reference_ms) != len(artifact_ms):
+        return None
+    ratios = sorted(sum(reference_ms[i:i + block]) / sum(artifact_ms[i:i + block])
+                    for i in range(0, len(artifact_ms), block))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {"rounds": len(ratios), "runs_per_round": block, "median": round(median, 3),
+            "min": round(ratios[0], 3), "max": round(ratios[-1], 3)}
 
 
 def same_device(first, second) -> bool:

@@ -12,8 +12,8 @@ from edge_deploy.pipeline.engine import Stage, StageOutput, toolchain_versions
 from edge_deploy.pipeline.errors import DeployError, InputError, IntegrityError
 from edge_deploy.pipeline.userfiles import is_bundle, read_json, shown, write_failure
 from edge_deploy.pipeline.report import ReportInputs, near_tie_rule, render_html, render_markdown
-from edge_deploy.pipeline.results import (ONE_AFTER_THE_OTHER, AccuracyReport, ModelInfo, QuantizationReport,
-                                          ReferenceAccuracy, SpeedReport, UNSURE_FRACTION, UNSURE_NMS_MARGIN, reported)
+from edge_deploy.pipeline.results import (AccuracyReport, ModelInfo, QuantizationReport, ReferenceAccuracy,
+                                          SpeedReport, UNSURE_FRACTION, UNSURE_NMS_MARGIN, reported)
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"
@@ -236,8 +236,7 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                   f"runs after {timed.warmup} warm-up runs. Numbers from another machine will differ; run the "
                   "probe on the device.", ""]
         if probe.speedup_p50 is not None:
-            lines += [f"Speed-up over {probe.reference_label} at p50: {probe.speedup_p50}x, timed "
-                      f"{probe.timing or ONE_AFTER_THE_OTHER}.", ""]
+            lines += [f"{probe.speedup_text()}.", ""]
     if pruning:
         lines += ["## Pruning", "",
                   f"Structured channel pruning ({pruning['criterion']}), {pruning['stop']}. Each step is measured "

@@ -32,8 +32,11 @@ def test_default_build_reports_accuracy_and_latency_and_a_bundle_that_checks_out
     speed = manifest["metrics"]["speed"]
     assert speed["timing"] == "in one process, in turns" and speed["reference_label"] == "FP32 ONNX"
     assert speed["artifact"]["started_at"] == speed["reference"]["started_at"]
-    assert "FP32 ONNX's at p50, timed in one process, in turns" in done.stdout
-    assert "timed in one process, in turns." in (bundle / "README.md").read_text()
+    told = f"INT8 on cpu ran {speed['speedup_p50']}x as fast as FP32 ONNX at p50, timed in one process, in turns; "
+    assert told in done.stdout.replace("\n", " ") and told in (bundle / "README.md").read_text()
+    rounds = speed["speedup_rounds"]
+    assert rounds["rounds"] * rounds["runs_per_round"] == speed["artifact"]["runs"]
+    assert rounds["min"] <= rounds["median"] <= rounds["max"]
     assert set(manifest["files"]) == {"model.onnx", "runtime.json", "postprocess.py", "metrics.json",
                                       "README.md", "report.html", "report.md"}
     assert manifest["calibration"]["images"] == 200 and len(manifest["calibration"]["fingerprint"]) == 64

@@ -161,6 +161,8 @@ def test_every_section_is_drawn_from_its_numbers_and_user_text_is_escaped():
     assert latency["INT8 on cpu"]["p50 ms"] == "1.981" and latency["FP32 ONNX"]["runs"] == "100"
     pareto = {row["model"]: row for row in tables["Latency against mAP50-95"]}
     assert pareto["INT8 on cpu"]["on the frontier"] == "yes" and pareto["FP32 ONNX"]["mAP50-95"] == "0.7061"
+    # A report of old, from before the probe said how it timed: two jobs, which is how it was timed then.
+    assert "INT8 on cpu ran 1.549x as fast as FP32 ONNX at p50, timed in two jobs, one after the other; both on" in md
     assert [row["stage"] for row in tables["Stage timeline"]] == ["load", "export", "quantize", "probe"]
     assert tables["Stage timeline"][0]["cache"] == "hit" and tables["Stage timeline"][3]["work when it ran s"] == \
         "not recorded"
@@ -364,3 +366,13 @@ def test_the_report_renders_in_a_headless_browser(bundle, tmp_path):
     image = screenshot(page, tmp_path / "full.png")
     drawn = [c for c in PALETTE if _pixels_of(image, c) > 200]
     assert len(drawn) >= 3, drawn
+
+
+def test_a_speed_up_timed_in_turns_names_its_reference_and_how_steady_it_was():
+    from edge_deploy.pipeline.results import INTERLEAVED
+
+    probe = SpeedReport("INT8 on arm", _probe([], 72.3), _probe([], 57.0), 1.268, reference_label="FP32 on arm",
+                        timing=INTERLEAVED, speedup_rounds={"rounds": 20, "runs_per_round": 5, "median": 1.326,
+                                                            "min": 0.88, "max": 1.92})
+    assert probe.speedup_text() == ("INT8 on arm ran 1.268x as fast as FP32 on arm at p50, timed in one process, in "
+                                    "turns; 0.88-1.92x (median 1.326x) over its 20 rounds of 5 runs each")

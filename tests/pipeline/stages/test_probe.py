@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from edge_deploy.pipeline.errors import DeviceError
-from edge_deploy.pipeline.stages.probe import held_job
+from edge_deploy.pipeline.stages.probe import held_job, round_speedups
 from edge_deploy.targets.transports import run_job
 from edge_deploy.targets.transports.inventory import LOCAL, device_lock
 from edge_deploy.targets.transports.local import LocalTransport
@@ -110,3 +110,13 @@ def test_a_failed_probe_lets_go_of_the_lock(tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises BlockingIOError if anything held it
     failing.terminate()
     failing.join(timeout=30)
+
+
+def test_each_round_of_a_timing_in_turns_gives_its_own_speed_up():
+    # Three rounds of two runs: the machine slowed both models in the second round, and the ratio held.
+    fp32, int8 = [10.0, 10.0, 20.0, 20.0, 9.0, 11.0], [5.0, 5.0, 10.0, 10.0, 4.0, 6.0]
+    assert round_speedups(fp32, int8, 2) == {"rounds": 3, "runs_per_round": 2, "median": 2.0, "min": 2.0, "max": 2.0}
+    # A round where only the artifact was slowed shows in the spread, not in the median.
+    assert round_speedups(fp32, [5.0, 5.0, 20.0, 20.0, 4.0, 6.0], 2) == \
+        {"rounds": 3, "runs_per_round": 2, "median": 2.0, "min": 1.0, "max": 2.0}
+    assert round_speedups(fp32, int8[:4], 2) is None and round_speedups(fp32, int8, None) is None
