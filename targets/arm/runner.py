@@ -98,45 +98,21 @@ def main(job_dir: Path) -> dict:
         # one runtime's, on one machine, in one moment.
         models["reference"] = open_model(job_dir, job, job["reference"], image, outputs)
         models["reference"]["memory_mb"]["with"] = "the artifact loaded in the same process"
-        timings = measure.interleaved({name: m["run"] for name, m in models.items()}, job["runs"])
-        power = measure.measure_power_each({name: m["run"] for name, m in models.items()}, job["runs"],
-                                           job["runs"], job)
-        # Images back to back, as a camera loop runs them; the loop's own overhead is not in the sum.
-        fps = {name: job["runs"] / (sum(timings[name]) / 1000) for name in models}
-    else:
-        timings, loop_s = {"artifact": []}, 0.0
-
-        def timed_runs():
-            nonlocal loop_s
-            loop_start = time.perf_counter()
-            for _ in range(job["runs"]):
-                t = time.perf_counter()
-                models["artifact"]["run"]()
-                timings["artifact"].append((time.perf_counter() - t) * 1000)
-            loop_s = time.perf_counter() - loop_start
-
-        power = {"artifact": measure.measure_power(timed_runs, job["runs"], job)}
-        fps = {"artifact": job["runs"] / loop_s}
+    timings, power, fps = measure.time_models({name: m["run"] for name, m in models.items()}, job["runs"],
+                                              job["runs"], job)
+    if "reference" not in models:  # alone in the process, its peak takes in the timed runs too
         models["artifact"]["memory_mb"]["peak_rss"] = round(measure.status_mb("VmHWM"), 1)
     state_end = measure.device_state()
 
     def result(name: str) -> dict:
         model = models[name]
-        return {
-            "runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
-            "threads": int(model["net"].opt.num_threads),
-            "threads_from": "job" if job.get("threads") else "every core available",
-            "precision": model["precision"], "batch": 1, "warmup": job["warmup"], "runs": job["runs"],
-            "load_ms": round(model["load_ms"], 2), "first_inference_ms": round(model["first_ms"], 3),
-            "latency_ms": measure.latency_summary(timings[name]),
-            "samples_ms": [round(ms, 3) for ms in timings[name]], "fps": round(fps[name], 2),
-            "memory_mb": model["memory_mb"], "power": power[name], "job": measure.echo_job(job),
-        }
+        return {"runner": "ncnn_probe", "runner_version": RUNNER_VERSION, "runtime": f"ncnn {ncnn.__version__}",
+                "threads": int(model["net"].opt.num_threads),
+                "threads_from": "job" if job.get("threads") else "every core available",
+                "precision": model["precision"], "batch": 1,
+                **measure.model_figures(model, timings[name], power[name], fps[name], job)}
 
-    found = {**result("artifact"), "host": {**measure.host(), "state": {"start": state_start, "end": state_end}}}
-    if "reference" in models:
-        found.update(reference=result("reference"), interleaved_block=measure.PAIR_BLOCK)
-    return found
+    return measure.job_result({name: result(name) for name in models}, state_start, state_end)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,48 @@ def measure_power_each(runs: dict, count: int, inferences: int | None, job: dict
             for name, run in runs.items()}
 
 
+def time_models(runs: dict, count: int, inferences: int, job: dict) -> tuple:
+    """Each model's `count` timed runs (ms), power and FPS, where `inferences` is what `count` runs infer (a batch
+    of n is n). One model: its runs back to back, the power window over them. Two: in turns, then each one's power
+    from a window of its own runs."""
+    if len(runs) > 1:
+        timings = interleaved(runs, count)
+        # Runs back to back, as a serving loop runs them; the loop's own overhead is not in the sum.
+        fps = {name: inferences / (sum(timings[name]) / 1000) for name in runs}
+        return timings, measure_power_each(runs, count, inferences, job), fps
+    (name, run), = runs.items()
+    timings, loop_s = [], 0.0
+
+    def timed_runs():
+        nonlocal loop_s
+        loop_start = time.perf_counter()
+        for _ in range(count):
+            t = time.perf_counter()
+            run()
+            timings.append((time.perf_counter() - t) * 1000)
+        loop_s = time.perf_counter() - loop_start
+
+    drawn = measure_power(timed_runs, inferences, job)
+    return {name: timings}, {name: drawn}, {name: inferences / loop_s}
+
+
+def model_figures(model: dict, timings: list, drawn: dict, fps: float, job: dict) -> dict:
+    """What every runner reports of one model it timed; `model` holds its load_ms, first_ms and memory_mb."""
+    return {"warmup": job["warmup"], "runs": job["runs"], "load_ms": round(model["load_ms"], 2),
+            "first_inference_ms": round(model["first_ms"], 3), "latency_ms": latency_summary(timings),
+            "samples_ms": [round(ms, 3) for ms in timings], "fps": round(fps, 2), "memory_mb": model["memory_mb"],
+            "power": drawn, "job": echo_job(job)}
+
+
+def job_result(results: dict, state_start: dict, state_end: dict) -> dict:
+    """result.json: the artifact's figures and the device, and the FP32 build's figures under `reference` when
+    it was timed beside the artifact."""
+    found = {**results["artifact"], "host": {**host(), "state": {"start": state_start, "end": state_end}}}
+    if "reference" in results:
+        found.update(reference=results["reference"], interleaved_block=PAIR_BLOCK)
+    return found
+
+
 def write_result(job_dir: Path, result: dict) -> None:
     """result.json appears whole or not at all, so a dropped connection never leaves half a result."""
     tmp = job_dir / ".result.json.tmp"
