@@ -61,6 +61,11 @@ class Stage:
         """Everything besides input artifacts that the result depends on."""
         return {}
 
+    def gate(self, metrics: dict) -> None:
+        """Raises AccuracyGateError when the result, fresh or cached, may not go on. Apart from run() so that
+        whether a miss stops the build is not part of the key: a build stopped here and run again with
+        --accept-drop, as the error says, reuses what the stage measured."""
+
     def fingerprints(self) -> dict:
         """Content fingerprints of data sets the stage reads (calibration, validation)."""
         return {}
@@ -131,6 +136,7 @@ class Engine:
         if cached is not None:
             artifacts, metrics, work_seconds = cached
             self.on_event(stage.name, "cached")
+            stage.gate(metrics)
             return self._recorded(StageRecord(stage.name, key, True, time.perf_counter() - started, artifacts,
                                               metrics, started - self._t0, work_seconds))
 
@@ -162,6 +168,7 @@ class Engine:
                 shutil.rmtree(work, ignore_errors=True)
         artifacts = {n: Artifact(entry / f["path"], f["sha256"]) for n, f in index.items()}
         self.on_event(stage.name, "done")
+        stage.gate(output.metrics)
         return self._recorded(StageRecord(stage.name, key, False, time.perf_counter() - started, artifacts,
                                           output.metrics, started - self._t0, work_seconds))
 

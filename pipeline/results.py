@@ -242,6 +242,8 @@ class AccuracyReport(JsonResult):
     flags: list = field(default_factory=list)
     # The runtime's thread count while scoring the artifact (calibration.onnxrt.SCORING_THREADS).
     threads: int | None = None
+    # The selection split's jitter floor (label-free builds), which the gate's message names.
+    selection_jitter_floor: dict | None = None
 
     @property
     def artifact_or_reference(self) -> Accuracy:
@@ -366,6 +368,11 @@ class QuantizationReport(JsonResult):
     # Kept float by the rules so that the model's outputs are not rounded to 8 bits (QuantRules.float_outputs), nor
     # the inputs of the layers that compute them (QuantRules.float_output_layers).
     float_outputs: list = field(default_factory=list)
+    # What the drops are ("accuracy" or "fidelity"), the kept candidate's FP32 boxes found again (fidelity), and
+    # the selection split's jitter floor: what the gate's message says, from a fresh or a cached report alike.
+    measure: str = "accuracy"
+    found_again: str | None = None
+    selection_jitter_floor: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ class QuantizeStage(Stage):
         self.toolchain = tuple(dict.fromkeys(self.toolchain + target.toolchain))
 
     def settings(self) -> dict:
+        # Whether a miss stops the build (on_budget_exceeded) is the gate's business, not the result's.
         return {"target": self.target.name, "precision": self.precision, "method": self.method,
-                "symmetric": self.symmetric, "max_map_drop": self.max_map_drop,
-                "on_budget_exceeded": self.on_budget_exceeded, "trt_version": self.trt_version,
+                "symmetric": self.symmetric, "max_map_drop": self.max_map_drop, "trt_version": self.trt_version,
                 "int4_method": self.int4_method, "int4_group": self.int4_group}
 
     def fingerprints(self) -> dict:
@@ -72,7 +72,7 @@ class QuantizeStage(Stage):
         from edge_deploy.calibration.formats import write_trt_cache
         from edge_deploy.calibration.ranges import collect_statistics, ranges_for, save_statistics
         from edge_deploy.calibration.search import search
-        from edge_deploy.pipeline.evaluate import accuracy, describe_split, drop_points, jitter_floor_text
+        from edge_deploy.pipeline.evaluate import accuracy, describe_split, drop_points
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         reference = ReferenceAccuracy.from_json(json.loads(inputs["reference"].path.read_text()))
@@ -124,26 +124,11 @@ class QuantizeStage(Stage):
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
             trials=[c.describe() for c in outcome.candidates],
             sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity],
-            float_for_speed=float_for_speed, float_outputs=list(backend.float_outputs))
+            float_for_speed=float_for_speed, float_outputs=list(backend.float_outputs),
+            measure=reference.selection.kind, found_again=found_by_stem.get(best.built.stem),
+            selection_jitter_floor=reference.selection_jitter_floor)
         (out_dir / "quantize_report.json").write_text(json.dumps(report.to_json(), indent=1))
         outputs["quantize_report"] = out_dir / "quantize_report.json"
-        if not outcome.within_budget and self.on_budget_exceeded == "fail":
-            # Without labels, fidelity mAP50-95 can miss a budget on boxes a fraction of a pixel from FP32's; the
-            # share found again and their shift let the user judge whether that matters before accepting it.
-            found = found_by_stem.get(best.built.stem)
-            found_text = f"; {found} of FP32 boxes found again" if found else ""
-            # The candidate kept is the simplest within noise of the smallest drop, which may not be the smallest.
-            smallest = min(outcome.candidates, key=lambda c: c.drop_points)
-            smallest_text = ("" if smallest.drop_points >= best.drop_points else
-                             f"; the smallest drop measured, {smallest.drop_points:.2f} with "
-                             f"{len(smallest.float_units)} {rules.unit_kind}s float, is within noise of it")
-            raise AccuracyGateError(
-                f"quantize: {self.precision.upper()} loses {best.drop_points:.2f} "
-                f"{'fidelity ' if reference.selection.kind == 'fidelity' else ''}mAP50-95 points on the "
-                f"selection split ({best.method}, {len(best.float_units)} {rules.unit_kind}s float{found_text}"
-                f"{smallest_text}), over the {self.max_map_drop:.2f} point budget"
-                f"{jitter_floor_text(reference.selection_jitter_floor, self.max_map_drop)}; raise --max-map-drop "
-                "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=report.to_json())
         quantized = out_dir / f"quantized{best.built.suffix}"
         best.built.rename(quantized)
         outputs["quantized"] = quantized
@@ -155,6 +140,28 @@ class QuantizeStage(Stage):
             outputs["trt_calibration_cache"] = out_dir / "calibration.cache"
         shutil.rmtree(work)
         return StageOutput(outputs, report.to_json())
+
+    def gate(self, metrics: dict) -> None:
+        from edge_deploy.pipeline.evaluate import jitter_floor_text
+
+        report = QuantizationReport.from_json(metrics)
+        if report.within_budget or self.on_budget_exceeded != "fail":
+            return
+        # Without labels, fidelity mAP50-95 can miss a budget on boxes a fraction of a pixel from FP32's; the share
+        # found again and their shift let the user judge whether that matters before accepting it.
+        found_text = f"; {report.found_again} of FP32 boxes found again" if report.found_again else ""
+        # The candidate kept is the simplest within noise of the smallest drop, which may not be the smallest.
+        smallest = min(report.trials, key=lambda t: t["drop_points"])
+        smallest_text = ("" if smallest["drop_points"] >= report.drop_points else
+                         f"; the smallest drop measured, {smallest['drop_points']:.2f} with "
+                         f"{len(smallest['float_units'])} {report.unit_kind}s float, is within noise of it")
+        raise AccuracyGateError(
+            f"quantize: {self.precision.upper()} loses {report.drop_points:.2f} "
+            f"{'fidelity ' if report.measure == 'fidelity' else ''}mAP50-95 points on the selection split "
+            f"({report.method}, {len(report.float_units)} {report.unit_kind}s float{found_text}{smallest_text}), "
+            f"over the {self.max_map_drop:.2f} point budget"
+            f"{jitter_floor_text(report.selection_jitter_floor, self.max_map_drop)}; raise --max-map-drop "
+            "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=report.to_json())
 
     def _choice(self, methods: tuple[str, ...], outcome, float_for_speed: list[str],
                 float_outputs: tuple[str, ...]) -> str:

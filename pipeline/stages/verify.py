@@ -66,8 +66,9 @@ class VerifyStage(Stage):
             self.inputs = (*self.inputs, "reference_original")
 
     def settings(self) -> dict:
+        # Whether a miss stops the build (enforce_budget) is the gate's business, not the result's.
         return {"target": self.target.name, "precision": self.precision, "max_map_drop": self.max_map_drop,
-                "enforce_budget": self.enforce_budget, "total_budget": self.total_budget}
+                "total_budget": self.total_budget}
 
     def fingerprints(self) -> dict:
         return {"report": self.report.fingerprint}
@@ -75,10 +76,35 @@ class VerifyStage(Stage):
     def code_modules(self) -> tuple[str, ...]:
         return (type(self).__module__, type(self.target).__module__)
 
+    def gate(self, metrics: dict) -> None:
+        from edge_deploy.pipeline.evaluate import jitter_floor_text
+
+        if not self.enforce_budget:
+            return
+        v = AccuracyReport.from_json(metrics)
+        final = v.artifact_or_reference
+        if v.total_drop_points is not None and v.total_drop_points > v.total_budget_points:
+            raise AccuracyGateError(
+                f"verify: pruning and {self.precision.upper()} together lose {v.total_drop_points:.2f} mAP50-95 "
+                f"points{interval_text(v.total_drop_interval)} against the original model on the report split "
+                f"({final.map50_95:.4f} vs {v.original.map50_95:.4f}); the budget is {v.total_budget_points:.2f} "
+                "(prune.max_map_drop + the precision's budget); fine-tune longer (--prune-epochs), prune less, or "
+                "pass --accept-drop", stage=self.name, report=metrics)
+        if v.artifact is not None and v.drop_points > v.budget_points:
+            # As quantize's gate does: what fidelity's points stand for, so the user can judge --accept-drop.
+            fidelity = v.artifact.kind == "fidelity"
+            found = v.artifact.found_text() if fidelity else None
+            raise AccuracyGateError(
+                f"verify: {v.artifact_label} loses {v.drop_points:.2f} {'fidelity ' if fidelity else ''}mAP50-95 "
+                f"points{interval_text(v.drop_interval)} against FP32 on the report split "
+                f"({v.artifact.map50_95:.4f} vs {v.reference.map50_95:.4f}"
+                f"{f'; {found} of FP32 boxes found again' if found else ''}); the budget is {v.budget_points:.2f}"
+                f"{jitter_floor_text(v.selection_jitter_floor, v.budget_points)}; raise --max-map-drop "
+                "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=metrics)
+
     def run(self, inputs: dict[str, Artifact], out_dir: Path) -> StageOutput:
         from edge_deploy.calibration.onnxrt import SCORING_THREADS
-        from edge_deploy.pipeline.evaluate import (bootstrap_settings, drop_points, fidelity, jitter_floor_text,
-                                                   run_detections, score_split)
+        from edge_deploy.pipeline.evaluate import bootstrap_settings, drop_points, fidelity, run_detections, score_split
 
         info = ModelInfo.from_json(json.loads(inputs["model_info"].path.read_text()))
         reference = ReferenceAccuracy.from_json(json.loads(inputs["reference"].path.read_text()))
@@ -110,27 +136,9 @@ class VerifyStage(Stage):
                                 reference.report_split, agreement, original,
                                 None if total is None else float(total), self.total_budget, interval,
                                 None if total is None else total.interval, bootstrap_settings(), flags,
-                                SCORING_THREADS)
+                                SCORING_THREADS, reference.selection_jitter_floor)
         for flag in flags:
             warnings.warn(f"verify: {flag['message']}", stacklevel=2)
-        if total is not None and total > self.total_budget and self.enforce_budget:
-            raise AccuracyGateError(
-                f"verify: pruning and {self.precision.upper()} together lose {total:.2f} mAP50-95 points"
-                f"{interval_text(total.interval)} against the original model on the report split "
-                f"({(measured or reference.report).map50_95:.4f} vs {original.map50_95:.4f}); the budget is "
-                f"{self.total_budget:.2f} (prune.max_map_drop + the precision's budget); fine-tune longer "
-                "(--prune-epochs), prune less, or pass --accept-drop", stage=self.name, report=result.to_json())
-        if drop > self.max_map_drop and self.enforce_budget:
-            # As quantize's gate does: what fidelity's points stand for, so the user can judge --accept-drop.
-            found = measured.found_text() if measured.kind == "fidelity" else None
-            raise AccuracyGateError(
-                f"verify: {label} loses {drop:.2f} {'fidelity ' if measured.kind == 'fidelity' else ''}mAP50-95 "
-                f"points{interval_text(interval)} against FP32 on the report split ({measured.map50_95:.4f} vs "
-                f"{reference.report.map50_95:.4f}{f'; {found} of FP32 boxes found again' if found else ''}); "
-                "the budget is "
-                f"{self.max_map_drop:.2f}{jitter_floor_text(reference.selection_jitter_floor, self.max_map_drop)}; "
-                "raise --max-map-drop (quantize.max_map_drop) or pass --accept-drop",
-                stage=self.name, report=result.to_json())
         path = out_dir / "verify.json"
         path.write_text(json.dumps(result.to_json(), indent=1))
         return StageOutput({"verify_report": path}, result.to_json())

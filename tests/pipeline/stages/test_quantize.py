@@ -110,13 +110,20 @@ def test_budget_nothing_meets_reports_the_best_and_fails(referenced, sets, tmp_p
             as caught:
         # Even every node float does not gain 5 points: no candidate can meet it.
         Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=-5.0), referenced)
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     # What was tried goes with the error (the build keeps it beside the FP32 model): every candidate scored.
     tried = caught.value.report
     assert caught.value.stage == "quantize" and tried["within_budget"] is False
     assert len(tried["trials"]) > 1 and tried["trials"][0]["float_units"] == []
     assert {"method", "float_units", "drop_points", "drop_interval"} <= set(tried["trials"][-1])
     assert f"loses {tried['drop_points']:.2f}" in str(caught.value)
+    # What the error tells the user to do next reuses the search: the same gate from the cache, or --accept-drop
+    # (on_budget_exceeded "continue") taking the kept candidate without running it again.
+    with pytest.raises(AccuracyGateError) as again:
+        Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=-5.0), referenced)
+    assert str(again.value) == str(caught.value) and again.value.report == tried
+    accepted = Engine(tmp_path / "cache").run(stage(sets, method="entropy", max_map_drop=-5.0,
+                                                    on_budget_exceeded="continue"), referenced)
+    assert accepted.cache_hit and accepted.metrics == tried and "quantized" in accepted.artifacts
 
 
 def test_fake_quant_helpers():

@@ -89,12 +89,19 @@ def test_a_missed_budget_fails_naming_the_flags_and_carries_what_it_measured(ref
 
     available, report, _ = referenced
     available = {**available, "artifact": artifact_folder(available["onnx"].path, tmp_path / "noisy", 0.15)}
+    from edge_deploy.pipeline.engine import Engine
+
+    # A cache of its own: the test above measured this same artifact without the gate.
+    engine = Engine(tmp_path / "cache")
     with pytest.warns(UserWarning), pytest.raises(AccuracyGateError, match="raise --max-map-drop .*--accept-drop") \
             as caught:
         engine.run(VerifyStage(OnnxRuntimeCpu(), "int8", report, 0.1), available)
     measured = AccuracyReport.from_json(caught.value.report)
     assert caught.value.stage == "verify" and measured.within_budget is False
     assert measured.drop_points > 0.1 and f"loses {measured.drop_points:.2f}" in str(caught.value)
+    # --accept-drop, as the error suggests, takes what was measured instead of scoring the artifact again.
+    accepted = engine.run(VerifyStage(OnnxRuntimeCpu(), "int8", report, 0.1, enforce_budget=False), available)
+    assert accepted.cache_hit and accepted.metrics == caught.value.report
 
 
 def test_a_missed_fidelity_budget_says_how_far_the_boxes_moved(exported, engine, shapes_yaml, preprocess, tmp_path):
