@@ -1,8 +1,9 @@
 """probe: latency percentiles, FPS, load time, memory and power of the artifact and of the FP32 reference.
 
-What runs is the target's device runner on a job folder the target fills;
-where it runs is the transport's business. The cache key records the device
-and the runtime versions the transport reports, not the host's packages.
+A target that declares `times_fp32_beside` gets one job with both models, timed in turns in one process; any
+other is timed against the FP32 ONNX in ONNX Runtime in a job of its own. What runs is the target's device runner
+on a job folder the target fills; where it runs is the transport's business. The cache key records the device and
+the runtime versions the transport reports, not the host's packages.
 """
 
 from __future__ import annotations
