@@ -69,13 +69,9 @@ class ProbeStage(Stage):
         # it may run on, sets that number on its runtime and reports it (a result never says "runtime default").
         job = {"warmup": self.warmup, "runs": self.runs, "threads": self.threads}
         outputs = {}
-        if self.precision in self.target.reference_precisions:
-            reference_dir = self._fp32(self.reference_target, inputs, info, out_dir)
-            reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
-                                    out_dir / "job-fp32")
-            self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
-            artifact, reference_label = None, FP32_ONNX
-        elif self.pairs():
+        timed = self.precision not in self.target.reference_precisions  # else the artifact is the reference
+        paired = timed and self.pairs()
+        if paired:
             fp32_dir = self._fp32(self.target, inputs, info, out_dir)
             both = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                out_dir / "job-pair", fp32_dir)
@@ -90,10 +86,11 @@ class ProbeStage(Stage):
             reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
                                     out_dir / "job-fp32")
             self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
+            artifact, reference_label = None, FP32_ONNX
+        if timed and not paired:
             artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                    out_dir / "job-artifact")
             self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
-            reference_label = FP32_ONNX
             # What the device built and sent back (a TensorRT engine and its logs) ships with the bundle.
             returned = [n for n in artifact.extra.get("bring_back", []) if (out_dir / "job-artifact" / n).is_file()]
             if returned:
