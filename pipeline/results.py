@@ -299,8 +299,10 @@ class ProbeResult(JsonResult):
         return "unavailable"
 
 
-# How a probe timed the FP32 reference and the artifact (SpeedReport.timing).
+# How a probe timed the FP32 reference and the artifact (SpeedReport.timing): in one process, in turns; in turns
+# where each block is a run of the runtime's own tool (trtexec loads one engine per run); or one job each.
 INTERLEAVED = "in one process, in turns"
+IN_TURNS_RUN_PER_BLOCK = "in turns, one {tool} run per block"
 ONE_AFTER_THE_OTHER = "in two jobs, one after the other"
 # The reference of a target that cannot time its own FP32 build beside the artifact.
 FP32_ONNX = "FP32 ONNX"
@@ -318,10 +320,15 @@ class SpeedReport(JsonResult):
     contended: str | None = None
     # What the reference is: the FP32 ONNX in ONNX Runtime, or the target's own FP32 build in its runtime.
     reference_label: str = FP32_ONNX
-    # How the two were timed (INTERLEAVED or ONE_AFTER_THE_OTHER); None without an artifact.
+    # How the two were timed (INTERLEAVED, IN_TURNS_RUN_PER_BLOCK or ONE_AFTER_THE_OTHER); None without an
+    # artifact.
     timing: str | None = None
     # Timed in turns: the speed-up of each round (rounds, runs_per_round, median, min, max).
     speedup_rounds: dict | None = None
+
+    @property
+    def in_turns(self) -> bool:
+        return self.timing is not None and self.timing != ONE_AFTER_THE_OTHER
 
     def speedup_text(self) -> str:
         """How much faster the artifact ran, against what, and how it was timed (a speed-up exists)."""

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edge_deploy.pipeline.results import (FP32_ONNX, INTERLEAVED, AccuracyReport, CompileReport, QuantizationReport,
+from edge_deploy.pipeline.results import (FP32_ONNX, AccuracyReport, CompileReport, QuantizationReport,
                                           ReferenceAccuracy, SpeedReport, UNSURE_FRACTION, reported)
 
 
@@ -57,7 +57,7 @@ def _key_metrics(name: str, metrics: dict) -> str:
         parts = [f"{label} p50 {reported(r.latency_ms.get('p50'), ' ms')} ({reported(r.fps)} FPS, {r.runtime})"
                  for label, r in rows]
         if p.speedup_p50 is not None:
-            parts.append(f"{p.speedup_p50}x" + (", timed in turns" if p.timing == INTERLEAVED else ""))
+            parts.append(f"{p.speedup_p50}x" + (", timed in turns" if p.in_turns else ""))
         return ", ".join(parts)
     if name == "release":
         return f"{metrics['files']} files"

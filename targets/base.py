@@ -67,10 +67,10 @@ class Target:
     parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2}
     # Precisions whose artifact is the FP32 ONNX itself run by ONNX Runtime: the reference, measured once.
     reference_precisions: ClassVar[frozenset[str]] = frozenset()
-    # Whether the runner can time this target's own FP32 build beside the artifact, in one process and in turns
+    # Whether the runner can time this target's own FP32 build beside the artifact, in turns in one job
     # (`prepare_job`'s `fp32_dir`): the probe's speed-up is then the same runtime's, taken in the same moment.
-    # Targets that cannot (an engine built per job, a microcontroller that holds one model) are timed against the
-    # FP32 ONNX in ONNX Runtime in a job of its own.
+    # Targets that cannot (a microcontroller that holds one model, a phone running a vendor benchmark tool) are
+    # timed against the FP32 ONNX in ONNX Runtime in a job of its own.
     times_fp32_beside: ClassVar[bool] = False
     compile_runs_on: ClassVar[str] = "host"  # or "device": the engine is built where it will run
     runner: ClassVar[Path]  # the self-contained device-side probe script

@@ -1,7 +1,8 @@
 """probe: latency percentiles, FPS, load time, memory and power of the artifact and of the FP32 reference.
 
-A target that declares `times_fp32_beside` gets one job with both models, timed in turns in one process; any
-other is timed against the FP32 ONNX in ONNX Runtime in a job of its own. What runs is the target's device runner
+A target that declares `times_fp32_beside` gets one job with its artifact and its own FP32 build, timed in turns
+(in one process, or for TensorRT one trtexec run per block, both engines built in the job); any other is timed
+against the FP32 ONNX in ONNX Runtime in a job of its own. What runs is the target's device runner
 on a job folder the target fills; where it runs is the transport's business. The cache key records the device and
 the runtime versions the transport reports, not the host's packages.
 """
@@ -21,8 +22,8 @@ from typing import Awaitable, Callable
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.pipeline.artifacts import Artifact, sha256_file
 from edge_deploy.pipeline.engine import Stage, StageOutput
-from edge_deploy.pipeline.results import (FP32_ONNX, INTERLEAVED, ONE_AFTER_THE_OTHER, ModelInfo, ProbeResult,
-                                          SpeedReport)
+from edge_deploy.pipeline.results import (FP32_ONNX, IN_TURNS_RUN_PER_BLOCK, INTERLEAVED, ONE_AFTER_THE_OTHER,
+                                          ModelInfo, ProbeResult, SpeedReport)
 from edge_deploy.pipeline.stages.verify import artifact_label
 
 
@@ -73,30 +74,33 @@ class ProbeStage(Stage):
         paired = timed and self.pairs()
         if paired:
             fp32_dir = self._fp32(self.target, inputs, info, out_dir)
+            artifact_job = out_dir / "job-pair"
             both = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
-                               out_dir / "job-pair", fp32_dir)
+                               artifact_job, fp32_dir)
             reference, artifact = split_pair(both)
             self._tell("reference", reference, fp32_dir, self.target, "fp32")
             self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
-            # A target whose FP32 artifact is the FP32 ONNX in ONNX Runtime (cpu) timed the build's own reference.
-            reference_label = FP32_ONNX if "fp32" in self.target.reference_precisions else \
+            # The reference target's own FP32 build is the FP32 ONNX in its runtime; any other target's FP32
+            # build runs in that target's runtime (an ncnn FP32 model, a TensorRT FP32 engine).
+            reference_label = FP32_ONNX if self.target.name == self.reference_target.name else \
                 artifact_label(self.target, "fp32")
         else:
             reference_dir = self._fp32(self.reference_target, inputs, info, out_dir)
             reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
                                     out_dir / "job-fp32")
             self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
-            artifact, reference_label = None, FP32_ONNX
+            artifact, reference_label, artifact_job = None, FP32_ONNX, out_dir / "job-artifact"
         if timed and not paired:
             artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
-                                   out_dir / "job-artifact")
+                                   artifact_job)
             self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
+        if artifact is not None:
             # What the device built and sent back (a TensorRT engine and its logs) ships with the bundle.
-            returned = [n for n in artifact.extra.get("bring_back", []) if (out_dir / "job-artifact" / n).is_file()]
+            returned = [n for n in artifact.extra.get("bring_back", []) if (artifact_job / n).is_file()]
             if returned:
                 (out_dir / "from_device").mkdir()
                 for name in returned:
-                    shutil.move(out_dir / "job-artifact" / name, out_dir / "from_device" / name)
+                    shutil.move(artifact_job / name, out_dir / "from_device" / name)
                 outputs["device_files"] = out_dir / "from_device"
         speedup = None
         if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
@@ -104,8 +108,9 @@ class ProbeStage(Stage):
             speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
         timing, rounds = None, None
         if artifact is not None:
-            block = artifact.extra.get("interleaved_block")
-            timing = INTERLEAVED if block else ONE_AFTER_THE_OTHER
+            block, tool = artifact.extra.get("interleaved_block"), artifact.extra.get("interleaved_tool")
+            timing = ONE_AFTER_THE_OTHER if not block else \
+                IN_TURNS_RUN_PER_BLOCK.format(tool=tool) if tool else INTERLEAVED
             rounds = round_speedups(reference.samples_ms, artifact.samples_ms, block) if block else None
         report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
                              contention([reference] + ([artifact] if artifact else [])), reference_label, timing,

@@ -54,6 +54,8 @@ class TensorRtJetson(Target):
     # TensorRT's kernels; only the weights' rounding is reproduced), so its tolerance is that of FP16 weights.
     parity_tolerance = {"fp32": 1e-4, "fp16": 2e-2}
     compile_runs_on = "device"
+    # The probe's job builds the FP32 engine beside the artifact's on the device and times the two in turns.
+    times_fp32_beside = True
     runner = Path(__file__).parent / "runner.py"
     runner_support = (Path(__file__).parent / "trtexec.py", Path(__file__).parent / "tegrastats.py")
     profiles = (
@@ -130,13 +132,25 @@ class TensorRtJetson(Target):
         with tempfile.TemporaryDirectory() as folder:
             return ort_infer(fp16_weights(model, Path(folder) / "model.fp16-weights.onnx"), threads)
 
-    def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path) -> None:
+    def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path,
+                    fp32_dir: Path | None = None) -> None:
         description = json.loads((Path(artifact_dir) / "runtime.json").read_text())
         for name in description["files"].values():
             shutil.copyfile(Path(artifact_dir) / name, job_dir / name)
         np.save(job_dir / "input.npy", input_tensor)
-        (job_dir / "job.json").write_text(json.dumps({**job, "model": "model.onnx", "input": "input.npy",
-                                                      "engine_build": description["engine_build"]}))
+        recipe = description["engine_build"]
+        job = {**job, "model": "model.onnx", "input": "input.npy", "engine_build": recipe}
+        if fp32_dir is not None:
+            from edge_deploy.targets.jetson.trtexec import trtexec_command
+
+            shutil.copyfile(Path(fp32_dir) / "model.onnx", job_dir / "reference.onnx")
+            # On the GPU, whatever core the artifact runs on: DLA has no FP32. Its own timing cache, so that
+            # neither build reads tactics the other timed.
+            _, _, height, width = recipe["input_shape"]
+            job["reference"] = {"model": "reference.onnx", "precision": "fp32", "build": trtexec_command(
+                "reference.onnx", "reference.engine", "fp32", "reference.timing.cache",
+                shapes=f"images:1x3x{height}x{width}")}
+        (job_dir / "job.json").write_text(json.dumps(job))
 
     def runtime_description(self, precision: str, converted: Converted, info: ModelInfo) -> dict:
         description = super().runtime_description(precision, converted, info)

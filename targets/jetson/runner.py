@@ -5,7 +5,9 @@ script, measure.py, power.py, trtexec.py and tegrastats.py. JOB_DIR holds job.js
 for TensorRT 8.x's implicit INT8, model.fp32.onnx + calibration.cache). The runner builds the engine with the
 job's recipe (an engine is tied to this GPU and TensorRT version, so it is built here), times it with
 trtexec, samples the INA3221 rails (or tegrastats) while it runs and while idle, and writes result.json
-atomically; the engine, its build log and the timing log stay in JOB_DIR to be brought back.
+atomically; the engine, its build log and the timing log stay in JOB_DIR to be brought back. When job.json
+names a `reference` (the FP32 ONNX and its build command), its FP32 engine is built too and the two engines
+are timed in turns, one trtexec run per block of inferences, and each one's power is read in a run of its own.
 """
 
 from __future__ import annotations
@@ -27,10 +29,15 @@ except ImportError:
     import tegrastats
     import trtexec
 
-RUNNER_VERSION = 2
+RUNNER_VERSION = 3
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/usr/bin/trtexec")
 # trtexec writes every timed inference here (--exportTimes): the raw samples behind its summary.
 TIMES_FILE = "times.json"
+TIMING_LOGS = {"artifact": "timing.log", "reference": "reference-timing.log"}
+TIMES_FILES = {"artifact": TIMES_FILE, "reference": f"reference-{TIMES_FILE}"}
+# Timed inferences per engine between switches when the FP32 engine is timed beside the artifact. Each block is a
+# trtexec run that loads its engine and warms up again, so blocks are longer than the Python runners' (five).
+PAIR_BLOCK = 25
 
 
 class JobFailed(RuntimeError):
@@ -82,11 +89,12 @@ def check_cache_version(cache: Path, trt_version: str | None) -> None:
                         f"TensorRT {trt_version}: build again with the profile of this device (--profile)")
 
 
-def exported_latencies(path: Path) -> list:
-    """Each timed inference's latency (ms) from trtexec's --exportTimes file; [] where there is none.
+def exported_times(path: Path) -> list:
+    """Each timed inference's (latency ms, GPU compute ms or None) from trtexec's --exportTimes file; [] where
+    there is none.
 
     The file is a JSON list with one entry per inference, whose latencyMs is the figure trtexec's own latency
-    summary is made of; entries without one are skipped.
+    summary is made of and computeMs its GPU compute time; entries without a latency are skipped.
     """
     try:
         entries = json.loads(path.read_text())
@@ -94,8 +102,53 @@ def exported_latencies(path: Path) -> list:
         return []
     if not isinstance(entries, list):
         return []
-    return [float(entry["latencyMs"]) for entry in entries
-            if isinstance(entry, dict) and isinstance(entry.get("latencyMs"), (int, float))]
+    return [(float(entry["latencyMs"]),
+             float(entry["computeMs"]) if isinstance(entry.get("computeMs"), (int, float)) else None)
+            for entry in entries if isinstance(entry, dict) and isinstance(entry.get("latencyMs"), (int, float))]
+
+
+class Timer:
+    """trtexec timing saved engines on this device: `iterations` timed inferences after the job's warm-up, each
+    call's log and exported per-inference times kept in the job folder."""
+
+    def __init__(self, tool: str, job: dict, trt_version: str | None, timeout: float, dla_cores: dict):
+        # An unknown version gets the oldest flags, which every trtexec takes.
+        self.major, self.minor = (int(v) for v in (trt_version or "8.0").split(".")[:2])
+        self.tool, self.job, self.timeout, self.dla_cores = tool, job, timeout, dla_cores
+
+    def run(self, engine: str, iterations: int, log: str, times: str) -> tuple:
+        """(trtexec's summary, [(latency ms, GPU compute ms or None) per timed inference])."""
+        command = [self.tool, *trtexec.trtexec_run_command(
+            engine, iterations, int(self.job.get("warmup_ms", 500)), self.dla_cores.get(engine),
+            trt_major=self.major, trt_minor=self.minor)[1:], f"--exportTimes={times}"]
+        Path(times).unlink(missing_ok=True)
+        text = run_logged(command, Path(log), self.timeout)
+        return trtexec.parse_trtexec(text), exported_times(Path(times))
+
+
+def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> dict:
+    """`runs` timed inferences of each engine in blocks of `block`, one trtexec run per block, the engines taken in
+    turn and the order reversed every round, so that clocks and heat that change during the job fall on both.
+    Returns each engine's per-inference (latency, compute) pairs, in round order, and trtexec's advice from its
+    blocks."""
+    names = list(engines)
+    samples, advice = {name: [] for name in names}, {name: [] for name in names}
+    round_index = 0
+    while any(len(samples[name]) < runs for name in names):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            count = min(block, runs - len(samples[name]))
+            if count <= 0:
+                continue
+            summary, timed = timer.run(engines[name], count, TIMING_LOGS[name], TIMES_FILES[name])
+            advice[name] += [text for text in summary.get("warnings", []) if text not in advice[name]]
+            if len(timed) < count:
+                # Rounds are compared block by block: a short block would pair one engine's runs with the wrong
+                # runs of the other.
+                raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {count} timed inferences "
+                                f"of {engines[name]} ({TIMING_LOGS[name]})")
+            samples[name] += timed[:count]
+        round_index += 1
+    return samples, advice
 
 
 def main(job_dir: Path) -> dict:
@@ -111,59 +164,93 @@ def main(job_dir: Path) -> dict:
         check_cache_version(job_dir / "calibration.cache", trtexec.parse_trt_version(banner.stdout + banner.stderr))
     if mode not in recipe:
         raise JobFailed(f"the bundle's recipe has no '{mode}' build (an implicit-INT8 build needs an INT8 bundle)")
-    build = [tool, *recipe[mode][1:]]
-    t0 = time.perf_counter()
-    build_log = run_logged(build, job_dir / "build.log", timeout)
-    build_s = time.perf_counter() - t0
-    engine = next((a.split("=", 1)[1] for a in build if a.startswith("--saveEngine=")), "model.engine")
-
-    version = trtexec.parse_trt_version(build_log)
-    major, minor = (int(v) for v in (version or "8.0").split(".")[:2])  # unknown: the oldest flags are safest
+    builds = {"artifact": (recipe[mode], "build.log")}
+    if job.get("reference"):
+        # The same network's FP32 engine, built here too: the speed-up is then TensorRT's own, on this GPU.
+        builds["reference"] = (job["reference"]["build"], "reference-build.log")
+    engines, build_ms, version = {}, {}, None
+    for name, (command, log) in builds.items():
+        t0 = time.perf_counter()
+        build_log = run_logged([tool, *command[1:]], job_dir / log, timeout)
+        build_ms[name] = round((time.perf_counter() - t0) * 1000, 1)
+        engines[name] = next((a.split("=", 1)[1] for a in command if a.startswith("--saveEngine=")), "model.engine")
+        version = version or trtexec.parse_trt_version(build_log)
+    # Only the artifact's engine may be on a DLA core; the FP32 one is built for the GPU.
+    timer = Timer(tool, job, version, timeout, {engines["artifact"]: job.get("dla_core")})
     runs = int(job["runs"])
-    timing_command = [tool, *trtexec.trtexec_run_command(engine, runs, int(job.get("warmup_ms", 500)),
-                                                         job.get("dla_core"), trt_major=major,
-                                                         trt_minor=minor)[1:], f"--exportTimes={TIMES_FILE}"]
-    (job_dir / TIMES_FILE).unlink(missing_ok=True)
     idle_s, interval_s = power.job_settings(job)
-    meter = power.PowerMeter.find(interval_s=interval_s, extra=(tegrastats.OPENER,))
-    try:
-        meter.measure_idle(idle_s)
-        meter.start()
-        timing_log = run_logged(timing_command, job_dir / "timing.log", timeout)
-        meter.stop()
-    finally:
-        meter.close()
-    state_end = measure.device_state()
-    timing = trtexec.parse_trtexec(timing_log)
-    throughput = timing.get("throughput_qps")
-    # --duration=0 makes the count exact, and the time the inferences took is the count over the measured
-    # throughput: the busy window's wall clock would add trtexec loading the engine. Without a throughput the
-    # energy per inference is left out rather than guessed.
-    power_report = meter.report(runs if throughput else None, seconds=runs / throughput if throughput else None)
 
-    samples = exported_latencies(job_dir / TIMES_FILE)
-    latency = timing["latency_ms"]
-    std = measure.latency_summary(samples)["std"] if samples else None
-    return {
-        "runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
-        "runtime": f"TensorRT {timing.get('trt_version') or 'unknown'} (trtexec)",
-        "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
-        "threads": None, "precision": recipe["precision"], "batch": 1, "warmup": int(job.get("warmup_ms", 500)),
-        "runs": runs, "load_ms": round(build_s * 1000, 1),
-        # trtexec times its first inference inside its warm-up and never reports it.
-        "first_inference_ms": None,
-        "latency_ms": {"p50": latency.get("median"), "p90": latency.get("p90"), "p99": latency.get("p99"),
-                       "mean": latency.get("mean"), "min": latency.get("min"), "max": latency.get("max"),
-                       "std": std},
-        "samples_ms": [round(ms, 3) for ms in samples],
-        "fps": throughput, "memory_mb": {"rss_before_load": None, "peak_rss": None},
-        "power": power_report, "job": measure.echo_job(job),
-        "gpu_compute_ms": timing.get("gpu_compute_ms"), "warnings": timing.get("warnings", []),
-        "engine": engine, "logs": ["build.log", "timing.log"], "jetson_device": device_facts(),
-        # The host pulls these back with result.json: the engine built here, and the logs that explain it.
-        "bring_back": [engine, "build.log", "timing.log"],
-        "tensorrt": version,
-    }
+    def powered_run(name: str) -> tuple:
+        """One run of `runs` inferences of an engine with the power rails sampled around it (and idle before)."""
+        meter = power.PowerMeter.find(interval_s=interval_s, extra=(tegrastats.OPENER,))
+        try:
+            meter.measure_idle(idle_s)
+            meter.start()
+            summary, timed = timer.run(engines[name], runs, TIMING_LOGS[name], TIMES_FILES[name])
+            meter.stop()
+        finally:
+            meter.close()
+        throughput = summary.get("throughput_qps")
+        # --duration=0 makes the count exact, and the time the inferences took is the count over the measured
+        # throughput: the busy window's wall clock would add trtexec loading the engine. Without a throughput
+        # the energy per inference is left out rather than guessed.
+        return summary, timed, meter.report(runs if throughput else None,
+                                            seconds=runs / throughput if throughput else None)
+
+    figures = {}
+    if len(engines) == 1:
+        summary, timed, drawn = powered_run("artifact")
+        figures["artifact"] = trtexec_figures(summary, timed, drawn)
+    else:
+        turns, advice = in_turns(timer, engines, runs, PAIR_BLOCK)
+        sensing = power.PowerMeter.find(interval_s=interval_s, extra=(tegrastats.OPENER,))
+        sensing.close()
+        for name in engines:
+            # Each engine's power from a run of its own (a window over runs in turns would describe neither);
+            # without a sensor no extra run is made.
+            drawn = powered_run(name)[2] if sensing.sensor is not None else sensing.report(None)
+            figures[name] = turn_figures(turns[name], drawn, advice[name])
+    state_end = measure.device_state()
+
+    def result(name: str) -> dict:
+        return {"runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
+                "runtime": f"TensorRT {version or 'unknown'} (trtexec)", "threads": None,
+                "precision": recipe["precision"] if name == "artifact" else "fp32", "batch": 1,
+                "warmup": int(job.get("warmup_ms", 500)), "runs": runs, "load_ms": build_ms[name],
+                # trtexec times its first inference inside its warm-up and never reports it.
+                "first_inference_ms": None, "memory_mb": {"rss_before_load": None, "peak_rss": None},
+                "job": measure.echo_job(job), "engine": engines[name], **figures[name]}
+
+    found = {**result("artifact"), "host": {**measure.host(), "state": {"start": state_start, "end": state_end}},
+             "logs": ["build.log", TIMING_LOGS["artifact"]], "jetson_device": device_facts(),
+             # The host pulls these back with result.json: the engine built here, and the logs that explain it.
+             "bring_back": [engines["artifact"], "build.log", TIMING_LOGS["artifact"]], "tensorrt": version}
+    if "reference" in engines:
+        # Each block is a trtexec run of its own, so every block pays its engine load and warm-up.
+        found.update(reference=result("reference"), interleaved_block=PAIR_BLOCK, interleaved_tool="trtexec")
+    return found
+
+
+def trtexec_figures(summary: dict, timed: list, drawn: dict) -> dict:
+    """An engine timed alone: trtexec's own summary, its exported times and the power drawn while it ran."""
+    latencies = [latency for latency, _ in timed]
+    latency = summary["latency_ms"]
+    return {"latency_ms": {"p50": latency.get("median"), "p90": latency.get("p90"), "p99": latency.get("p99"),
+                           "mean": latency.get("mean"), "min": latency.get("min"), "max": latency.get("max"),
+                           "std": measure.latency_summary(latencies)["std"] if latencies else None},
+            "samples_ms": [round(ms, 3) for ms in latencies], "fps": summary.get("throughput_qps"), "power": drawn,
+            "gpu_compute_ms": summary.get("gpu_compute_ms"), "warnings": summary.get("warnings", [])}
+
+
+def turn_figures(timed: list, drawn: dict, advice: list) -> dict:
+    """An engine timed in turns with another: its statistics are those of its exported times from every block."""
+    latencies = [latency for latency, _ in timed]
+    computes = [compute for _, compute in timed if compute is not None]
+    return {"latency_ms": measure.latency_summary(latencies), "samples_ms": [round(ms, 3) for ms in latencies],
+            # Inferences back to back, as the blocks ran them: trtexec's throughput is per block, warm-up aside.
+            "fps": round(len(latencies) / (sum(latencies) / 1000), 2), "power": drawn,
+            "gpu_compute_ms": measure.latency_summary(computes) if len(computes) == len(latencies) else None,
+            "warnings": advice}
 
 
 if __name__ == "__main__":

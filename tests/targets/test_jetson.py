@@ -121,39 +121,51 @@ def test_fp16_build_is_checked_with_fp16_weights(deploy_home, tmp_path):
 
 STANDIN = '''#!{python}
 """A stand-in for trtexec (TensorRT cannot be installed here): writes the engine file a build asks for and replays
-a real TensorRT log ({log}) for a timing run, exporting per-inference times as trtexec's --exportTimes does."""
+a real TensorRT log ({log}) for a timing run, exporting as many per-inference times as --iterations asks for, as
+trtexec's --exportTimes does. An engine built from the FP32 reference runs at half the speed, so that results
+filed under the wrong engine show."""
 import json, sys, time
-args = sys.argv[1:]
-save = [a.split("=", 1)[1] for a in args if a.startswith("--saveEngine=")]
-if save:
-    open(save[0], "wb").write(b"stand-in engine")
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+open("trtexec-calls.txt", "a").write(" ".join(sys.argv[1:]) + "\\n")
+if "saveEngine" in args:
+    fp32 = " fp32" if "reference" in args["onnx"] else ""
+    open(args["saveEngine"], "wb").write(("stand-in engine" + fp32).encode())
     print("[I] Engine built in 1.0 sec.")
     print(open({log!r}).read())
     sys.exit(0)
-if any(a.startswith("--loadEngine=") for a in args):
+if "loadEngine" in args:
     time.sleep(0.3)  # long enough for power readings while it "runs"
-    times = [a.split("=", 1)[1] for a in args if a.startswith("--exportTimes=")]
-    if times:
-        json.dump([{{"count": 4}}] + [{{"startInMs": 0.0, "computeMs": ms - 0.5, "latencyMs": ms}}
-                                      for ms in (7.0, 7.5, 8.0, 9.5)], open(times[0], "w"))
+    slower = 2.0 if open(args["loadEngine"], "rb").read().endswith(b"fp32") else 1.0
+    if "exportTimes" in args:
+        cycle = (7.0, 7.5, 8.0, 9.5)
+        json.dump([{{"count": 4}}] + [{{"startInMs": 0.0, "computeMs": slower * cycle[i % 4] - 0.5,
+                                      "latencyMs": slower * cycle[i % 4]}} for i in range(int(args["iterations"]))],
+                  open(args["exportTimes"], "w"))
     print(open({log!r}).read())
     sys.exit(0)
 sys.exit(2)
 '''
 
 
-def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str):
-    """A job folder for the default INT8 bundle, with `script` standing in for trtexec."""
+def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str, paired: bool = False, **job):
+    """A job folder for the default INT8 bundle, with `script` standing in for trtexec; `paired` adds the FP32
+    ONNX as the reference the probe times beside it."""
     tool = tmp_path / "trtexec-stand-in"
     tool.write_text(script)
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("TRTEXEC", str(tool))
     cwd, _ = jetson_build
+    bundle = cwd / "dist" / "yolov8n-160-jetson-int8"
     target = TensorRtJetson()
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    target.prepare_job(cwd / "dist" / "yolov8n-160-jetson-int8", {"runs": 50, "warmup_ms": 200, "precision": "int8"},
-                       np.zeros((1, 3, 160, 160), np.float32), job_dir)
+    fp32_dir = None
+    if paired:
+        fp32_dir = tmp_path / "fp32"
+        fp32_dir.mkdir()
+        (fp32_dir / "model.onnx").write_bytes((bundle / "model.fp32.onnx").read_bytes())
+    target.prepare_job(bundle, {"runs": 50, "warmup_ms": 200, "precision": "int8", **job},
+                       np.zeros((1, 3, 160, 160), np.float32), job_dir, fp32_dir)
     return target, job_dir
 
 
@@ -167,7 +179,7 @@ def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetso
     result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
     assert result.runtime.startswith("TensorRT") and result.latency_ms["p50"] > 0 and result.fps > 0
     # The raw times trtexec exported, and their spread; its first inference is hidden in its warm-up.
-    assert result.samples_ms == [7.0, 7.5, 8.0, 9.5] and result.latency_ms["std"] == 0.935
+    assert result.samples_ms == ([7.0, 7.5, 8.0, 9.5] * 13)[:50] and result.latency_ms["std"] == 0.93
     assert result.first_inference_ms is None
     assert result.job["runs"] == 50 and result.job["runner"] == "runner.py" and "files" not in result.job
     assert set(result.device["state"]) == {"start", "end"}
@@ -175,6 +187,65 @@ def test_the_device_runner_builds_and_times_the_engine_through_a_transport(jetso
     assert result.power == {"status": "unavailable", "reason": result.power["reason"]} and result.power["reason"]
     assert (job_dir / "model.engine").read_bytes() == b"stand-in engine"
     assert (job_dir / "build.log").exists() and (job_dir / "timing.log").exists()
+
+
+def test_the_device_runner_times_the_fp32_engine_beside_the_artifact_in_turns(jetson_build, tmp_path, monkeypatch):
+    """With a reference in the job, both engines are built on the device and timed in turns, one trtexec run per
+    block, the order reversed every round; the stand-in's FP32 engine runs at half the speed."""
+    from edge_deploy.pipeline.stages.probe import round_speedups, split_pair
+    from edge_deploy.targets.jetson.runner import PAIR_BLOCK
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        STANDIN.format(python=sys.executable, log=str(log)), paired=True)
+    both = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    reference, artifact = split_pair(both)
+    block = ([7.0, 7.5, 8.0, 9.5] * 7)[:25]  # each trtexec run starts the stand-in's cycle again
+    assert artifact.samples_ms == block * 2 and artifact.extra["precision"] == "int8"
+    assert reference.samples_ms == [2 * ms for ms in block * 2] and reference.extra["precision"] == "fp32"
+    assert reference.runtime == artifact.runtime and reference.runtime.startswith("TensorRT ")
+    assert artifact.extra["interleaved_block"] == PAIR_BLOCK and artifact.extra["interleaved_tool"] == "trtexec"
+    assert round_speedups(reference.samples_ms, artifact.samples_ms, PAIR_BLOCK)["median"] == 2.0
+    calls = (job_dir / "trtexec-calls.txt").read_text().splitlines()
+    builds = [c for c in calls if "--saveEngine=" in c]
+    # The FP32 engine: from the FP32 ONNX, no reduced precision, its own timing cache.
+    assert "--int8" in builds[0] and "--onnx=reference.onnx" in builds[1]
+    assert "--int8" not in builds[1] and "--fp16" not in builds[1] and "reference.timing.cache" in builds[1]
+    # 50 runs in blocks of 25: A B, then B A; without a power sensor no run beyond those.
+    timed = [c.split("--loadEngine=")[1].split()[0] for c in calls if "--loadEngine=" in c]
+    assert timed == ["model.engine", "reference.engine", "reference.engine", "model.engine"]
+    assert all("--iterations=25" in c for c in calls if "--loadEngine=" in c)
+    assert artifact.power["status"] == reference.power["status"] == "unavailable"
+    # Only the artifact's engine and logs come back; the FP32 engine was only timed.
+    assert set(artifact.extra["bring_back"]) == {"model.engine", "build.log", "timing.log"}
+    assert (job_dir / "reference.engine").read_bytes() == b"stand-in engine fp32"
+
+
+def test_only_the_artifact_engine_runs_on_the_dla_core(jetson_build, tmp_path, monkeypatch):
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        STANDIN.format(python=sys.executable, log=str(log)), paired=True, dla_core=1)
+    LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    calls = (job_dir / "trtexec-calls.txt").read_text().splitlines()
+    on_dla = {"--useDLACore=1" in c for c in calls if "--loadEngine=model.dla.engine" in c}
+    assert on_dla == {True}
+    assert not any("--useDLACore" in c for c in calls if "reference" in c)
+
+
+def test_a_block_with_fewer_exported_times_than_asked_fails_the_paired_job(jetson_build, tmp_path, monkeypatch):
+    """Rounds are compared block by block, so a trtexec that timed fewer inferences than asked stops the job
+    rather than pairing one engine's runs with the wrong runs of the other."""
+    from edge_deploy.pipeline.errors import DeviceError
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    short = STANDIN.format(python=sys.executable, log=str(log)).replace('int(args["iterations"])', "4")
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch, short, paired=True)
+    with pytest.raises(DeviceError, match="trtexec exported 4 per-inference times for 25 timed inferences"):
+        LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
 
 
 def test_the_device_runner_measures_power_from_tegrastats(tmp_path, monkeypatch):
@@ -273,6 +344,11 @@ def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jets
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
     assert probe["artifact"]["runtime"].startswith("TensorRT")
     assert probe["artifact"]["device"]["transport"]["device"] == "xavier"
+    # Against TensorRT's own FP32 engine, built and timed in the same job on the device.
+    assert probe["reference"]["runtime"] == probe["artifact"]["runtime"]
+    assert probe["reference"]["device"]["transport"]["device"] == "xavier"
+    assert probe["reference_label"] == "FP32 on jetson" and probe["speedup_p50"] == 2.0
+    assert probe["timing"] == "in turns, one trtexec run per block" and probe["speedup_rounds"]["rounds"] == 2
     bundle = Path(summary["bundle"])
     assert (bundle / "built_on_device" / "model.engine").read_bytes() == b"stand-in engine"
     assert {"build.log", "timing.log"} <= {p.name for p in (bundle / "built_on_device").iterdir()}
