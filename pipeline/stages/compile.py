@@ -86,11 +86,19 @@ class CompileStage(Stage):
                         f"{values[name]:.1f} dB against its FP32 parent on {len(files)} real images, below the "
                         f"{self.min_sqnr_db:.1f} dB floor (--min-sqnr, quantize.min_sqnr_db)")
             return "lowest output SQNR vs FP32 parent (dB)", round(min(values.values()), 2), len(files)
-        tolerance = self.target.parity_tolerance[self.precision]
-        errors = {}
-        for index, name in enumerate(OUTPUT_NAMES):
-            errors[name] = max_relative_error(reference[index], np.concatenate([p[index] for p in produced]))
-            if not errors[name] <= tolerance:
-                raise ConversionMismatch(f"compile[{self.target.name}]: output '{name}' differs from its ONNX "
-                                         f"parent by {errors[name]:.2e} (relative), tolerance {tolerance:.0e}")
-        return "max relative error vs FP32 parent", round(max(errors.values()), 8), len(files)
+        worst = float_parity(f"compile[{self.target.name}]", reference,
+                             [np.concatenate([p[index] for p in produced]) for index in range(len(OUTPUT_NAMES))],
+                             self.target.parity_tolerance[self.precision])
+        return "max relative error vs FP32 parent", round(worst, 8), len(files)
+
+
+def float_parity(what: str, reference, produced, tolerance: float) -> float:
+    """The largest relative difference of a float build's outputs from its ONNX parent's; ConversionMismatch,
+    naming `what` and the output, when one is beyond `tolerance`."""
+    errors = {}
+    for index, name in enumerate(OUTPUT_NAMES):
+        errors[name] = max_relative_error(reference[index], produced[index])
+        if not errors[name] <= tolerance:
+            raise ConversionMismatch(f"{what}: output '{name}' differs from its ONNX parent by {errors[name]:.2e} "
+                                     f"(relative), tolerance {tolerance:.0e}")
+    return max(errors.values())

@@ -74,6 +74,7 @@ class ProbeStage(Stage):
         paired = timed and self.pairs()
         if paired:
             fp32_dir = self._fp32(self.target, inputs, info, out_dir)
+            self._check_fp32(fp32_dir, inputs["onnx"].path, tensor, target_tensor)
             artifact_job = out_dir / "job-pair"
             both = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                artifact_job, fp32_dir)
@@ -137,6 +138,18 @@ class ProbeStage(Stage):
         folder.mkdir()
         target.compile(inputs["onnx"].path, None, "fp32", info, folder)
         return folder
+
+    def _check_fp32(self, fp32_dir: Path, onnx: Path, tensor, target_tensor) -> None:
+        """The target's FP32 build is the speed-up's yardstick, so it is held to compile's FP32 tolerance against
+        the ONNX it came from, on the probe's image: a build that lost a layer would otherwise look slow or fast
+        for nothing."""
+        from edge_deploy.calibration.onnxrt import SCORING_THREADS, ort_infer
+        from edge_deploy.pipeline.stages.compile import float_parity
+
+        reference = ort_infer(onnx, SCORING_THREADS)(tensor)
+        produced = self.target.runtime(fp32_dir, threads=SCORING_THREADS)(target_tensor)
+        float_parity(f"probe[{self.target.name}]: the FP32 build timed beside the artifact", reference, produced,
+                     self.target.parity_tolerance["fp32"])
 
     def _probe(self, target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path,
                fp32_dir: Path | None = None):

@@ -249,8 +249,14 @@ def turn_figures(timed: list, drawn: dict, advice: list) -> dict:
     return {"latency_ms": measure.latency_summary(latencies), "samples_ms": [round(ms, 3) for ms in latencies],
             # Inferences back to back, as the blocks ran them: trtexec's throughput is per block, warm-up aside.
             "fps": round(len(latencies) / (sum(latencies) / 1000), 2), "power": drawn,
-            "gpu_compute_ms": measure.latency_summary(computes) if len(computes) == len(latencies) else None,
-            "warnings": advice}
+            "gpu_compute_ms": trtexec_shaped(measure.latency_summary(computes))
+            if computes and len(computes) == len(latencies) else None, "warnings": advice}
+
+
+def trtexec_shaped(summary: dict) -> dict:
+    """A latency summary under the names trtexec's own summary uses, so gpu_compute_ms reads the same either way."""
+    return {"min": summary["min"], "max": summary["max"], "mean": summary["mean"], "median": summary["p50"],
+            "p90": summary["p90"], "p99": summary["p99"]}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from edge_deploy.calibration.preprocess import load_tensor
 from edge_deploy.pipeline.results import ModelInfo
@@ -123,3 +124,46 @@ def test_listing_targets_imports_no_toolchain():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert set(TARGETS) >= {"cpu"} and load_target("cpu") is OnnxRuntimeCpu
+
+
+class FaultyFp32Cpu(OnnxRuntimeCpu):
+    """The cpu target with a converter that gets its FP32 build slightly wrong: one weight scaled by 1.1."""
+
+    def convert(self, fp32_onnx, quantized, precision, info, out_dir, extras=None):
+        import onnx
+        from onnx import numpy_helper
+
+        converted = super().convert(fp32_onnx, quantized, precision, info, out_dir)
+        if precision == "fp32":
+            model = onnx.load(str(out_dir / "model.onnx"))
+            weight = next(i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.1, weight.name))
+            onnx.save(model, str(out_dir / "model.onnx"))
+        return converted
+
+
+def test_the_probe_refuses_an_fp32_build_that_differs_from_its_onnx(exported, model_info, shapes_yaml, preprocess,
+                                                                     tmp_path):
+    """The FP32 build timed beside the artifact is the speed-up's yardstick: one that does not compute what its
+    ONNX computes stops the probe before any timing, naming the output."""
+    from edge_deploy.pipeline.artifacts import Artifact
+    from edge_deploy.pipeline.errors import ConversionMismatch
+    from edge_deploy.pipeline.stages.probe import ProbeStage
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    OnnxRuntimeCpu().compile(exported["onnx"].path, None, "fp32", ModelInfo.from_json(model_info), artifact)
+    image = sorted((shapes_yaml.parent / "images" / "val").iterdir())[0]
+    inputs = {"model_info": exported["model_info"], "onnx": exported["onnx"], "artifact": Artifact.of(artifact)}
+    for target, refused in ((OnnxRuntimeCpu(), False), (FaultyFp32Cpu(), True)):
+        out = tmp_path / f"probe-{type(target).__name__}"
+        out.mkdir()
+        stage = ProbeStage(target, "int8", image, preprocess, 1, 5, 1, LocalTransport(), OnnxRuntimeCpu(),
+                           LocalTransport())
+        if not refused:
+            assert stage.run(inputs, out).metrics["reference_label"] == "FP32 ONNX"
+            continue
+        with pytest.raises(ConversionMismatch, match=r"probe\[cpu\]: the FP32 build timed beside the artifact: "
+                                                     r"output '\w+' differs from its ONNX parent"):
+            stage.run(inputs, out)
