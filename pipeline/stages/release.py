@@ -233,8 +233,8 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         lines += ["", f"Device: {device.get('processor', 'unknown')} ({device.get('cpus', '?')} CPUs, "
                   f"{device.get('machine', '?')}), reached through the `{device['transport']['transport']}` "
                   f"transport. Timed on one real image of the report split, preprocessed as above: {timed.runs} "
-                  f"runs after {timed.warmup} warm-up runs. Numbers from another machine will differ; run the "
-                  "probe on the device.", ""]
+                  f"runs after {warmup_text(timed)}. Numbers from another machine will differ; run the probe on "
+                  "the device.", ""]
         if probe.speedup_p50 is not None:
             lines += [f"{probe.speedup_text()}.", ""]
     if pruning:
@@ -265,6 +265,14 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
                       f"compute them, are not rounded to 8 bits: {', '.join(quantization.float_outputs)}.", ""]
     lines += _limits(info, config, verify, probe, quantization, pruning)
     return "\n".join(lines)
+
+
+def warmup_text(timed) -> str:
+    if timed.warmup is not None:
+        return f"{timed.warmup} warm-up runs"
+    if timed.extra.get("warmup_ms") is not None:
+        return f"{timed.extra['warmup_ms']} ms of warm-up"
+    return "the runtime's own warm-up"
 
 
 def _loading(runtime: dict, info: ModelInfo, device_steps: list[str] | None, guides: list[str]) -> list[str]:

@@ -216,7 +216,9 @@ def main(job_dir: Path) -> dict:
         return {"runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
                 "runtime": f"TensorRT {version or 'unknown'} (trtexec)", "threads": None,
                 "precision": recipe["precision"] if name == "artifact" else "fp32", "batch": 1,
-                "warmup": int(job.get("warmup_ms", 500)), "runs": runs, "load_ms": build_ms[name],
+                # trtexec warms up for a time, not a number of runs; and loading an engine is not building it.
+                "warmup": None, "warmup_ms": int(job.get("warmup_ms", 500)), "runs": runs, "load_ms": None,
+                "engine_build_ms": build_ms[name],
                 # trtexec times its first inference inside its warm-up and never reports it.
                 "first_inference_ms": None, "memory_mb": {"rss_before_load": None, "peak_rss": None},
                 "job": measure.echo_job(job), "engine": engines[name], **figures[name]}

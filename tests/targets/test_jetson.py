@@ -205,6 +205,9 @@ def test_the_device_runner_times_the_fp32_engine_beside_the_artifact_in_turns(je
     assert artifact.samples_ms == block * 2 and artifact.extra["precision"] == "int8"
     assert reference.samples_ms == [2 * ms for ms in block * 2] and reference.extra["precision"] == "fp32"
     assert reference.runtime == artifact.runtime and reference.runtime.startswith("TensorRT ")
+    # trtexec warms up for a time, not a number of runs; building an engine is not loading it.
+    assert artifact.warmup is None and artifact.extra["warmup_ms"] == 200
+    assert artifact.load_ms is None and artifact.extra["engine_build_ms"] > 0
     assert artifact.extra["interleaved_block"] == PAIR_BLOCK and artifact.extra["interleaved_tool"] == "trtexec"
     assert round_speedups(reference.samples_ms, artifact.samples_ms, PAIR_BLOCK)["median"] == 2.0
     calls = (job_dir / "trtexec-calls.txt").read_text().splitlines()
@@ -354,4 +357,5 @@ def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jets
     assert {"build.log", "timing.log"} <= {p.name for p in (bundle / "built_on_device").iterdir()}
     card = (bundle / "README.md").read_text()
     assert "## Built on the device" in card and "Not measured" not in card
+    assert "50 runs after 500 ms of warm-up" in card and "warm-up runs" not in card
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
