@@ -2,7 +2,9 @@
 
 Each device runs its jobs one at a time under its lock; devices run concurrently (asyncio). A result is
 written to the results store the moment it arrives, before anything else happens, so a device that drops
-later, or a crash of this process, never loses a result that came back.
+later, or a crash of this process, never loses a result that came back. With `--against` an FP32 bundle of the
+same model and target goes into each device's job too, and the two are timed in turns there: the speed-up is
+then that device's own, taken in one moment.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from edge_deploy.pipeline.errors import ConfigError, DeployError
-from edge_deploy.pipeline.results import ProbeResult, reported
+from edge_deploy.pipeline.results import ProbeResult, SpeedReport, reported
 
 # Inference time of a dense detector does not depend on what the image shows (decoding and NMS are outside
 # the graph), so without --image the job uses a fixed, seeded picture; the result names which one it used.
@@ -31,6 +33,8 @@ class DeviceOutcome:
     error: str | None = None
     exit_code: int = 0
     stored_id: int | None = None
+    # With --against: the FP32 bundle's result from the same job, and the speed-up between the two.
+    speed: SpeedReport | None = None
 
 
 def artifact_digest(files: dict[str, str]) -> str:
@@ -50,6 +54,25 @@ def bundle_artifact(bundle: Path) -> tuple[dict, dict, str]:
     if not files:
         raise ConfigError(f"{bundle}: runtime.json names no model file the manifest lists")
     return manifest, runtime, artifact_digest(files)
+
+
+def fp32_beside(manifest: dict, runtime: dict, target, against: Path) -> tuple[dict, str]:
+    """`against`'s manifest and artifact digest, once it is known to be an FP32 bundle of the same model, target
+    and input size as the bundle benchmarked, for a target whose runner can time the two in one job."""
+    against_manifest, against_runtime, digest = bundle_artifact(against)
+    if against_manifest["target"] != manifest["target"]:
+        raise ConfigError(f"--against {against} is a '{against_manifest['target']}' bundle and the bundle "
+                          f"benchmarked is for '{manifest['target']}': a speed-up compares one runtime's builds")
+    if against_manifest["precision"] != "fp32":
+        raise ConfigError(f"--against takes an FP32 bundle; {against} is {against_manifest['precision'].upper()}")
+    if against_manifest.get("model_source_sha256") != manifest.get("model_source_sha256"):
+        raise ConfigError(f"--against {against} was built from another model than {manifest['bundle']}")
+    if against_runtime["input"]["imgsz"] != runtime["input"]["imgsz"]:
+        raise ConfigError(f"--against {against} takes {against_runtime['input']['imgsz']} px input and "
+                          f"{manifest['bundle']} {runtime['input']['imgsz']} px: they do different work")
+    if not target.times_fp32_beside:
+        raise ConfigError(f"target '{target.name}' cannot time two models in one job; bench each bundle on its own")
+    return against_manifest, digest
 
 
 def probe_tensor(image: Path | None, imgsz: int, layout: str, work: Path) -> tuple[np.ndarray, dict]:
@@ -74,16 +97,24 @@ def probe_tensor(image: Path | None, imgsz: int, layout: str, work: Path) -> tup
 
 async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, store, runs: int, warmup: int,
                         threads: int | None, image: Path | None, timeout: float | None,
-                        on_phase: Callable[[str, str], None]) -> list[DeviceOutcome]:
+                        on_phase: Callable[[str, str], None], against: Path | None = None) -> list[DeviceOutcome]:
+    from edge_deploy.pipeline.stages.probe import speed_report, split_pair
+    from edge_deploy.pipeline.stages.verify import artifact_label
     from edge_deploy.targets import load_target
 
     manifest, runtime, digest = bundle_artifact(bundle)
     target = load_target(manifest["target"])()
+    against_manifest, against_digest = fp32_beside(manifest, runtime, target, against) if against else (None, None)
     devices = {name: inventory.get(name) for name in names}  # every name checked before any job starts
     for name, device in devices.items():
         if device.target and device.target != target.name:
             raise ConfigError(f"device {name} runs target '{device.target}', the bundle is for '{target.name}'")
     transports = {name: inventory.transport(name) for name in names}
+    if against:
+        unpaired = [name for name in names if not transports[name].runs_python_runners]
+        if unpaired:
+            raise ConfigError(f"--against needs devices that run the Python runners; {', '.join(unpaired)} "
+                              "do not (a phone over adb, a board on a serial port): bench each bundle on its own")
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as work:
         work = Path(work)
         tensor, input_note = probe_tensor(image, int(runtime["input"]["imgsz"]), target.input_layout, work)
@@ -99,13 +130,23 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                 async with device_lock(home, name, wait_s=limit, on_wait=lambda m: on_phase(name, m)):
                     job_dir = work / name
                     job_dir.mkdir()
-                    target.prepare_job(bundle, job, tensor, job_dir)
+                    target.prepare_job(bundle, job, tensor, job_dir, **({"fp32_dir": against} if against else {}))
                     result = await run_job(transports[name], job_dir, target.runner, target.runtime_packages, limit,
                                            target.runner_support, on_phase=lambda p: on_phase(name, p))
+                    speed = None
+                    if against:
+                        reference, result = split_pair(result)
+                        speed = speed_report(artifact_label(target, manifest["precision"]), reference, result,
+                                             f"the FP32 bundle {against_manifest['bundle']}")
                     on_phase(name, "storing")
                     # Stored before anything else happens; off the event loop, so other devices' jobs go on while
                     # the store waits for a concurrent writer.
                     try:
+                        if speed is not None:
+                            await asyncio.to_thread(
+                                store.add, speed.reference, device=name, artifact_sha256=against_digest,
+                                artifact_label=f"{target.name} fp32", target=target.name, precision="fp32",
+                                bundle=against_manifest["bundle"], role="reference", config=job)
                         stored = await asyncio.to_thread(
                             store.add, result, device=name, artifact_sha256=digest,
                             artifact_label=f"{target.name} {manifest['precision']}", target=target.name,
@@ -113,9 +154,9 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                     except DeployError as exc:
                         on_phase(name, "measured, not stored")
                         return DeviceOutcome(name, result, error=f"measured but not stored: {exc}",
-                                             exit_code=exc.exit_code)
+                                             exit_code=exc.exit_code, speed=speed)
                     on_phase(name, "done")
-                    return DeviceOutcome(name, result, stored_id=stored)
+                    return DeviceOutcome(name, result, stored_id=stored, speed=speed)
             except DeployError as exc:
                 on_phase(name, "failed")
                 try:
@@ -135,9 +176,17 @@ def outcome_line(outcome: DeviceOutcome) -> str:
         return f"{outcome.device}: {outcome.error}"
     r = outcome.result
     latency = r.latency_ms
-    return (f"{outcome.device}: {r.runtime}, p50 {reported(latency.get('p50'), ' ms')}, "
+    line = (f"{outcome.device}: {r.runtime}, p50 {reported(latency.get('p50'), ' ms')}, "
             f"p90 {reported(latency.get('p90'), ' ms')}, {reported(r.fps)} FPS, power {r.power_text()} "
             f"({r.device.get('processor') or r.device.get('machine', '?')})")
+    speed = outcome.speed
+    if speed is not None:
+        line += f"; FP32 p50 {reported(speed.reference.latency_ms.get('p50'), ' ms')}"
+        if speed.speedup_p50 is not None:
+            line += f"; {speed.speedup_text()}"
+        if speed.contended:
+            line += f"; the device was busy ({speed.contended}): run it again"
+    return line
 
 
 def exit_code(outcomes: list[DeviceOutcome]) -> int:
@@ -147,4 +196,8 @@ def exit_code(outcomes: list[DeviceOutcome]) -> int:
 
 def outcomes_json(outcomes: list[DeviceOutcome]) -> list[dict]:
     return [{"device": o.device, "ok": o.result is not None, "error": o.error, "exit_code": o.exit_code,
-             "stored_id": o.stored_id, "result": o.result.to_json() if o.result else None} for o in outcomes]
+             "stored_id": o.stored_id, "result": o.result.to_json() if o.result else None,
+             **({} if o.speed is None else {"reference": o.speed.reference.to_json(), "speed": {
+                 key: getattr(o.speed, key)
+                 for key in ("reference_label", "speedup_p50", "timing", "speedup_rounds", "contended")}})}
+            for o in outcomes]

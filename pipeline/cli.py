@@ -369,8 +369,11 @@ def targets(as_json):
 @click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="image the probe runs on (default: a generated one; latency does not depend on content)")
 @click.option("--timeout", type=click.FloatRange(1, 86_400), help="seconds a job may run (default: per device)")
+@click.option("--against", type=click.Path(path_type=Path),
+              help="an FP32 bundle of the same model and target, timed in turns with BUNDLE in each device's job: "
+                   "the speed-up on that device")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def bench(bundle, devices, inventory, runs, warmup, threads, image, timeout, as_json):
+def bench(bundle, devices, inventory, runs, warmup, threads, image, timeout, against, as_json):
     """Run a bundle's probe on devices; every result is kept in the results store as it arrives."""
     import asyncio
 
@@ -387,7 +390,7 @@ def bench(bundle, devices, inventory, runs, warmup, threads, image, timeout, as_
     progress = _DeviceProgress(console, names, quiet=as_json)
     with progress:
         outcomes = asyncio.run(bench_devices(bundle, names, loaded, home_dir(), store, runs, warmup, threads, image,
-                                             timeout, progress.update))
+                                             timeout, progress.update, against))
     if as_json:
         click.echo(json.dumps(outcomes_json(outcomes), indent=1))
     else:

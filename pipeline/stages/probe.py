@@ -103,19 +103,7 @@ class ProbeStage(Stage):
                 for name in returned:
                     shutil.move(artifact_job / name, out_dir / "from_device" / name)
                 outputs["device_files"] = out_dir / "from_device"
-        speedup = None
-        if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
-                and artifact.latency_ms.get("p50"):
-            speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
-        timing, rounds = None, None
-        if artifact is not None:
-            block, tool = artifact.extra.get("interleaved_block"), artifact.extra.get("interleaved_tool")
-            timing = ONE_AFTER_THE_OTHER if not block else \
-                IN_TURNS_RUN_PER_BLOCK.format(tool=tool) if tool else INTERLEAVED
-            rounds = round_speedups(reference.samples_ms, artifact.samples_ms, block) if block else None
-        report = SpeedReport(artifact_label(self.target, self.precision), reference, artifact, speedup,
-                             contention([reference] + ([artifact] if artifact else [])), reference_label, timing,
-                             rounds)
+        report = speed_report(artifact_label(self.target, self.precision), reference, artifact, reference_label)
         path = out_dir / "probe.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
         # Job folders hold copies of the model; only the results and what the device built are worth keeping.
@@ -180,6 +168,24 @@ async def held_job(hold: Callable[[str], AbstractAsyncContextManager] | None, de
         waited = time.monotonic() - asked
         result = await job()
     return dataclasses.replace(result, host_timings={**result.host_timings, "lock_wait_s": round(waited, 3)})
+
+
+def speed_report(label: str, reference: ProbeResult, artifact: ProbeResult | None,
+                 reference_label: str) -> SpeedReport:
+    """The artifact's speed-up over the reference at p50 where both ran on one device, how the two were timed,
+    each round's ratio when they were timed in turns, and whether either timing says the machine was busy."""
+    speedup = None
+    if artifact and same_device(reference, artifact) and reference.latency_ms.get("p50") \
+            and artifact.latency_ms.get("p50"):
+        speedup = round(reference.latency_ms["p50"] / artifact.latency_ms["p50"], 3)
+    timing, rounds = None, None
+    if artifact is not None:
+        block, tool = artifact.extra.get("interleaved_block"), artifact.extra.get("interleaved_tool")
+        timing = ONE_AFTER_THE_OTHER if not block else \
+            IN_TURNS_RUN_PER_BLOCK.format(tool=tool) if tool else INTERLEAVED
+        rounds = round_speedups(reference.samples_ms, artifact.samples_ms, block) if block else None
+    return SpeedReport(label, reference, artifact, speedup,
+                       contention([reference] + ([artifact] if artifact else [])), reference_label, timing, rounds)
 
 
 def split_pair(both: ProbeResult) -> tuple[ProbeResult, ProbeResult]:

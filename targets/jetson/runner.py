@@ -126,7 +126,7 @@ class Timer:
         return trtexec.parse_trtexec(text), exported_times(Path(times))
 
 
-def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> dict:
+def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> tuple:
     """`runs` timed inferences of each engine in blocks of `block`, one trtexec run per block, the engines taken in
     turn and the order reversed every round, so that clocks and heat that change during the job fall on both.
     Returns each engine's per-inference (latency, compute) pairs, in round order, and trtexec's advice from its

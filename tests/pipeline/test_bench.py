@@ -58,6 +58,56 @@ def test_bench_runs_on_every_named_device_and_keeps_each_result(bundle, lab, dep
     assert list(workdir.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, deploy_home) -> Path:
+    """The default INT8 build of the embedded model: the same model as `bundle`, in the same runtime."""
+    out = tmp_path_factory.mktemp("cpu-int8-dist")
+    done = run_deploy(["build", "--json", "--runs", "50", "--output", str(out)], out, deploy_home)
+    assert done.returncode == 0, done.stderr
+    return Path(json.loads(done.stdout)["bundle"])
+
+
+def test_bench_against_an_fp32_bundle_times_both_in_turns_on_the_device(int8_bundle, bundle, lab, deploy_home):
+    """--against puts the FP32 bundle into the device's job beside the INT8 one: both are timed there in turns,
+    both results are stored, and the speed-up is that device's."""
+    cwd, _, _ = lab
+    done = run_deploy(["bench", str(int8_bundle), "--against", str(bundle), "--device", "board-a", "--runs", "50",
+                       "--threads", "1", "--json"], cwd, deploy_home)
+    assert done.returncode == 0, done.stderr
+    (outcome,) = json.loads(done.stdout)
+    result, reference, speed = outcome["result"], outcome["reference"], outcome["speed"]
+    assert result["device"]["transport"]["device"] == reference["device"]["transport"]["device"] == "board-a"
+    assert len(result["samples_ms"]) == len(reference["samples_ms"]) == 50
+    assert speed["timing"] == "in one process, in turns" and speed["speedup_rounds"]["rounds"] == 10
+    assert speed["speedup_p50"] == round(reference["latency_ms"]["p50"] / result["latency_ms"]["p50"], 3)
+    # INT8 runs this model well under FP32's time at one thread: results filed under the wrong bundle would not.
+    assert speed["speedup_p50"] > 1 and speed["reference_label"] == f"the FP32 bundle {bundle.name}"
+    stored = json.loads(run_deploy(["results", "--json", "--device", "board-a"], cwd, deploy_home).stdout)
+    rows = {(r["bundle"], r["role"], r["precision"]) for r in stored["results"]}
+    assert {(bundle.name, "reference", "fp32"), (int8_bundle.name, "artifact", "int8")} <= rows
+    text = run_deploy(["bench", str(int8_bundle), "--against", str(bundle), "--device", "board-b", "--runs", "50",
+                       "--threads", "1"], cwd, deploy_home)
+    assert text.returncode == 0, text.stderr
+    assert f"as fast as the FP32 bundle {bundle.name} at p50, timed in one process, in turns" in text.stdout
+
+
+def test_bench_against_refuses_what_it_cannot_pair_before_any_job(int8_bundle, bundle, lab, deploy_home):
+    cwd, _, workdir = lab
+    inventory = yaml.safe_load((cwd / "devices.yaml").read_text())
+    inventory["devices"]["uart"] = {"transport": "serial", "port": str(cwd / "no-such-port")}
+    (cwd / "devices.yaml").write_text(yaml.safe_dump(inventory))
+    for bench_args, message in (
+            ([str(bundle), "--against", str(int8_bundle), "--device", "board-a"],
+             "--against takes an FP32 bundle; " + str(int8_bundle) + " is INT8"),
+            ([str(int8_bundle), "--against", str(bundle), "--device", "uart"],
+             "--against needs devices that run the Python runners; uart do not"),
+            ([str(int8_bundle), "--against", str(cwd / "missing"), "--device", "board-a"], "missing")):
+        done = run_deploy(["bench", *bench_args], cwd, deploy_home)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert list(workdir.iterdir()) == []
+
+
 SLOW_PYTHON = [sys.executable, "-c", "import runpy, sys, time; time.sleep(60); sys.argv = sys.argv[1:]; "
                "runpy.run_path(sys.argv[0], run_name='__main__')"]
 
