@@ -113,8 +113,8 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
     if against:
         unpaired = [name for name in names if not transports[name].runs_python_runners]
         if unpaired:
-            raise ConfigError(f"--against needs devices that run the Python runners; {', '.join(unpaired)} "
-                              "do not (a phone over adb, a board on a serial port): bench each bundle on its own")
+            raise ConfigError(f"--against needs devices that run the Python runners, and {', '.join(unpaired)} "
+                              "cannot (a phone over adb, a board on a serial port): bench each bundle on its own")
     with tempfile.TemporaryDirectory(prefix="deploy-bench-") as work:
         work = Path(work)
         tensor, input_note = probe_tensor(image, int(runtime["input"]["imgsz"]), target.input_layout, work)

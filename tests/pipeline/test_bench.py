@@ -100,7 +100,7 @@ def test_bench_against_refuses_what_it_cannot_pair_before_any_job(int8_bundle, b
             ([str(bundle), "--against", str(int8_bundle), "--device", "board-a"],
              "--against takes an FP32 bundle; " + str(int8_bundle) + " is INT8"),
             ([str(int8_bundle), "--against", str(bundle), "--device", "uart"],
-             "--against needs devices that run the Python runners; uart do not"),
+             "--against needs devices that run the Python runners, and uart cannot"),
             ([str(int8_bundle), "--against", str(cwd / "missing"), "--device", "board-a"], "missing")):
         done = run_deploy(["bench", *bench_args], cwd, deploy_home)
         assert done.returncode == 2, done.stderr
