@@ -134,7 +134,7 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                     result = await run_job(transports[name], job_dir, target.runner, target.runtime_packages, limit,
                                            target.runner_support, on_phase=lambda p: on_phase(name, p))
                     speed = None
-                    if against:
+                    if against and "reference" in result.extra:  # else the runner says why (reference_failed)
                         reference, result = split_pair(result)
                         speed = speed_report(artifact_label(target, manifest["precision"]), reference, result,
                                              f"the FP32 bundle {against_manifest['bundle']}")
@@ -186,6 +186,8 @@ def outcome_line(outcome: DeviceOutcome) -> str:
             line += f"; {speed.speedup_text()}"
         if speed.contended:
             line += f"; the device was busy ({speed.contended}): run it again"
+    elif r.extra.get("reference_failed"):
+        line += f"; no speed-up: {r.extra['reference_failed']}"
     return line
 
 

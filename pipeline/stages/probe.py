@@ -72,26 +72,35 @@ class ProbeStage(Stage):
         outputs = {}
         timed = self.precision not in self.target.reference_precisions  # else the artifact is the reference
         paired = timed and self.pairs()
+        reference = artifact = unpaired_reason = None
+        reference_label, artifact_job = FP32_ONNX, out_dir / "job-artifact"
         if paired:
             fp32_dir = self._fp32(self.target, inputs, info, out_dir)
             self._check_fp32(fp32_dir, inputs["onnx"].path, tensor, target_tensor)
             artifact_job = out_dir / "job-pair"
             both = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                artifact_job, fp32_dir)
-            reference, artifact = split_pair(both)
-            self._tell("reference", reference, fp32_dir, self.target, "fp32")
+            if "reference" in both.extra:
+                reference, artifact = split_pair(both)
+                self._tell("reference", reference, fp32_dir, self.target, "fp32")
+                # The reference target's own FP32 build is the FP32 ONNX in its runtime; any other target's FP32
+                # build runs in that target's runtime (an ncnn FP32 model, a TensorRT FP32 engine).
+                reference_label = FP32_ONNX if self.target.name == self.reference_target.name else \
+                    artifact_label(self.target, "fp32")
+            else:
+                # The device timed the artifact but not its FP32 build beside it (a TensorRT FP32 engine that
+                # would not build): the FP32 ONNX is timed in a job of its own instead, the speed-up names it and
+                # the two jobs, and nothing is cached, so the next build tries the pair again.
+                artifact, unpaired_reason = both, both.extra.get("reference_failed", "no FP32 result came back")
+                warnings.warn(f"probe: {unpaired_reason}; the FP32 ONNX is timed in a job of its own instead",
+                              stacklevel=2)
             self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
-            # The reference target's own FP32 build is the FP32 ONNX in its runtime; any other target's FP32
-            # build runs in that target's runtime (an ncnn FP32 model, a TensorRT FP32 engine).
-            reference_label = FP32_ONNX if self.target.name == self.reference_target.name else \
-                artifact_label(self.target, "fp32")
-        else:
+        if reference is None:
             reference_dir = self._fp32(self.reference_target, inputs, info, out_dir)
             reference = self._probe(self.reference_target, self.reference_transport, reference_dir, job, tensor,
                                     out_dir / "job-fp32")
             self._tell("reference", reference, reference_dir, self.reference_target, "fp32")
-            artifact, reference_label, artifact_job = None, FP32_ONNX, out_dir / "job-artifact"
-        if timed and not paired:
+        if timed and artifact is None:
             artifact = self._probe(self.target, self.transport, inputs["artifact"].path, job, target_tensor,
                                    artifact_job)
             self._tell("artifact", artifact, inputs["artifact"].path, self.target, self.precision)
@@ -113,7 +122,8 @@ class ProbeStage(Stage):
         if report.contended:
             warnings.warn(f"probe: {report.contended}; the numbers are shown but not cached: run again on a quiet "
                           "machine", stacklevel=2)
-        return StageOutput({"probe_report": path, **outputs}, report.to_json(), cacheable=report.contended is None)
+        return StageOutput({"probe_report": path, **outputs}, report.to_json(),
+                           cacheable=report.contended is None and unpaired_reason is None)
 
     def pairs(self) -> bool:
         """Whether the artifact and its FP32 build are timed in one job, in turns: the target's runner can, and

@@ -257,3 +257,15 @@ def test_ctrl_c_stops_the_device_jobs_and_keeps_what_arrived(bundle, lab, deploy
     # The job was killed on the board and its folder removed, not left to run out its timeout.
     alive = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
     assert alive == [] and list(workdir.iterdir()) == []
+
+
+def test_a_device_that_could_not_build_the_fp32_beside_says_why_there_is_no_speed_up():
+    """A Jetson whose FP32 engine would not build still times the bundle: its line says why no speed-up follows."""
+    from edge_deploy.pipeline.bench import DeviceOutcome, outcome_line
+    from edge_deploy.pipeline.results import ProbeResult
+    from tests.targets.test_transports import RESULT
+
+    reason = "the FP32 engine to time beside the artifact could not be built: trtexec failed (reference-build.log)"
+    result = ProbeResult.from_runner({**RESULT, "reference_failed": reason}, {"transport": "ssh", "device": "orin"})
+    line = outcome_line(DeviceOutcome("orin", result))
+    assert line.startswith("orin: fakert 1.0, p50 1.0 ms") and line.endswith(f"; no speed-up: {reason}")

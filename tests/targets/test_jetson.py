@@ -321,27 +321,32 @@ def test_the_engine_is_built_in_process_only_where_tensorrt_and_a_gpu_exist(jets
     assert runtime["files"]["engine"] == "model.engine"
 
 
-def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jetson_build, tmp_path, deploy_home):
-    """`deploy build --target jetson --device NAME` over real SSH (a local OpenSSH server stands for the Jetson,
-    the trtexec stand-in for TensorRT): the engine is built on the device, timed there, and comes back into the
-    bundle."""
+def _builds_on_an_ssh_jetson(tmp_path, deploy_home, script: str, builds: int = 1) -> list:
+    """`deploy build --target jetson --device xavier` `builds` times over real SSH (a local OpenSSH server stands
+    for the Jetson), with `script` standing in for trtexec."""
     from tests import sshd as sshd_helper
 
     if sshd_helper.unavailable():
         pytest.skip(sshd_helper.unavailable())
     pytest.importorskip("asyncssh")
-    log = next(SAMPLES.glob("trt8*.txt"))
     tool = tmp_path / "trtexec-stand-in"
-    tool.write_text(STANDIN.format(python=sys.executable, log=str(log)))
+    tool.write_text(script)
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     server = sshd_helper.Sshd.prepare(tmp_path / "sshd").start()
     try:
         entry = server.inventory_entry(["env", f"TRTEXEC={tool}", sys.executable], tmp_path)
         (tmp_path / "devices.yaml").write_text(yaml.safe_dump({"devices": {"xavier": {**entry, "target": "jetson"}}}))
-        done = run_deploy(["build", "--target", "jetson", "--device", "xavier", "--runs", "50", "--json",
-                           "--output", str(tmp_path / "dist")], tmp_path, deploy_home)
+        return [run_deploy(["build", "--target", "jetson", "--device", "xavier", "--runs", "50", "--json",
+                            "--output", str(tmp_path / f"dist-{n}")], tmp_path, deploy_home) for n in range(builds)]
     finally:
         server.kill()
+
+
+def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jetson_build, tmp_path, deploy_home):
+    """The engine is built on the device, timed there in turns with TensorRT's FP32 engine, and comes back into
+    the bundle."""
+    log = next(SAMPLES.glob("trt8*.txt"))
+    done, = _builds_on_an_ssh_jetson(tmp_path, deploy_home, STANDIN.format(python=sys.executable, log=str(log)))
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     probe = next(s for s in summary["stages"] if s["stage"] == "probe")["metrics"]
@@ -359,3 +364,45 @@ def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jets
     assert "## Built on the device" in card and "Not measured" not in card
     assert "50 runs after 500 ms of warm-up" in card and "warm-up runs" not in card
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
+
+
+def _failing_fp32_build(log: Path) -> str:
+    """The stand-in, except that building the FP32 reference engine fails the way a device out of memory does."""
+    return STANDIN.format(python=sys.executable, log=str(log)).replace(
+        'if "saveEngine" in args:',
+        'if "saveEngine" in args and "reference" in args["onnx"]:\n'
+        '    print("[E] [TRT] Error Code 2: OutOfMemory (no memory left on the device)")\n'
+        '    sys.exit(1)\n'
+        'if "saveEngine" in args:', 1)
+
+
+def test_an_fp32_engine_that_will_not_build_leaves_the_artifact_timed_alone(jetson_build, tmp_path, monkeypatch):
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch, _failing_fp32_build(log), paired=True)
+    result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    assert "reference" not in result.extra and "interleaved_block" not in result.extra
+    assert "could not be built" in result.extra["reference_failed"]
+    assert "reference-build.log" in result.extra["reference_failed"] and "OutOfMemory" in result.extra["reference_failed"]
+    assert result.samples_ms == ([7.0, 7.5, 8.0, 9.5] * 13)[:50] and result.extra["precision"] == "int8"
+    timed = [c for c in (job_dir / "trtexec-calls.txt").read_text().splitlines() if "--loadEngine=" in c]
+    assert len(timed) == 1 and "--loadEngine=model.engine" in timed[0]
+
+
+def test_a_build_whose_fp32_engine_fails_falls_back_to_the_onnx_and_tries_again_next_time(jetson_build, tmp_path,
+                                                                                          deploy_home):
+    """The build still publishes, its speed-up against the FP32 ONNX in a job of its own (the stand-in Jetson has
+    onnxruntime), says so, and caches nothing of the probe, so the next build tries the pair again."""
+    log = next(SAMPLES.glob("trt8*.txt"))
+    first, second = _builds_on_an_ssh_jetson(tmp_path, deploy_home, _failing_fp32_build(log), builds=2)
+    for done in (first, second):
+        assert done.returncode == 0, done.stderr
+        assert "the FP32 ONNX is timed in a job of its own instead" in done.stderr
+        probe = next(s for s in json.loads(done.stdout)["stages"] if s["stage"] == "probe")
+        assert not probe["cache_hit"]
+        metrics = probe["metrics"]
+        assert metrics["reference_label"] == "FP32 ONNX" and metrics["timing"] == "in two jobs, one after the other"
+        assert metrics["reference"]["runtime"].startswith("onnxruntime")
+        assert metrics["artifact"]["runtime"].startswith("TensorRT")
+        assert metrics["reference"]["device"]["transport"]["device"] == "xavier"
