@@ -1,10 +1,13 @@
 """Where ONNX Runtime's INT8 time goes on this CPU: per-operator profiles of FP32 and INT8 at one thread.
 
 Builds (or reuses from cache) a cpu INT8 bundle, then:
-1. times five models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
+1. times seven models side by side at 1 thread, interleaved and repeated: the FP32 ONNX, the build's INT8 model,
    the same INT8 model with the stem conv quantized too (what the build did before the cpu rules kept convs on
    fewer than 8 input channels float), with its outputs rounded to 8 bits (before the rules kept the outputs'
-   shape ops float), and with every SiLU left float, all from the build's own activation statistics;
+   shape ops float), and with every SiLU left float, all from the build's own activation statistics; the build's
+   INT8 model with each quantized SiLU replaced by a 256-entry lookup table made of standard operators (Cast,
+   Gather); and the build's INT8 model on onnxruntime's U8U8 kernels (`session.x64quantprecision`, which on x86
+   without VNNI avoids the U8S8 kernels' 16-bit saturation), with each one's output SQNR against FP32;
 2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
    INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
    higher than the plain timings; compare them within a column, not with step 1.
@@ -25,7 +28,6 @@ from pathlib import Path
 
 from interleave import load_average, ratios, repeated_p50s, spread
 
-from edge_deploy.calibration.onnxrt import ort_infer
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
 from edge_deploy.calibration.qdq import feed_float_inputs, prepare, quantize, store_float_weights
 from edge_deploy.calibration.ranges import load_statistics, ranges_for
@@ -34,23 +36,32 @@ from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.results import QuantizationReport
 from edge_deploy.targets.runners.measure import cpu_name, vector_extensions
 
+# On x86 without VNNI, onnxruntime's U8S8 kernels add pairs of products in 16 bits, which can saturate; with this
+# session setting they are U8U8, which cannot (elsewhere it changes nothing).
+U8U8 = {"session.x64quantprecision": "1"}
 PROFILED_RUNS = 200
 SKIPPED_RUNS = 50  # warm-up runs left out of the profile
 PROFILE_BLOCK = 10
 
 
-def profiles(paths: dict[str, Path], feed: dict, prefix: str) -> dict[str, dict[str, float]]:
-    """Median kernel microseconds of every node of each model, keyed 'op|node'; the models are profiled in turn,
-    a block of runs each, so that the machine's drift hits all alike."""
+def open_session(path: Path, config: dict | None = None, profile_prefix: str | None = None):
     import onnxruntime as ort
 
-    sessions = {}
-    for index, (label, path) in enumerate(paths.items()):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    if profile_prefix:
         options.enable_profiling = True
-        options.profile_file_prefix = f"{prefix}-{index}"
-        sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def profiles(models: dict[str, tuple], feed: dict, prefix: str) -> dict[str, dict[str, float]]:
+    """Median kernel microseconds of every node of each (path, session config) model, keyed 'op|node'; the models
+    are profiled in turn, a block of runs each, so that the machine's drift hits all alike."""
+    sessions = {label: open_session(path, config, f"{prefix}-{index}")
+                for index, (label, (path, config)) in enumerate(models.items())}
     for _ in range(PROFILED_RUNS // PROFILE_BLOCK):
         for session in sessions.values():
             for _ in range(PROFILE_BLOCK):
@@ -84,6 +95,65 @@ def silu_nodes(model_path: Path) -> list[str]:
                 found += [sigmoids[gate].name, node.name]
                 break
     return found
+
+
+def silu_tables(int8_path: Path, out: Path) -> Path:
+    """The INT8 model with each quantized SiLU (Dequantize, Sigmoid, Quantize, Dequantize, Mul, Quantize) replaced
+    by a lookup table of the 256 input codes: Cast to int32, then Gather from the table of output codes. One
+    rounding instead of two, and no integer SiLU kernel needed."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(int8_path))
+    graph = model.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    makers = {out_name: node for node in graph.node for out_name in node.output}
+    readers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+
+    def only_reader(name: str, op: str):
+        found = readers[name]
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    dropped, tables, added = set(), [], {}
+    for sigmoid in [n for n in graph.node if n.op_type == "Sigmoid"]:
+        dequantize_x = makers.get(sigmoid.input[0])
+        quantize_s = only_reader(sigmoid.output[0], "QuantizeLinear")
+        dequantize_s = quantize_s and only_reader(quantize_s.output[0], "DequantizeLinear")
+        mul = dequantize_s and only_reader(dequantize_s.output[0], "Mul")
+        quantize_y = mul and only_reader(mul.output[0], "QuantizeLinear")
+        if not (quantize_y and dequantize_x is not None and dequantize_x.op_type == "DequantizeLinear"
+                and set(mul.input) == {dequantize_x.output[0], dequantize_s.output[0]}):
+            continue
+        x_scale, x_zero = constants[dequantize_x.input[1]], constants[dequantize_x.input[2]]
+        y_scale, y_zero = constants[quantize_y.input[1]], constants[quantize_y.input[2]]
+        codes = (np.arange(256, dtype=np.float32) - x_zero.astype(np.float32)) * x_scale
+        silu = codes / (1 + np.exp(-codes))
+        table = np.clip(np.rint(silu / y_scale) + y_zero.astype(np.float32), 0, 255).astype(np.uint8)
+        tables.append(numpy_helper.from_array(table, f"{sigmoid.name}/silu_table"))
+        index = f"{sigmoid.name}/silu_index"
+        added[id(quantize_y)] = [
+            helper.make_node("Cast", [dequantize_x.input[0]], [index], to=TensorProto.INT32),
+            helper.make_node("Gather", [tables[-1].name, index], [quantize_y.output[0]], axis=0)]
+        dropped |= {id(sigmoid), id(quantize_s), id(dequantize_s), id(mul)}
+        if all(reader in (sigmoid, mul) for reader in readers[dequantize_x.output[0]]):
+            dropped.add(id(dequantize_x))
+    # The table's two nodes take the place of the last node they replace, so the graph stays in order.
+    nodes = [new for node in graph.node if id(node) not in dropped for new in added.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(tables)
+    onnx.save(model, str(out))
+    return out
+
+
+def sqnr_db(reference, produced) -> float:
+    import numpy as np
+
+    return float(10 * np.log10((reference ** 2).sum() / ((reference - produced) ** 2).sum()))
 
 
 def by_op(profiled: dict[str, float]) -> dict[str, float]:
@@ -144,11 +214,17 @@ def main() -> None:
         silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
                               [*report.float_for_speed, *report.float_units, *report.float_outputs,
                                *silu_nodes(prepared)])
-        models = {"FP32": fp32_path, "INT8 (build)": int8_path, "INT8, stem conv quantized": stem_int8,
-                  "INT8, outputs rounded": rounded, "INT8, SiLU float": silu_float}
-        runs = {label: ort_infer(path, 1) for label, path in models.items()}
+        models = {"FP32": (fp32_path, None), "INT8 (build)": (int8_path, None),
+                  "INT8, stem conv quantized": (stem_int8, None), "INT8, outputs rounded": (rounded, None),
+                  "INT8, SiLU float": (silu_float, None),
+                  "INT8, SiLU as a lookup table": (silu_tables(int8_path, tmp / "silu-tables.onnx"), None),
+                  "INT8, U8U8 kernels": (int8_path, U8U8)}
+        sessions = {label: open_session(path, config) for label, (path, config) in models.items()}
+        outputs = {label: s.run(None, feed) for label, s in sessions.items()}
+        sqnr = {label: min(sqnr_db(reference, produced) for reference, produced in zip(outputs["FP32"], out))
+                for label, out in outputs.items() if label != "FP32"}
         load_start = load_average()
-        p50s = repeated_p50s({label: (lambda run=run: run(tensor)) for label, run in runs.items()},
+        p50s = repeated_p50s({label: (lambda s=s: s.run(None, feed)) for label, s in sessions.items()},
                              args.repeats, args.rounds, args.block, warmup=20)
         load_end = load_average()
         profiled = profiles(models, feed, str(tmp / "trace"))
@@ -157,10 +233,11 @@ def main() -> None:
           f"{info['family']} imgsz {info['imgsz']} ({args.model or 'embedded default'}); {args.repeats} repeats x "
           f"{args.rounds} rounds x {args.block} runs per model, interleaved; load average {load_start} at the "
           f"start, {load_end} at the end\n")
-    print("| model | p50 ms | speed vs FP32, median [min-max] |")
-    print("|---|---|---|")
+    print("| model | p50 ms | speed vs FP32, median [min-max] | lowest output SQNR vs FP32 (dB, the probe image) |")
+    print("|---|---|---|---|")
     for label in models:
-        print(f"| {label} | {statistics.median(p50s[label]):.3f} | {spread(ratios(p50s, 'FP32', label))} |")
+        print(f"| {label} | {statistics.median(p50s[label]):.3f} | {spread(ratios(p50s, 'FP32', label))} | "
+              f"{'-' if label == 'FP32' else f'{sqnr[label]:.2f}'} |")
     print(f"\nKept float by the cpu rules: {', '.join(report.float_for_speed) or 'none'}; by the search: "
           f"{len(report.float_units)}.\n")
     runs = PROFILED_RUNS - SKIPPED_RUNS
