@@ -68,12 +68,8 @@ def main(job_dir: Path) -> dict:
         # The FP32 model this artifact came from, timed in this process in turns with it: the speed-up is then
         # one runtime's, on one machine, in one moment.
         models["reference"] = open_model(job_dir, job["reference"]["model"], batch, threads, job["warmup"])
-        models["reference"]["memory_mb"]["with"] = "the artifact loaded in the same process"
     # Energy per image, like fps: a batch of n is n inferences.
-    timings, power, fps = measure.time_models({name: m["run"] for name, m in models.items()}, job["runs"],
-                                              job["runs"] * images, job)
-    if "reference" not in models:  # alone in the process, its peak takes in the timed runs too
-        models["artifact"]["memory_mb"]["peak_rss"] = round(measure.status_mb("VmHWM"), 1)
+    timings, power, fps = measure.time_opened(models, job["runs"], job["runs"] * images, job)
     state_end = measure.device_state()
 
     def result(name: str) -> dict:

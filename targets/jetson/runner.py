@@ -131,23 +131,16 @@ def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> tuple:
     turn and the order reversed every round, so that clocks and heat that change during the job fall on both.
     Returns each engine's per-inference (latency, compute) pairs, in round order, and trtexec's advice from its
     blocks."""
-    names = list(engines)
-    samples, advice = {name: [] for name in names}, {name: [] for name in names}
-    round_index = 0
-    while any(len(samples[name]) < runs for name in names):
-        for name in (names if round_index % 2 == 0 else names[::-1]):
-            count = min(block, runs - len(samples[name]))
-            if count <= 0:
-                continue
-            summary, timed = timer.run(engines[name], count, TIMING_LOGS[name], TIMES_FILES[name])
-            advice[name] += [text for text in summary.get("warnings", []) if text not in advice[name]]
-            if len(timed) < count:
-                # Rounds are compared block by block: a short block would pair one engine's runs with the wrong
-                # runs of the other.
-                raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {count} timed inferences "
-                                f"of {engines[name]} ({TIMING_LOGS[name]})")
-            samples[name] += timed[:count]
-        round_index += 1
+    samples, advice = {name: [] for name in engines}, {name: [] for name in engines}
+    for name, count in measure.blocks_in_turns(list(engines), runs, block):
+        summary, timed = timer.run(engines[name], count, TIMING_LOGS[name], TIMES_FILES[name])
+        advice[name] += [text for text in summary.get("warnings", []) if text not in advice[name]]
+        if len(timed) < count:
+            # Rounds are compared block by block: a short block would pair one engine's runs with the wrong runs
+            # of the other.
+            raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {count} timed inferences of "
+                            f"{engines[name]} ({TIMING_LOGS[name]})")
+        samples[name] += timed[:count]
     return samples, advice
 
 

@@ -297,19 +297,28 @@ def measure_power(run, inferences: int | None, job: dict | None = None, root: st
 PAIR_BLOCK = 5
 
 
-def interleaved(runs: dict, count: int, block: int = PAIR_BLOCK) -> dict:
-    """`count` timed calls (ms) of each callable in `runs`, in blocks of `block` taken in turn, the order reversed
-    every round (A B, B A, ...) so that neither model always runs right after the other."""
-    names = list(runs)
-    timings = {name: [] for name in names}
+def blocks_in_turns(names: list, count: int, block: int = PAIR_BLOCK):
+    """(name, runs) for each block when `count` runs of each named model are taken in blocks of `block`, in turn,
+    the order reversed every round (A B, B A, ...) so that neither model always runs right after the other."""
+    done = dict.fromkeys(names, 0)
     round_index = 0
-    while any(len(timings[name]) < count for name in names):
+    while any(done[name] < count for name in names):
         for name in (names if round_index % 2 == 0 else names[::-1]):
-            for _ in range(min(block, count - len(timings[name]))):
-                t = time.perf_counter()
-                runs[name]()
-                timings[name].append((time.perf_counter() - t) * 1000)
+            runs = min(block, count - done[name])
+            if runs > 0:
+                done[name] += runs
+                yield name, runs
         round_index += 1
+
+
+def interleaved(runs: dict, count: int, block: int = PAIR_BLOCK) -> dict:
+    """`count` timed calls (ms) of each callable in `runs`, in blocks taken in turn (blocks_in_turns)."""
+    timings = {name: [] for name in runs}
+    for name, calls in blocks_in_turns(list(runs), count, block):
+        for _ in range(calls):
+            t = time.perf_counter()
+            runs[name]()
+            timings[name].append((time.perf_counter() - t) * 1000)
     return timings
 
 
@@ -350,6 +359,18 @@ def time_models(runs: dict, count: int, inferences: int, job: dict) -> tuple:
 
     drawn = measure_power(timed_runs, inferences, job)
     return {name: timings}, {name: drawn}, {name: inferences / loop_s}
+
+
+def time_opened(models: dict, count: int, inferences: int, job: dict) -> tuple:
+    """time_models over the models a runner opened and warmed up ("artifact", and "reference" when the job names
+    one; each with its `run` and the `memory_mb` read after its warm-up). The FP32 build's memory was read with
+    the artifact loaded and says so; an artifact alone in the process takes in its timed runs' peak too."""
+    if "reference" in models:
+        models["reference"]["memory_mb"]["with"] = "the artifact loaded in the same process"
+    timed = time_models({name: model["run"] for name, model in models.items()}, count, inferences, job)
+    if "reference" not in models:
+        models["artifact"]["memory_mb"]["peak_rss"] = round(status_mb("VmHWM"), 1)
+    return timed
 
 
 def model_figures(model: dict, timings: list, drawn: dict, fps: float, job: dict) -> dict:
