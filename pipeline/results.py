@@ -269,7 +269,7 @@ class ProbeResult(JsonResult):
     device: dict  # what the device says of itself (machine, processor, OS, clocks, ...) and the transport used
     threads: Any
     batch: int
-    warmup: int | None  # warm-up runs; None where the runtime warms up for a time instead (extra's warmup_ms)
+    warmup: int | None  # warm-up runs (after extra's warmup_ms where the runtime warms up for a time first)
     runs: int
     load_ms: float | None
     latency_ms: dict  # mean, p50, p90, p99, min, max, std of the warm runs

@@ -268,11 +268,11 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
 
 
 def warmup_text(timed) -> str:
-    if timed.warmup is not None:
-        return f"{timed.warmup} warm-up runs"
-    if timed.extra.get("warmup_ms") is not None:
-        return f"{timed.extra['warmup_ms']} ms of warm-up"
-    return "the runtime's own warm-up"
+    runs = f"{timed.warmup} warm-up runs" if timed.warmup is not None else None
+    if timed.extra.get("warmup_ms") is not None:  # a runtime that warms up for a time (trtexec), then maybe runs
+        during = f"{timed.extra['warmup_ms']} ms of warm-up"
+        return f"{during}, then {runs}" if timed.warmup else during
+    return runs or "the runtime's own warm-up"
 
 
 def _loading(runtime: dict, info: ModelInfo, device_steps: list[str] | None, guides: list[str]) -> list[str]:

@@ -4,10 +4,11 @@ Needs the standard library, JetPack's `trtexec` (on PATH or in /usr/src/tensorrt
 script, measure.py, power.py, trtexec.py and tegrastats.py. JOB_DIR holds job.json, the bundle's model.onnx (and
 for TensorRT 8.x's implicit INT8, model.fp32.onnx + calibration.cache). The runner builds the engine with the
 job's recipe (an engine is tied to this GPU and TensorRT version, so it is built here), times it with
-trtexec, samples the INA3221 rails (or tegrastats) while it runs and while idle, and writes result.json
-atomically; the engine, its build log and the timing log stay in JOB_DIR to be brought back. When job.json
-names a `reference` (the FP32 ONNX and its build command), its FP32 engine is built too and the two engines
-are timed in turns, one trtexec run per block of inferences, and each one's power is read in a run of its own.
+trtexec (the job's warm-up runs, after trtexec's own warm-up, are left out of the times), samples the INA3221
+rails (or tegrastats) while it runs and while idle, and writes result.json atomically; the engine, its build
+log and the timing log stay in JOB_DIR to be brought back. When job.json names a `reference` (the FP32 ONNX and
+its build command), its FP32 engine is built too and the two engines are timed in turns, one trtexec run per
+block of inferences, and each one's power is read in a run of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ except ImportError:
     import tegrastats
     import trtexec
 
-RUNNER_VERSION = 3
+RUNNER_VERSION = 4
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/usr/bin/trtexec")
 # trtexec writes every timed inference here (--exportTimes): the raw samples behind its summary.
 TIMES_FILE = "times.json"
@@ -109,21 +110,33 @@ def exported_times(path: Path) -> list:
 
 class Timer:
     """trtexec timing saved engines on this device: `iterations` timed inferences after the job's warm-up, each
-    call's log and exported per-inference times kept in the job folder."""
+    call's log and exported per-inference times kept in the job folder.
+
+    The warm-up is trtexec's own (`warmup_ms` of it), then the job's `warmup` runs: trtexec has no warm-up counted
+    in runs, so it is asked for that many inferences more and the first ones of its exported times are left out.
+    Every trtexec run loads its engine again, so each run gets the whole warm-up."""
 
     def __init__(self, tool: str, job: dict, trt_version: str | None, timeout: float, dla_cores: dict):
         # An unknown version gets the oldest flags, which every trtexec takes.
         self.major, self.minor = (int(v) for v in (trt_version or "8.0").split(".")[:2])
         self.tool, self.job, self.timeout, self.dla_cores = tool, job, timeout, dla_cores
+        self.warmup_ms = int(job.get("warmup_ms", 500))
+        self.warmup_runs = int(job.get("warmup", 0))
 
     def run(self, engine: str, iterations: int, log: str, times: str) -> tuple:
-        """(trtexec's summary, [(latency ms, GPU compute ms or None) per timed inference])."""
+        """(trtexec's summary, [(latency ms, GPU compute ms or None) per timed inference]). trtexec's summary and
+        throughput cover the warm-up runs too; the per-inference times do not."""
         command = [self.tool, *trtexec.trtexec_run_command(
-            engine, iterations, int(self.job.get("warmup_ms", 500)), self.dla_cores.get(engine),
+            engine, self.warmup_runs + iterations, self.warmup_ms, self.dla_cores.get(engine),
             trt_major=self.major, trt_minor=self.minor)[1:], f"--exportTimes={times}"]
         Path(times).unlink(missing_ok=True)
         text = run_logged(command, Path(log), self.timeout)
-        return trtexec.parse_trtexec(text), exported_times(Path(times))
+        timed = exported_times(Path(times))
+        if self.warmup_runs and len(timed) < self.warmup_runs + iterations:
+            # Without every inference's time the warm-up runs cannot be told from the timed ones.
+            raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {self.warmup_runs} warm-up and "
+                            f"{iterations} timed inferences of {engine} ({Path(log).name})")
+        return trtexec.parse_trtexec(text), timed[self.warmup_runs:]
 
 
 def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> tuple:
@@ -194,14 +207,17 @@ def main(job_dir: Path) -> dict:
         throughput = summary.get("throughput_qps")
         # --duration=0 makes the count exact, and the time the inferences took is the count over the measured
         # throughput: the busy window's wall clock would add trtexec loading the engine. Without a throughput
-        # the energy per inference is left out rather than guessed.
-        return summary, timed, meter.report(runs if throughput else None,
-                                            seconds=runs / throughput if throughput else None)
+        # the energy per inference is left out rather than guessed. The window holds the warm-up runs too.
+        inferences = timer.warmup_runs + runs
+        return summary, timed, meter.report(inferences if throughput else None,
+                                            seconds=inferences / throughput if throughput else None)
 
     figures = {}
     if len(engines) == 1:
         summary, timed, drawn = powered_run("artifact")
-        figures["artifact"] = trtexec_figures(summary, timed, drawn)
+        # trtexec's own summary would count the warm-up runs among the timed ones.
+        figures["artifact"] = (exported_figures(timed, drawn, summary.get("warnings", [])) if timer.warmup_runs
+                               else trtexec_figures(summary, timed, drawn))
     else:
         turns, advice = in_turns(timer, engines, runs, PAIR_BLOCK)
         sensing = power.PowerMeter.find(interval_s=interval_s, extra=(tegrastats.OPENER,))
@@ -210,15 +226,15 @@ def main(job_dir: Path) -> dict:
             # Each engine's power from a run of its own (a window over runs in turns would describe neither);
             # without a sensor no extra run is made.
             drawn = powered_run(name)[2] if sensing.sensor is not None else sensing.report(None)
-            figures[name] = turn_figures(turns[name], drawn, advice[name])
+            figures[name] = exported_figures(turns[name], drawn, advice[name])
     state_end = measure.device_state()
 
     def result(name: str) -> dict:
         return {"runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
                 "runtime": f"TensorRT {version or 'unknown'} (trtexec)", "threads": None,
                 "precision": recipe["precision"] if name == "artifact" else "fp32", "batch": 1,
-                # trtexec warms up for a time, not a number of runs; and loading an engine is not building it.
-                "warmup": None, "warmup_ms": int(job.get("warmup_ms", 500)), "runs": runs, "load_ms": None,
+                # Loading an engine is not building it.
+                "warmup": timer.warmup_runs, "warmup_ms": timer.warmup_ms, "runs": runs, "load_ms": None,
                 "engine_build_ms": build_ms[name],
                 # trtexec times its first inference inside its warm-up and never reports it.
                 "first_inference_ms": None, "memory_mb": {"rss_before_load": None, "peak_rss": None},
@@ -247,12 +263,13 @@ def trtexec_figures(summary: dict, timed: list, drawn: dict) -> dict:
             "gpu_compute_ms": summary.get("gpu_compute_ms"), "warnings": summary.get("warnings", [])}
 
 
-def turn_figures(timed: list, drawn: dict, advice: list) -> dict:
-    """An engine timed in turns with another: its statistics are those of its exported times from every block."""
+def exported_figures(timed: list, drawn: dict, advice: list) -> dict:
+    """An engine's statistics from its exported per-inference times alone (every block's, when timed in turns
+    with another), leaving out what trtexec's summary would count too: the warm-up runs, and engine loads."""
     latencies = [latency for latency, _ in timed]
     computes = [compute for _, compute in timed if compute is not None]
     return {"latency_ms": measure.latency_summary(latencies), "samples_ms": [round(ms, 3) for ms in latencies],
-            # Inferences back to back, as the blocks ran them: trtexec's throughput is per block, warm-up aside.
+            # Inferences back to back, as they ran: trtexec's throughput is per run, warm-up runs included.
             "fps": round(len(latencies) / (sum(latencies) / 1000), 2), "power": drawn,
             "gpu_compute_ms": trtexec_shaped(measure.latency_summary(computes))
             if computes and len(computes) == len(latencies) else None, "warnings": advice}

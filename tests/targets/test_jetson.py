@@ -205,8 +205,8 @@ def test_the_device_runner_times_the_fp32_engine_beside_the_artifact_in_turns(je
     assert artifact.samples_ms == block * 2 and artifact.extra["precision"] == "int8"
     assert reference.samples_ms == [2 * ms for ms in block * 2] and reference.extra["precision"] == "fp32"
     assert reference.runtime == artifact.runtime and reference.runtime.startswith("TensorRT ")
-    # trtexec warms up for a time, not a number of runs; building an engine is not loading it.
-    assert artifact.warmup is None and artifact.extra["warmup_ms"] == 200
+    # trtexec warms up for a time; the job asked for no warm-up runs after it. Building an engine is not loading it.
+    assert artifact.warmup == 0 and artifact.extra["warmup_ms"] == 200
     assert artifact.load_ms is None and artifact.extra["engine_build_ms"] > 0
     assert artifact.extra["interleaved_block"] == PAIR_BLOCK and artifact.extra["interleaved_tool"] == "trtexec"
     assert round_speedups(reference.samples_ms, artifact.samples_ms, PAIR_BLOCK)["median"] == 2.0
@@ -223,6 +223,43 @@ def test_the_device_runner_times_the_fp32_engine_beside_the_artifact_in_turns(je
     # Only the artifact's engine and logs come back; the FP32 engine was only timed.
     assert set(artifact.extra["bring_back"]) == {"model.engine", "build.log", "timing.log"}
     assert (job_dir / "reference.engine").read_bytes() == b"stand-in engine fp32"
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_the_jobs_warm_up_runs_are_run_and_left_out_of_every_trtexec_runs_times(jetson_build, tmp_path, monkeypatch,
+                                                                              paired):
+    """trtexec warms up for a time; the job's warm-up runs come after it, in every trtexec run (each loads its
+    engine again), and are neither in the samples nor in the statistics, which then come from the exported times
+    rather than trtexec's summary (that counts them)."""
+    from edge_deploy.pipeline.stages.probe import split_pair
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        STANDIN.format(python=sys.executable, log=str(log)), paired=paired, warmup=3)
+    result = LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+    artifact = split_pair(result)[1] if paired else result
+    calls = [c for c in (job_dir / "trtexec-calls.txt").read_text().splitlines() if "--loadEngine=" in c]
+    per_run = 25 if paired else 50
+    assert calls and all(f"--iterations={3 + per_run}" in c and "--warmUp=200" in c for c in calls)
+    # The stand-in's cycle starts again in every trtexec run; its first three times are the warm-up runs'.
+    kept = ([7.0, 7.5, 8.0, 9.5] * 15)[3:3 + per_run]
+    assert artifact.samples_ms == kept * (50 // per_run)
+    assert artifact.latency_ms["p50"] == pytest.approx(np.median(kept))
+    assert artifact.latency_ms["mean"] == pytest.approx(np.mean(kept))
+    assert artifact.fps == round(50 / (sum(kept) * (50 // per_run) / 1000), 2)
+    assert artifact.warmup == 3 and artifact.extra["warmup_ms"] == 200
+
+
+def test_a_trtexec_that_exports_too_few_times_to_leave_out_the_warm_up_fails(jetson_build, tmp_path, monkeypatch):
+    from edge_deploy.pipeline.errors import DeviceError
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    short = STANDIN.format(python=sys.executable, log=str(log)).replace('int(args["iterations"])', "50")
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch, short, warmup=3)
+    with pytest.raises(DeviceError, match="exported 50 per-inference times for 3 warm-up and 50 timed inferences"):
+        LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
 
 
 def test_only_the_artifact_engine_runs_on_the_dla_core(jetson_build, tmp_path, monkeypatch):
@@ -362,7 +399,8 @@ def test_build_with_a_device_builds_and_times_the_engine_there_and_ships_it(jets
     assert {"build.log", "timing.log"} <= {p.name for p in (bundle / "built_on_device").iterdir()}
     card = (bundle / "README.md").read_text()
     assert "## Built on the device" in card and "Not measured" not in card
-    assert "50 runs after 500 ms of warm-up" in card and "warm-up runs" not in card
+    # The build's own 10 warm-up runs, after trtexec's warm-up in every trtexec run.
+    assert "50 runs after 500 ms of warm-up, then 10 warm-up runs" in card
     assert run_deploy(["check", str(bundle)], tmp_path, deploy_home).returncode == 0
 
 
