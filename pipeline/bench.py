@@ -2,9 +2,10 @@
 
 Each device runs its jobs one at a time under its lock; devices run concurrently (asyncio). A result is
 written to the results store the moment it arrives, before anything else happens, so a device that drops
-later, or a crash of this process, never loses a result that came back. With `--against` an FP32 bundle of the
-same model and target goes into each device's job too, and the two are timed in turns there: the speed-up is
-then that device's own, taken in one moment.
+later, or a crash of this process, never loses a result that came back. With `--against` another bundle of the
+same model, target and input size (FP32, or any precision: INT8 against FP16 on a Jetson) goes into each
+device's job too, and the two are timed in turns there: the speed-up is then that device's own, taken in one
+moment.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class DeviceOutcome:
     error: str | None = None
     exit_code: int = 0
     stored_id: int | None = None
-    # With --against: the FP32 bundle's result from the same job, and the speed-up between the two.
+    # With --against: the other bundle's result from the same job, the speed-up over it, and its precision.
     speed: SpeedReport | None = None
+    reference_precision: str | None = None
 
 
 def artifact_digest(files: dict[str, str]) -> str:
@@ -56,23 +58,25 @@ def bundle_artifact(bundle: Path) -> tuple[dict, dict, str]:
     return manifest, runtime, artifact_digest(files)
 
 
-def fp32_beside(manifest: dict, runtime: dict, target, against: Path) -> tuple[dict, str]:
-    """`against`'s manifest and artifact digest, once it is known to be an FP32 bundle of the same model, target
-    and input size as the bundle benchmarked, for a target whose runner can time the two in one job."""
-    against_manifest, against_runtime, digest = bundle_artifact(against)
+def bundle_beside(manifest: dict, runtime: dict, target, digest: str, against: Path) -> tuple[dict, str]:
+    """`against`'s manifest and artifact digest, once it is known to be another bundle of the same model, target
+    and input size as the bundle benchmarked (whose artifact digest is `digest`), for a target whose runner can
+    time the two in one job."""
+    against_manifest, against_runtime, against_digest = bundle_artifact(against)
     if against_manifest["target"] != manifest["target"]:
         raise ConfigError(f"--against {against} is a '{against_manifest['target']}' bundle and the bundle "
                           f"benchmarked is for '{manifest['target']}': a speed-up compares one runtime's builds")
-    if against_manifest["precision"] != "fp32":
-        raise ConfigError(f"--against takes an FP32 bundle; {against} is {against_manifest['precision'].upper()}")
+    if against_digest == digest:
+        raise ConfigError(f"--against {against} holds the same model files as {manifest['bundle']}: "
+                          "there is nothing to compare")
     if against_manifest.get("model_source_sha256") != manifest.get("model_source_sha256"):
         raise ConfigError(f"--against {against} was built from another model than {manifest['bundle']}")
     if against_runtime["input"]["imgsz"] != runtime["input"]["imgsz"]:
         raise ConfigError(f"--against {against} takes {against_runtime['input']['imgsz']} px input and "
                           f"{manifest['bundle']} {runtime['input']['imgsz']} px: they do different work")
-    if not target.times_fp32_beside:
+    if not target.times_builds_in_turns:
         raise ConfigError(f"target '{target.name}' cannot time two models in one job; bench each bundle on its own")
-    return against_manifest, digest
+    return against_manifest, against_digest
 
 
 def probe_tensor(image: Path | None, imgsz: int, layout: str, work: Path) -> tuple[np.ndarray, dict]:
@@ -104,7 +108,9 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
 
     manifest, runtime, digest = bundle_artifact(bundle)
     target = load_target(manifest["target"])()
-    against_manifest, against_digest = fp32_beside(manifest, runtime, target, against) if against else (None, None)
+    against_manifest, against_digest = (bundle_beside(manifest, runtime, target, digest, against) if against
+                                        else (None, None))
+    against_precision = against_manifest["precision"] if against else None
     devices = {name: inventory.get(name) for name in names}  # every name checked before any job starts
     for name, device in devices.items():
         if device.target and device.target != target.name:
@@ -130,14 +136,16 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                 async with device_lock(home, name, wait_s=limit, on_wait=lambda m: on_phase(name, m)):
                     job_dir = work / name
                     job_dir.mkdir()
-                    target.prepare_job(bundle, job, tensor, job_dir, **({"fp32_dir": against} if against else {}))
+                    target.prepare_job(bundle, job, tensor, job_dir,
+                                       **({"reference_dir": against} if against else {}))
                     result = await run_job(transports[name], job_dir, target.runner, target.runtime_packages, limit,
                                            target.runner_support, on_phase=lambda p: on_phase(name, p))
                     speed = None
                     if against and "reference" in result.extra:  # else the runner says why (reference_failed)
                         reference, result = split_pair(result)
                         speed = speed_report(artifact_label(target, manifest["precision"]), reference, result,
-                                             f"the FP32 bundle {against_manifest['bundle']}")
+                                             f"the {against_manifest['precision'].upper()} bundle "
+                                             f"{against_manifest['bundle']}")
                     on_phase(name, "storing")
                     # Stored before anything else happens; off the event loop, so other devices' jobs go on while
                     # the store waits for a concurrent writer.
@@ -145,7 +153,8 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                         if speed is not None:
                             await asyncio.to_thread(
                                 store.add, speed.reference, device=name, artifact_sha256=against_digest,
-                                artifact_label=f"{target.name} fp32", target=target.name, precision="fp32",
+                                artifact_label=f"{target.name} {against_manifest['precision']}",
+                                target=target.name, precision=against_manifest["precision"],
                                 bundle=against_manifest["bundle"], role="reference", config=job)
                         stored = await asyncio.to_thread(
                             store.add, result, device=name, artifact_sha256=digest,
@@ -154,9 +163,11 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                     except DeployError as exc:
                         on_phase(name, "measured, not stored")
                         return DeviceOutcome(name, result, error=f"measured but not stored: {exc}",
-                                             exit_code=exc.exit_code, speed=speed)
+                                             exit_code=exc.exit_code, speed=speed,
+                                             reference_precision=against_precision)
                     on_phase(name, "done")
-                    return DeviceOutcome(name, result, stored_id=stored, speed=speed)
+                    return DeviceOutcome(name, result, stored_id=stored, speed=speed,
+                                         reference_precision=against_precision)
             except DeployError as exc:
                 on_phase(name, "failed")
                 try:
@@ -181,7 +192,8 @@ def outcome_line(outcome: DeviceOutcome) -> str:
             f"({r.device.get('processor') or r.device.get('machine', '?')})")
     speed = outcome.speed
     if speed is not None:
-        line += f"; FP32 p50 {reported(speed.reference.latency_ms.get('p50'), ' ms')}"
+        line += f"; {(outcome.reference_precision or 'reference').upper()} p50 " \
+                f"{reported(speed.reference.latency_ms.get('p50'), ' ms')}"
         if speed.speedup_p50 is not None:
             line += f"; {speed.speedup_text()}"
         if speed.contended:
@@ -199,7 +211,8 @@ def exit_code(outcomes: list[DeviceOutcome]) -> int:
 def outcomes_json(outcomes: list[DeviceOutcome]) -> list[dict]:
     return [{"device": o.device, "ok": o.result is not None, "error": o.error, "exit_code": o.exit_code,
              "stored_id": o.stored_id, "result": o.result.to_json() if o.result else None,
-             **({} if o.speed is None else {"reference": o.speed.reference.to_json(), "speed": {
+             **({} if o.speed is None else {"reference": o.speed.reference.to_json(),
+                                            "reference_precision": o.reference_precision, "speed": {
                  key: getattr(o.speed, key)
                  for key in ("reference_label", "speedup_p50", "timing", "speedup_rounds", "contended")}})}
             for o in outcomes]

@@ -370,8 +370,8 @@ def targets(as_json):
               help="image the probe runs on (default: a generated one; latency does not depend on content)")
 @click.option("--timeout", type=click.FloatRange(1, 86_400), help="seconds a job may run (default: per device)")
 @click.option("--against", type=click.Path(path_type=Path),
-              help="an FP32 bundle of the same model and target, timed in turns with BUNDLE in each device's job: "
-                   "the speed-up on that device")
+              help="another bundle of the same model, target and input size (FP32, or e.g. FP16 on a Jetson), "
+                   "timed in turns with BUNDLE in each device's job: the speed-up over it on that device")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 def bench(bundle, devices, inventory, runs, warmup, threads, image, timeout, against, as_json):
     """Run a bundle's probe on devices; every result is kept in the results store as it arrives."""

@@ -67,11 +67,12 @@ class Target:
     parity_tolerance: ClassVar[dict[str, float]] = {"fp32": 1e-4, "fp16": 1e-2}
     # Precisions whose artifact is the FP32 ONNX itself run by ONNX Runtime: the reference, measured once.
     reference_precisions: ClassVar[frozenset[str]] = frozenset()
-    # Whether the runner can time this target's own FP32 build beside the artifact, in turns in one job
-    # (`prepare_job`'s `fp32_dir`): the probe's speed-up is then the same runtime's, taken in the same moment.
-    # Targets that cannot (a microcontroller that holds one model, a phone running a vendor benchmark tool) are
-    # timed against the FP32 ONNX in ONNX Runtime in a job of its own.
-    times_fp32_beside: ClassVar[bool] = False
+    # Whether the runner can time another build of this target beside the artifact, in turns in one job
+    # (`prepare_job`'s `reference_dir`: the probe's FP32 build, or the bundle `deploy bench --against` names): a
+    # speed-up is then the same runtime's, taken in the same moment. Targets that cannot (a microcontroller that
+    # holds one model, a phone running a vendor benchmark tool) are timed against the FP32 ONNX in ONNX Runtime in
+    # a job of its own.
+    times_builds_in_turns: ClassVar[bool] = False
     compile_runs_on: ClassVar[str] = "host"  # or "device": the engine is built where it will run
     runner: ClassVar[Path]  # the self-contained device-side probe script
     runner_support: ClassVar[tuple[Path, ...]] = ()  # standalone modules the runner imports, sent beside it
@@ -142,8 +143,8 @@ class Target:
         raise NotImplementedError
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path,
-                    fp32_dir: Path | None = None) -> None:
-        """Fills a device job folder: the artifact files, input.npy and job.json for `runner`; with `fp32_dir`
-        (targets that declare `times_fp32_beside`), also this target's FP32 build, named in job.json's
-        `reference`."""
+                    reference_dir: Path | None = None) -> None:
+        """Fills a device job folder: the artifact files, input.npy and job.json for `runner`; with `reference_dir`
+        (targets that declare `times_builds_in_turns`), also that build of this target, of the precision its
+        runtime.json names, in job.json's `reference`."""
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """probe: latency percentiles, FPS, load time, memory and power of the artifact and of the FP32 reference.
 
-A target that declares `times_fp32_beside` gets one job with its artifact and its own FP32 build, timed in turns
+A target that declares `times_builds_in_turns` gets one job with its artifact and its own FP32 build, timed in turns
 (in one process, or for TensorRT one trtexec run per block, both engines built in the job); any other is timed
 against the FP32 ONNX in ONNX Runtime in a job of its own. What runs is the target's device runner
 on a job folder the target fills; where it runs is the transport's business. The cache key records the device and
@@ -128,7 +128,7 @@ class ProbeStage(Stage):
     def pairs(self) -> bool:
         """Whether the artifact and its FP32 build are timed in one job, in turns: the target's runner can, and
         the device runs the Python runners (a phone over adb runs ncnn's own benchmark tool instead)."""
-        return self.target.times_fp32_beside and self.transport.runs_python_runners
+        return self.target.times_builds_in_turns and self.transport.runs_python_runners
 
     @staticmethod
     def _fp32(target, inputs: dict[str, Artifact], info: ModelInfo, out_dir: Path) -> Path:
@@ -152,7 +152,8 @@ class ProbeStage(Stage):
     def _probe(self, target, transport, artifact_dir: Path, job: dict, tensor, job_dir: Path,
                fp32_dir: Path | None = None):
         job_dir.mkdir()
-        target.prepare_job(Path(artifact_dir), job, tensor, job_dir, **({"fp32_dir": fp32_dir} if fp32_dir else {}))
+        target.prepare_job(Path(artifact_dir), job, tensor, job_dir,
+                           **({"reference_dir": fp32_dir} if fp32_dir else {}))
         return asyncio.run(self._held_job(target, transport, job_dir))
 
     def _tell(self, role: str, result: ProbeResult, artifact_dir: Path, target, precision: str) -> None:

@@ -73,7 +73,7 @@ class NcnnArm(Target):
     input_layout = "NCHW"  # one image at a time: an ncnn Mat of C x H x W
     io_names = {"input": "in0", "box_dist": "out0", "cls_logit": "out1"}
     parity_tolerance = {"fp32": 1e-3, "fp16": 2e-2}
-    times_fp32_beside = True
+    times_builds_in_turns = True
     runner = Path(__file__).parent / "runner.py"
     profiles = (
         Profile("raspberry-pi-5", "Raspberry Pi 5, 4x Cortex-A76 @ 2.4 GHz, FP16 arithmetic", threads=4),
@@ -125,19 +125,20 @@ class NcnnArm(Target):
         return infer
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path,
-                    fp32_dir: Path | None = None) -> None:
+                    reference_dir: Path | None = None) -> None:
         for name in FILES:
             shutil.copyfile(Path(artifact_dir) / name, job_dir / name)
         meta = json.loads((Path(artifact_dir) / META).read_text())
         np.save(job_dir / "input.npy", input_tensor)
         job = {**job, "param": FILES[0], "bin": FILES[1], "input": "input.npy", "precision": meta["precision"],
                "outputs": meta["outputs"]}
-        if fp32_dir is not None:
-            # Both builds come from one pnnx graph, so the same blob names serve both.
-            names = [f"fp32.{name}" for name in FILES]
+        if reference_dir is not None:
+            # Every build of one model comes from one pnnx graph, so the same blob names serve both.
+            names = [f"reference.{name}" for name in FILES]
             for name, copied in zip(FILES, names):
-                shutil.copyfile(Path(fp32_dir) / name, job_dir / copied)
-            job["reference"] = {"param": names[0], "bin": names[1], "precision": "fp32"}
+                shutil.copyfile(Path(reference_dir) / name, job_dir / copied)
+            precision = json.loads((Path(reference_dir) / META).read_text())["precision"]
+            job["reference"] = {"param": names[0], "bin": names[1], "precision": precision}
         (job_dir / "job.json").write_text(json.dumps(job))
 
 

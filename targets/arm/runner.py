@@ -3,8 +3,8 @@
 Needs the standard library, numpy, the `ncnn` Python package, and measure.py and
 power.py beside it, so it runs unchanged on an ARM board with its job folder. JOB_DIR
 holds job.json, model.ncnn.param/.bin and input.npy (a real preprocessed image,
-NCHW), and the FP32 model's param/bin when job.json names a reference to time
-beside it; result.json is written there atomically.
+NCHW), and another build's param/bin (the FP32 one in a build's probe) when job.json
+names a reference to time beside it; result.json is written there atomically.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def main(job_dir: Path) -> dict:
         # For cross-checking runtimes (e.g. this same model on aarch64): the outputs themselves.
         np.savez(job_dir / "outputs.npz", *models["artifact"]["first_outputs"])
     if job.get("reference"):
-        # The FP32 model this artifact came from, timed in this process in turns with it: the speed-up is then
-        # one runtime's, on one machine, in one moment.
+        # Another build of the model (the FP32 one this artifact came from, in a build's probe), timed in this
+        # process in turns with it: the speed-up is then one runtime's, on one machine, in one moment.
         models["reference"] = open_model(job_dir, job, job["reference"], image, outputs)
     timings, power, fps = measure.time_opened(models, job["runs"], job["runs"], job)
     state_end = measure.device_state()

@@ -24,7 +24,7 @@ class OnnxRuntimeCpu(Target):
     quant_rules = ONNXRUNTIME_QDQ
     input_layout = "NCHW"
     reference_precisions = frozenset({"fp32"})
-    times_fp32_beside = True
+    times_builds_in_turns = True
     runner = Path(__file__).parent / "runner.py"
     profiles = (Profile("host", "this machine, every core the probe may run on (counted and recorded)"),
                 Profile("host-1-thread", "this machine, one thread (a single-core budget)", threads=1))
@@ -53,11 +53,11 @@ class OnnxRuntimeCpu(Target):
         return ort_infer(Path(artifact_dir) / "model.onnx", threads)
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path,
-                    fp32_dir: Path | None = None) -> None:
+                    reference_dir: Path | None = None) -> None:
         shutil.copyfile(Path(artifact_dir) / "model.onnx", job_dir / "model.onnx")
         np.save(job_dir / "input.npy", input_tensor)
         job = {**job, "model": "model.onnx", "input": "input.npy"}
-        if fp32_dir is not None:
-            shutil.copyfile(Path(fp32_dir) / "model.onnx", job_dir / "fp32.onnx")
-            job["reference"] = {"model": "fp32.onnx"}
+        if reference_dir is not None:
+            shutil.copyfile(Path(reference_dir) / "model.onnx", job_dir / "reference.onnx")
+            job["reference"] = {"model": "reference.onnx"}
         (job_dir / "job.json").write_text(json.dumps(job))

@@ -4,8 +4,8 @@ Needs the standard library, numpy, onnxruntime, and measure.py and power.py besi
 it, so the same files run on this machine or are copied to a device with the job
 folder.
 JOB_DIR holds job.json, the model and input.npy (a real preprocessed image), and
-the FP32 model when job.json names a reference to time beside it; result.json is
-written there atomically.
+another build of the model (its FP32 one in a build's probe) when job.json names a
+reference to time beside it; result.json is written there atomically.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def main(job_dir: Path) -> dict:
     threads = thread_count(job)
     models = {"artifact": open_model(job_dir, job["model"], batch, threads, job["warmup"])}
     if job.get("reference"):
-        # The FP32 model this artifact came from, timed in this process in turns with it: the speed-up is then
-        # one runtime's, on one machine, in one moment.
+        # Another build of the model (the FP32 one this artifact came from, in a build's probe), timed in this
+        # process in turns with it: the speed-up is then one runtime's, on one machine, in one moment.
         models["reference"] = open_model(job_dir, job["reference"]["model"], batch, threads, job["warmup"])
     # Energy per image, like fps: a batch of n is n inferences.
     timings, power, fps = measure.time_opened(models, job["runs"], job["runs"] * images, job)

@@ -55,7 +55,7 @@ class TensorRtJetson(Target):
     parity_tolerance = {"fp32": 1e-4, "fp16": 2e-2}
     compile_runs_on = "device"
     # The probe's job builds the FP32 engine beside the artifact's on the device and times the two in turns.
-    times_fp32_beside = True
+    times_builds_in_turns = True
     runner = Path(__file__).parent / "runner.py"
     runner_support = (Path(__file__).parent / "trtexec.py", Path(__file__).parent / "tegrastats.py")
     profiles = (
@@ -133,22 +133,24 @@ class TensorRtJetson(Target):
             return ort_infer(fp16_weights(model, Path(folder) / "model.fp16-weights.onnx"), threads)
 
     def prepare_job(self, artifact_dir: Path, job: dict, input_tensor: np.ndarray, job_dir: Path,
-                    fp32_dir: Path | None = None) -> None:
+                    reference_dir: Path | None = None) -> None:
         description = json.loads((Path(artifact_dir) / "runtime.json").read_text())
         for name in description["files"].values():
             shutil.copyfile(Path(artifact_dir) / name, job_dir / name)
         np.save(job_dir / "input.npy", input_tensor)
         recipe = description["engine_build"]
         job = {**job, "model": "model.onnx", "input": "input.npy", "engine_build": recipe}
-        if fp32_dir is not None:
+        if reference_dir is not None:
             from edge_deploy.targets.jetson.trtexec import trtexec_command
 
-            shutil.copyfile(Path(fp32_dir) / "model.onnx", job_dir / "reference.onnx")
-            # On the GPU, whatever core the artifact runs on: DLA has no FP32. Its own timing cache, so that
-            # neither build reads tactics the other timed.
+            shutil.copyfile(Path(reference_dir) / "model.onnx", job_dir / "reference.onnx")
+            # The reference's own precision (FP32 in a build's probe; FP16, say, from bench --against), on the
+            # GPU whatever core the artifact runs on: DLA has no FP32. Its own timing cache, so that neither build
+            # reads tactics the other timed.
+            precision = json.loads((Path(reference_dir) / "runtime.json").read_text())["precision"]
             _, _, height, width = recipe["input_shape"]
-            job["reference"] = {"model": "reference.onnx", "precision": "fp32", "build": trtexec_command(
-                "reference.onnx", "reference.engine", "fp32", "reference.timing.cache",
+            job["reference"] = {"model": "reference.onnx", "precision": precision, "build": trtexec_command(
+                "reference.onnx", "reference.engine", precision, "reference.timing.cache",
                 shapes=f"images:1x3x{height}x{width}")}
         (job_dir / "job.json").write_text(json.dumps(job))
 

@@ -6,9 +6,9 @@ for TensorRT 8.x's implicit INT8, model.fp32.onnx + calibration.cache). The runn
 job's recipe (an engine is tied to this GPU and TensorRT version, so it is built here), times it with
 trtexec (the job's warm-up runs, after trtexec's own warm-up, are left out of the times), samples the INA3221
 rails (or tegrastats) while it runs and while idle, and writes result.json atomically; the engine, its build
-log and the timing log stay in JOB_DIR to be brought back. When job.json names a `reference` (the FP32 ONNX and
-its build command), its FP32 engine is built too and the two engines are timed in turns, one trtexec run per
-block of inferences, and each one's power is read in a run of its own.
+log and the timing log stay in JOB_DIR to be brought back. When job.json names a `reference` (an ONNX, its
+precision and its build command: the FP32 ones in a build's probe), its engine is built too and the two engines
+are timed in turns, one trtexec run per block of inferences, and each one's power is read in a run of its own.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/usr/bin/trtexec")
 TIMES_FILE = "times.json"
 TIMING_LOGS = {"artifact": "timing.log", "reference": "reference-timing.log"}
 TIMES_FILES = {"artifact": TIMES_FILE, "reference": f"reference-{TIMES_FILE}"}
-# Timed inferences per engine between switches when the FP32 engine is timed beside the artifact. Each block is a
+# Timed inferences per engine between switches when another engine is timed beside the artifact. Each block is a
 # trtexec run that loads its engine and warms up again, so blocks are longer than the Python runners' (five).
 PAIR_BLOCK = 25
 
@@ -172,7 +172,8 @@ def main(job_dir: Path) -> dict:
         raise JobFailed(f"the bundle's recipe has no '{mode}' build (an implicit-INT8 build needs an INT8 bundle)")
     builds = {"artifact": (recipe[mode], "build.log")}
     if job.get("reference"):
-        # The same network's FP32 engine, built here too: the speed-up is then TensorRT's own, on this GPU.
+        # The same network's engine at the reference's precision (FP32 in a build's probe), built here too: the
+        # speed-up is then TensorRT's own, on this GPU.
         builds["reference"] = (job["reference"]["build"], "reference-build.log")
     engines, build_ms, version, reference_failed = {}, {}, None, None
     for name, (command, log) in builds.items():
@@ -182,14 +183,15 @@ def main(job_dir: Path) -> dict:
         except JobFailed as exc:
             if name == "artifact":
                 raise
-            # The artifact's engine is what the job is for: it is still timed, alone, and the host times the FP32
-            # ONNX another way.
-            reference_failed = f"the FP32 engine to time beside the artifact could not be built: {exc}"
+            # The artifact's engine is what the job is for: it is still timed, alone, and the host times the
+            # reference another way (a build's probe) or says why there is no speed-up (bench).
+            reference_failed = (f"the {job['reference']['precision'].upper()} engine to time beside the artifact "
+                                f"could not be built: {exc}")
             continue
         build_ms[name] = round((time.perf_counter() - t0) * 1000, 1)
         engines[name] = next((a.split("=", 1)[1] for a in command if a.startswith("--saveEngine=")), "model.engine")
         version = version or trtexec.parse_trt_version(build_log)
-    # Only the artifact's engine may be on a DLA core; the FP32 one is built for the GPU.
+    # Only the artifact's engine may be on a DLA core; the reference's is built for the GPU.
     timer = Timer(tool, job, version, timeout, {engines["artifact"]: job.get("dla_core")})
     runs = int(job["runs"])
     idle_s, interval_s = power.job_settings(job)
@@ -232,7 +234,8 @@ def main(job_dir: Path) -> dict:
     def result(name: str) -> dict:
         return {"runner": "tensorrt_trtexec", "runner_version": RUNNER_VERSION,
                 "runtime": f"TensorRT {version or 'unknown'} (trtexec)", "threads": None,
-                "precision": recipe["precision"] if name == "artifact" else "fp32", "batch": 1,
+                "precision": recipe["precision"] if name == "artifact" else job["reference"]["precision"],
+                "batch": 1,
                 # Loading an engine is not building it.
                 "warmup": timer.warmup_runs, "warmup_ms": timer.warmup_ms, "runs": runs, "load_ms": None,
                 "engine_build_ms": build_ms[name],

@@ -89,6 +89,18 @@ def test_bench_against_an_fp32_bundle_times_both_in_turns_on_the_device(int8_bun
                        "--threads", "1"], cwd, deploy_home)
     assert text.returncode == 0, text.stderr
     assert f"as fast as the FP32 bundle {bundle.name} at p50, timed in one process, in turns" in text.stdout
+    assert "; FP32 p50 " in text.stdout
+    # Any other precision of the same model and target is a reference too, named as what it is: here the FP32
+    # bundle against the INT8 one, which it does not outrun.
+    done = run_deploy(["bench", str(bundle), "--against", str(int8_bundle), "--device", "board-b", "--runs", "50",
+                       "--threads", "1", "--json"], cwd, deploy_home)
+    assert done.returncode == 0, done.stderr
+    (outcome,) = json.loads(done.stdout)
+    assert outcome["speed"]["reference_label"] == f"the INT8 bundle {int8_bundle.name}"
+    assert outcome["reference_precision"] == "int8" and outcome["speed"]["speedup_p50"] < 1
+    stored = json.loads(run_deploy(["results", "--json", "--device", "board-b"], cwd, deploy_home).stdout)
+    assert (int8_bundle.name, "reference", "int8") in {(r["bundle"], r["role"], r["precision"])
+                                                       for r in stored["results"]}
 
 
 def test_bench_against_refuses_what_it_cannot_pair_before_any_job(int8_bundle, bundle, lab, deploy_home):
@@ -97,8 +109,8 @@ def test_bench_against_refuses_what_it_cannot_pair_before_any_job(int8_bundle, b
     inventory["devices"]["uart"] = {"transport": "serial", "port": str(cwd / "no-such-port")}
     (cwd / "devices.yaml").write_text(yaml.safe_dump(inventory))
     for bench_args, message in (
-            ([str(bundle), "--against", str(int8_bundle), "--device", "board-a"],
-             "--against takes an FP32 bundle; " + str(int8_bundle) + " is INT8"),
+            ([str(int8_bundle), "--against", str(int8_bundle), "--device", "board-a"],
+             f"--against {int8_bundle} holds the same model files as {int8_bundle.name}: there is nothing to compare"),
             ([str(int8_bundle), "--against", str(bundle), "--device", "uart"],
              "--against needs devices that run the Python runners, and uart cannot"),
             ([str(int8_bundle), "--against", str(cwd / "missing"), "--device", "board-a"], "missing")):

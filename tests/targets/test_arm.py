@@ -107,7 +107,10 @@ def test_probe_runner_measures_ncnn_through_the_local_transport(compiled, tmp_pa
     assert result.power["status"] == "unavailable" and result.power["reason"]
 
 
-def test_a_paired_job_times_int8_and_the_fp32_build_in_one_process(compiled, tmp_path):
+@pytest.mark.parametrize("reference_precision", ["fp32", "fp16"])
+def test_a_paired_job_times_int8_and_another_build_in_one_process(compiled, tmp_path, reference_precision):
+    """The probe's FP32 build, or any other build bench --against names: the reference's own precision is read
+    from its build and reported."""
     from edge_deploy.pipeline.stages.probe import split_pair
     from edge_deploy.targets.transports.local import LocalTransport
 
@@ -115,10 +118,10 @@ def test_a_paired_job_times_int8_and_the_fp32_build_in_one_process(compiled, tmp
     job = tmp_path / "job"
     job.mkdir()
     target.prepare_job(compiled["int8"], {"warmup": 2, "runs": 50, "threads": 1}, parity_inputs(160, count=1), job,
-                       fp32_dir=compiled["fp32"])
+                       reference_dir=compiled[reference_precision])
     reference, result = split_pair(LocalTransport().run(job, target.runner, target.runtime_packages))
-    assert (reference.extra["precision"], result.extra["precision"]) == ("fp32", "int8")
-    assert result.extra["interleaved_block"] > 0 and result.job["reference"]["param"] == "fp32.model.ncnn.param"
+    assert (reference.extra["precision"], result.extra["precision"]) == (reference_precision, "int8")
+    assert result.extra["interleaved_block"] > 0 and result.job["reference"]["param"] == "reference.model.ncnn.param"
     for timed in (reference, result):
         assert timed.runtime.startswith("ncnn ") and timed.runs == 50 and len(timed.samples_ms) == 50
         assert 0 < timed.latency_ms["p50"] <= timed.latency_ms["p90"] and timed.first_inference_ms > 0

@@ -83,8 +83,8 @@ def test_a_paired_job_times_the_artifact_and_its_fp32_build_in_turns(exported, m
     tensor, _ = load_tensor(image, preprocess)
     job = tmp_path / "job"
     job.mkdir()
-    target.prepare_job(artifact, {"warmup": 2, "runs": 50, "threads": 1}, tensor, job, fp32_dir=fp32)
-    assert json.loads((job / "job.json").read_text())["reference"] == {"model": "fp32.onnx"}
+    target.prepare_job(artifact, {"warmup": 2, "runs": 50, "threads": 1}, tensor, job, reference_dir=fp32)
+    assert json.loads((job / "job.json").read_text())["reference"] == {"model": "reference.onnx"}
     both = LocalTransport().run(job, target.runner, target.runtime_packages)
     reference, result = split_pair(both)
     assert both.extra["interleaved_block"] > 0 and "interleaved_block" not in reference.extra

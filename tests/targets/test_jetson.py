@@ -147,9 +147,11 @@ sys.exit(2)
 '''
 
 
-def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str, paired: bool = False, **job):
+def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str, paired: bool = False,
+                      reference_precision: str = "fp32", **job):
     """A job folder for the default INT8 bundle, with `script` standing in for trtexec; `paired` adds the FP32
-    ONNX as the reference the probe times beside it."""
+    ONNX as the reference timed beside it, as a build of `reference_precision` (FP32 in a build's probe; a jetson
+    FP16 bundle's model.onnx is the same FP32 ONNX, its engine built with --fp16)."""
     tool = tmp_path / "trtexec-stand-in"
     tool.write_text(script)
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
@@ -159,13 +161,15 @@ def _job_with_trtexec(jetson_build, tmp_path, monkeypatch, script: str, paired: 
     target = TensorRtJetson()
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    fp32_dir = None
+    reference_dir = None
     if paired:
-        fp32_dir = tmp_path / "fp32"
-        fp32_dir.mkdir()
-        (fp32_dir / "model.onnx").write_bytes((bundle / "model.fp32.onnx").read_bytes())
+        reference_dir = tmp_path / "fp32"
+        reference_dir.mkdir()
+        (reference_dir / "model.onnx").write_bytes((bundle / "model.fp32.onnx").read_bytes())
+        runtime = json.loads((bundle / "runtime.json").read_text())
+        (reference_dir / "runtime.json").write_text(json.dumps({**runtime, "precision": reference_precision}))
     target.prepare_job(bundle, {"runs": 50, "warmup_ms": 200, "precision": "int8", **job},
-                       np.zeros((1, 3, 160, 160), np.float32), job_dir, fp32_dir)
+                       np.zeros((1, 3, 160, 160), np.float32), job_dir, reference_dir)
     return target, job_dir
 
 
@@ -260,6 +264,23 @@ def test_a_trtexec_that_exports_too_few_times_to_leave_out_the_warm_up_fails(jet
     target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch, short, warmup=3)
     with pytest.raises(DeviceError, match="exported 50 per-inference times for 3 warm-up and 50 timed inferences"):
         LocalTransport().run(job_dir, target.runner, target.runtime_packages, support=target.runner_support)
+
+
+def test_a_reference_of_another_precision_is_built_and_reported_at_it(jetson_build, tmp_path, monkeypatch):
+    """bench --against an FP16 bundle: the reference engine is built with --fp16 and its result says FP16."""
+    from edge_deploy.pipeline.stages.probe import split_pair
+    from edge_deploy.targets.transports.local import LocalTransport
+
+    log = next(SAMPLES.glob("trt8*.txt"))
+    target, job_dir = _job_with_trtexec(jetson_build, tmp_path, monkeypatch,
+                                        STANDIN.format(python=sys.executable, log=str(log)), paired=True,
+                                        reference_precision="fp16")
+    reference, artifact = split_pair(LocalTransport().run(job_dir, target.runner, target.runtime_packages,
+                                                          support=target.runner_support))
+    assert (reference.extra["precision"], artifact.extra["precision"]) == ("fp16", "int8")
+    builds = [c for c in (job_dir / "trtexec-calls.txt").read_text().splitlines() if "--saveEngine=" in c]
+    assert "--onnx=reference.onnx" in builds[1] and "--fp16" in builds[1] and "--int8" not in builds[1]
+    assert "reference.timing.cache" in builds[1]
 
 
 def test_only_the_artifact_engine_runs_on_the_dla_core(jetson_build, tmp_path, monkeypatch):
