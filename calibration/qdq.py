@@ -243,74 +243,116 @@ def thin_convs(graph, below_channels: int) -> list[str]:
     return thin
 
 
-def node_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
-                     symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
-                     skip: tuple[str, ...] = ()) -> list[UnitSensitivity]:
-    """SQNR of each quantizable node's output with only that node's inputs quantized, least first.
+# Images the whole-network ranking runs per unit: each unit costs a full inference per image, so fewer than the
+# own-output ranking's; which units hurt the outputs most does not need many images to show.
+DOWNSTREAM_IMAGES = 4
 
-    Every node is run alone (a one-node graph in onnxruntime) on the inputs it
-    sees in the float model, once as is and once with its activations and
-    weights quantized and dequantized with the ranges the INT8 model will use.
+
+def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
+                           symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
+                           skip: tuple[str, ...] = ()) -> list[UnitSensitivity]:
+    """Each quantizable node's harm to the network's outputs with only that node quantized, most harmful first.
+
+    A node's own output error says little about what reaches the detections: a stride-32 head conv can be the
+    worst-rounded node and still decide no box, while a clipped range early on spoils everything after it. Here
+    the float network runs with one node's activation inputs and weights rounded as the INT8 model will round
+    them, and its outputs are compared with the float network's, each anchor weighted by the FP32 model's score
+    there (`cls_logit`, where the model has one), so that what decides no detection counts for little.
+
+    With one node rounded, everything before it is the float network's, so each rounding error is known from one
+    float pass: every quantizable input gets an added error input, zero but for the node being scored. One
+    session serves every node, and a node costs its inferences and no model build.
     """
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     from edge_deploy.calibration.onnxrt import session_options, session_with_all_outputs, tensor_types
-    from edge_deploy.calibration.ranges import sqnr_db
 
     model = onnx.load(str(prepared))
+    graph = model.graph
     types = tensor_types(model)
-    initializers = {i.name: i for i in model.graph.initializer}
-    session, names = session_with_all_outputs(prepared, float_only=False)
-    input_name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    values: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        for name, value in zip(outputs, session.run(outputs, {input_name: batch})):
-            values.setdefault(name, []).append(value)
-        values.setdefault(input_name, []).append(batch)
+    initializers = {i.name: i for i in graph.initializer}
+    images = np.concatenate(batches)[:DOWNSTREAM_IMAGES]
+    float_session, _ = session_with_all_outputs(prepared)
+    image_input = float_session.get_inputs()[0].name
+    values = {image_input: images, **dict(zip([o.name for o in float_session.get_outputs()],
+                                              float_session.run(None, {image_input: images})))}
+    del float_session
 
-    options = session_options()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # Per scored node: the error inputs it reads, each with the tensor it rounds (an activation, whose float values
+    # are in `values`) or the rounding error itself (a weight's).
+    units: list[tuple] = []
+    nodes, needed = [], set()
+    for node in graph.node:
+        rounds = []
+        if node.output and not (op_types and node.op_type not in op_types) and node.name not in skip:
+            for position, name in enumerate(node.input):
+                if (name and name not in initializers and name in ranges and name in values
+                        and types.get(name) == onnx.TensorProto.FLOAT):
+                    rounds.append((position, name))
+                elif position == WEIGHT_INPUT.get(node.op_type) and name in initializers:
+                    weight = numpy_helper.to_array(initializers[name])
+                    rounds.append((position, fake_quant_weight(weight, 8, per_channel) - weight))
+        if not any(isinstance(what, str) for _, what in rounds):
+            nodes.append(node)  # no activation of it is one the INT8 model rounds: not a unit
+            continue
+        fed = []
+        for position, what in rounds:
+            added = f"unit_error/{len(units)}/{position}"
+            graph.input.append(helper.make_tensor_value_info(added, onnx.TensorProto.FLOAT, None))
+            nodes.append(helper.make_node("Add", [node.input[position], added], [f"{added}/input"]))
+            node.input[position] = f"{added}/input"
+            fed.append((added, what))
+            if isinstance(what, str):
+                needed.add(what)
+        nodes.append(node)
+        units.append((node, fed))
+    values = {name: values[name] for name in needed}
+    if not units:
+        return []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+    zero = np.zeros((), np.float32)
+    silent = {added: zero for _, fed in units for added, _ in fed}
+
+    def error(what) -> np.ndarray:
+        if not isinstance(what, str):
+            return what
+        return fake_quant_activation(values[what], *ranges[what], symmetric) - values[what]
+
+    def outputs(fed: list) -> list:
+        return session.run(None, {**silent, image_input: images, **{added: error(what) for added, what in fed}})
+
+    reference = outputs([])
+    weight = anchor_weights(dict(zip(output_names, reference)))
     results = []
-    for node in model.graph.node:
-        # onnxruntime's QDQ quantizer (given no op-type list) quantizes every node's float inputs.
-        if (not node.output or node.output[0] not in values or (op_types and node.op_type not in op_types)
-                or node.name in skip):
-            continue
-        feeds_inputs = [i for i in node.input if i and i not in initializers]
-        if any(i not in values for i in feeds_inputs) or not any(i in ranges for i in feeds_inputs):
-            continue
-        single = onnx.helper.make_model(
-            onnx.helper.make_graph(
-                [node], "single",
-                [onnx.helper.make_tensor_value_info(i, types[i], None) for i in feeds_inputs],
-                [onnx.helper.make_tensor_value_info(node.output[0], types[node.output[0]], None)],
-                [initializers[i] for i in node.input if i in initializers]),
-            opset_imports=model.opset_import, ir_version=model.ir_version)
-        float_session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        weight_index = WEIGHT_INPUT.get(node.op_type)
-        quant_single = single
-        if weight_index is not None and len(node.input) > weight_index and node.input[weight_index] in initializers:
-            quant_single = onnx.ModelProto()
-            quant_single.CopyFrom(single)
-            for init in quant_single.graph.initializer:
-                if init.name == node.input[weight_index]:
-                    w = numpy_helper.to_array(init)
-                    init.CopyFrom(numpy_helper.from_array(fake_quant_weight(w, 8, per_channel), init.name))
-        quant_session = ort.InferenceSession(quant_single.SerializeToString(), options,
-                                             providers=["CPUExecutionProvider"])
-        reference, candidate = [], []
-        for k in range(len(batches)):
-            feed = {i: values[i][k] for i in feeds_inputs}
-            reference.append(float_session.run(None, feed)[0])
-            quant_feed = {i: (fake_quant_activation(v, *ranges[i], symmetric)
-                              if i in ranges and v.dtype == np.float32 else v) for i, v in feed.items()}
-            candidate.append(quant_session.run(None, quant_feed)[0])
-        results.append(UnitSensitivity(node.name, node.op_type,
-                                       round(sqnr_db(np.concatenate(reference), np.concatenate(candidate)), 2)))
+    for node, fed in units:
+        candidate = outputs(fed)
+        worst = min(weighted_sqnr_db(r, c, weight) for r, c in zip(reference, candidate))
+        results.append(UnitSensitivity(node.name, node.op_type, round(worst, 2)))
     return sorted(results, key=lambda r: r.sqnr_db)
+
+
+def anchor_weights(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """(images, anchors): the FP32 model's best class score at each anchor, where the model has a `cls_logit`
+    output; None (every value counts alike) otherwise."""
+    logits = outputs.get("cls_logit")
+    if logits is None or logits.ndim != 3:
+        return None
+    return 1.0 / (1.0 + np.exp(-logits.max(axis=1).astype(np.float64)))
+
+
+def weighted_sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.ndarray | None) -> float:
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    if weight is None or reference.ndim != 3 or reference.shape[-1] != weight.shape[-1]:
+        weight = np.ones(1)
+    else:
+        weight = weight[:, None, :]
+    signal, noise = float(np.sum(weight * reference ** 2)), float(np.sum(weight * (reference - candidate) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
 class OnnxQdqBackend:
@@ -321,6 +363,9 @@ class OnnxQdqBackend:
     With 4-bit weights (W4A8, INT4), the weights are rounded once (RTN or GPTQ)
     and activation statistics are taken on the model with those weights.
     """
+
+    ranked_by = (f"Each node quantized alone in the float model, scored by the SQNR of the model's outputs on "
+                 f"{DOWNSTREAM_IMAGES} calibration images, each anchor weighted by the FP32 model's score there")
 
     def __init__(self, fp32_onnx: Path, work: Path, rules: QuantRules = ONNXRUNTIME_QDQ,
                  activation_bits: int | None = 8, weight_bits: int = 8, int4_method: str = "gptq",
@@ -388,8 +433,8 @@ class OnnxQdqBackend:
         return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
-        return node_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
-                                self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units)
+        return downstream_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
+                                      self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units)
 
     def units(self) -> int:
         return self.quantizable_units

@@ -51,7 +51,9 @@ Ranges = dict[str, tuple[float, float]]
 class UnitSensitivity:
     unit: str
     kind: str  # op or layer type
-    sqnr_db: float  # of its own output, alone quantized and fed float inputs: lower hurts more
+    # alone quantized: of the network's outputs (QDQ ONNX) or of its own output fed float inputs (ncnn); lower
+    # hurts more
+    sqnr_db: float
 
 
 class QuantBackend(Protocol):
@@ -61,6 +63,8 @@ class QuantBackend(Protocol):
     fixed_float_units: tuple[str, ...]
     # Of those, the ones between the last weighted layers and the graph outputs (QuantRules.float_outputs).
     float_outputs: tuple[str, ...]
+    # How rank_units scores a unit, in words, for reports ("each node quantized alone, ..."; "" where it ranks none).
+    ranked_by: str
 
     def tap(self) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         """Intermediate tensors of the float model for a batch, for statistics."""

@@ -362,9 +362,8 @@ def _sensitivity(r: ReportInputs) -> Section:
     kept = set(q.float_units)
     rows = tuple((str(i), s["unit"], s["kind"], _db(s["sqnr_db"]), "yes" if s["unit"] in kept else "no")
                  for i, s in enumerate(q.sensitivity, 1))
-    text = (f"Each {q.unit_kind} quantized alone, fed the float model's values at its inputs, scored by the SQNR "
-            f"of its own output on calibration images: lower hurts more. {len(q.float_units)} of {q.units} "
-            f"{q.unit_kind}s were kept float to meet the budget.")
+    text = (f"{q.ranked_by or f'Each {q.unit_kind} quantized alone, scored by an SQNR'}: lower hurts more. "
+            f"{len(q.float_units)} of {q.units} {q.unit_kind}s were kept float to meet the budget.")
     shown = q.sensitivity[:SENSITIVITY_SHOWN]
     caption = (f"The {len(shown)} most sensitive of {len(q.sensitivity)} {q.unit_kind}s (red: kept float); "
                "every one is in the table.")

@@ -380,6 +380,8 @@ class QuantizationReport(JsonResult):
     measure: str = "accuracy"
     found_again: str | None = None
     selection_jitter_floor: dict | None = None
+    # How the units in `sensitivity` were scored, in words (the backend's ranked_by); None where none were ranked.
+    ranked_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ class QuantizeStage(Stage):
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
             trials=[c.describe() for c in outcome.candidates],
             sensitivity=[dataclasses.asdict(s) for s in outcome.sensitivity],
+            ranked_by=backend.ranked_by if outcome.sensitivity else None,
             float_for_speed=float_for_speed, float_outputs=list(backend.float_outputs),
             measure=reference.selection.kind, found_again=found_by_stem.get(best.built.stem),
             selection_jitter_floor=reference.selection_jitter_floor)

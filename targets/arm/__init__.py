@@ -157,6 +157,8 @@ class NcnnInt8Backend:
     """
 
     rules = NCNN_INT8
+    ranked_by = ("Each layer quantized alone, fed the float model's values at its inputs, scored by the SQNR of its "
+                 "own output on calibration images")
 
     def __init__(self, target: NcnnArm, fp32_onnx: Path, info: ModelInfo, work: Path,
                  calibration_images: int | None = None, say: Callable[[str], None] | None = None):

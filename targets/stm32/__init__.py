@@ -619,6 +619,7 @@ class TfliteInt8Backend:
     """
 
     rules = TFLITE_FULL_INT8
+    ranked_by = ""  # nothing can be kept float, so nothing is ranked
     fixed_float_units: tuple[str, ...] = ()
     float_outputs: tuple[str, ...] = ()
 

@@ -17,6 +17,8 @@ RESAMPLES = 1000
 class MarkerBackend:
     """Candidates as files named after how they were built; units u0..u7, most harmful first."""
 
+    ranked_by = "by name: u0 hurts most"
+
     def __init__(self):
         self.built: list[tuple[str, list[str]]] = []
 

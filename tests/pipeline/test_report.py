@@ -74,7 +74,7 @@ def full_inputs(samples: bool = True) -> ReportInputs:
                 {"method": "minmax", "float_units": ["/model.0/conv/Conv"], "drop_points": 0.55},
                 {"method": "minmax", "float_units": ["/model.0/conv/Conv", "/model.1/conv/Conv"],
                  "drop_points": 0.31}],
-        sensitivity=sensitivity)
+        sensitivity=sensitivity, ranked_by="Each node quantized alone in the float model, scored by the outputs")
     pruning = {"criterion": "bn_scale", "stop": "schedule complete", "steps": [
         {"step": 0, "params": 3011628, "macs": 254510900, "macs_ratio": 1.0, "latency_ms": 6.45, "map50_95": 0.711,
          "map50": 0.8708, "fine_tuned": False},
@@ -157,6 +157,8 @@ def test_every_section_is_drawn_from_its_numbers_and_user_text_is_escaped():
     assert (final["mAP50"], final["mAP50-95"], final["drop vs FP32 (points)"]) == ("0.8818", "0.7023", "0.38")
     assert len(tables["Quantization sensitivity"]) == 60
     assert [row["kept float"] for row in tables["Quantization sensitivity"][:3]] == ["yes", "yes", "no"]
+    # How the units were scored is the backend's own account of it.
+    assert "Each node quantized alone in the float model, scored by the outputs: lower hurts more. 2 of 225" in md
     latency = {row["model"]: row for row in tables["Latency"]}
     assert latency["INT8 on cpu"]["p50 ms"] == "1.981" and latency["FP32 ONNX"]["runs"] == "100"
     pareto = {row["model"]: row for row in tables["Latency against mAP50-95"]}

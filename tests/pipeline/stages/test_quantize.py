@@ -239,3 +239,63 @@ def test_a_silu_input_is_quantized_only_as_far_down_as_its_output_grid_reaches(r
     made = {o: n.op_type for n in onnx.load(str(backend.prepared)).graph.node for o in n.output}
     others = [t for t in scales if made.get(t) in ("Sigmoid", "Mul") and t in ranges]
     assert others and all(abs(scales[t] - quantization_step(*ranges[t], False)) <= 1e-4 * scales[t] for t in others)
+
+
+def test_the_ranking_scores_each_node_by_what_reaches_the_outputs(referenced, sets, tmp_path):
+    """Every quantizable node is ranked once, by the outputs' error with only it rounded (each anchor weighted by
+    FP32's score there); a conv whose input range is cut to a hundredth comes first, and rounding one node of a
+    float network costs the outputs far less."""
+    from edge_deploy.calibration.qdq import OnnxQdqBackend, downstream_sensitivity
+    from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+
+    calibration, _ = sets
+    backend = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "work")
+    tensors = [load_tensor(p, calibration.preprocess)[0] for p in calibration.files[:8]]
+    ranges = ranges_for(collect_statistics(backend.tap(), tensors), "minmax")
+    graph = onnx.load(str(backend.prepared)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.name not in backend.fixed_float_units]
+    victim = convs[len(convs) // 2]
+    low, high = ranges[victim.input[0]]
+    spoiled = {**ranges, victim.input[0]: (low / 100, high / 100)}
+    ranked = backend.rank_units(spoiled, [np.concatenate(tensors[:4])])
+    assert len({r.unit for r in ranked}) == len(ranked) == backend.units()
+    assert ranked[0].unit == victim.name and ranked[0].kind == "Conv"
+    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.concatenate(tensors[:4])])}
+    assert ranked[0].sqnr_db < honest[victim.name] - 10
+    # Nothing rounded, nothing ranked; a node the rules keep float is never ranked.
+    nothing = downstream_sensitivity(backend.prepared, {}, [np.concatenate(tensors[:4])], False)
+    assert nothing == [] and not set(backend.fixed_float_units) & set(honest)
+    # The score is the network's outputs' error, not the node's own: the float model with that conv's input behind
+    # a real Quantize/Dequantize pair and its weights rounded, scored the same way by hand.
+    assert _outputs_with_one_node_rounded(backend.prepared, victim.name, ranges, np.concatenate(tensors[:4])) \
+        == pytest.approx(honest[victim.name], abs=0.05)
+
+
+def _outputs_with_one_node_rounded(prepared, node_name: str, ranges: dict, images: np.ndarray) -> float:
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from edge_deploy.calibration.qdq import anchor_weights, weighted_sqnr_db
+
+    model = onnx.load(str(prepared))
+    node = next(n for n in model.graph.node if n.name == node_name)
+    low, high = min(ranges[node.input[0]][0], 0.0), max(ranges[node.input[0]][1], 0.0)
+    scale = (high - low) / 255
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "hand/scale"),
+                                    numpy_helper.from_array(np.array(round(-low / scale), np.uint8), "hand/zero")])
+    weight = next(i for i in model.graph.initializer if i.name == node.input[1])
+    weight.CopyFrom(numpy_helper.from_array(fake_quant_weight(numpy_helper.to_array(weight)), weight.name))
+    model.graph.node.insert(list(model.graph.node).index(node), helper.make_node(
+        "QuantizeLinear", [node.input[0], "hand/scale", "hand/zero"], ["hand/q"]))
+    model.graph.node.insert(list(model.graph.node).index(node), helper.make_node(
+        "DequantizeLinear", ["hand/q", "hand/scale", "hand/zero"], ["hand/dq"]))
+    node.input[0] = "hand/dq"
+
+    def run(proto) -> dict:
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in session.get_outputs()],
+                        session.run(None, {session.get_inputs()[0].name: images})))
+
+    reference, rounded = run(onnx.load(str(prepared))), run(model)
+    weights = anchor_weights(reference)
+    return min(weighted_sqnr_db(reference[name], rounded[name], weights) for name in reference)
