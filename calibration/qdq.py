@@ -13,9 +13,11 @@ import contextlib
 import io
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from edge_deploy.calibration.progress import Progress
 from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ, QuantRules
 from edge_deploy.calibration.search import UnitSensitivity
 from edge_deploy.pipeline.errors import DeployError
@@ -250,7 +252,8 @@ DOWNSTREAM_IMAGES = 4
 
 def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
                            symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
-                           skip: tuple[str, ...] = ()) -> list[UnitSensitivity]:
+                           skip: tuple[str, ...] = (), say: Callable[[str], None] | None = None
+                           ) -> list[UnitSensitivity]:
     """Each quantizable node's harm to the network's outputs with only that node quantized, most harmful first.
 
     A node's own output error says little about what reaches the detections: a stride-32 head conv can be the
@@ -329,8 +332,11 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
     reference = outputs([])
     weight = anchor_weights(dict(zip(output_names, reference)))
     results = []
+    progress = Progress(f"ranking nodes (each alone rounded, by the outputs' error on {len(images)} images): node",
+                        len(units), say)
     for node, fed in units:
         candidate = outputs(fed)
+        progress.step()
         worst = min(weighted_sqnr_db(r, c, weight) for r, c in zip(reference, candidate))
         results.append(UnitSensitivity(node.name, node.op_type, round(worst, 2)))
     return sorted(results, key=lambda r: r.sqnr_db)
@@ -369,8 +375,9 @@ class OnnxQdqBackend:
 
     def __init__(self, fp32_onnx: Path, work: Path, rules: QuantRules = ONNXRUNTIME_QDQ,
                  activation_bits: int | None = 8, weight_bits: int = 8, int4_method: str = "gptq",
-                 int4_group: int = 0, calibration_batches: list[np.ndarray] | None = None, symmetric: bool = False):
-        self.rules = rules
+                 int4_group: int = 0, calibration_batches: list[np.ndarray] | None = None, symmetric: bool = False,
+                 say: Callable[[str], None] | None = None):
+        self.rules, self.say = rules, say  # `say`: the quantize stage's progress channel
         self.symmetric = rules.symmetric(symmetric)
         self.activation_bits, self.weight_bits = activation_bits, weight_bits
         work.mkdir(parents=True, exist_ok=True)
@@ -434,7 +441,8 @@ class OnnxQdqBackend:
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
         return downstream_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
-                                      self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units)
+                                      self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units,
+                                      self.say)
 
     def units(self) -> int:
         return self.quantizable_units

@@ -12,13 +12,12 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from edge_deploy.calibration.progress import Progress
 from edge_deploy.calibration.rules import NCNN_INT8
 from edge_deploy.pipeline.errors import ConversionMismatch, DeployError, InputError, ToolchainMissing
 from edge_deploy.pipeline.results import ModelInfo
@@ -296,27 +295,3 @@ class SampledTap:
             self.progress.step()
         return {blob: np.concatenate([*parts[i], [lowest[i], highest[i]]]).astype(np.float32, copy=False)
                 for i, blob in enumerate(self.blobs) if parts[i]}
-
-
-class Progress:
-    """'calibrating: image 40/200 (35 s)' lines through `say`: the quantize stage's progress channel, which the CLI
-    prints beside the stage's own lines, so a build whose output goes to a log is not silent through the long parts
-    of an INT8 build. Without a channel (a benchmark, a test) the lines go to stderr, prefixed 'quantize[arm]:'.
-    About ten lines per task, and one at least every EVERY_SECONDS."""
-
-    EVERY_SECONDS = 30.0
-
-    def __init__(self, label: str, total: int | None, say: Callable[[str], None] | None = None):
-        self.label, self.total = label, total
-        self.say = say or (lambda text: print(f"quantize[arm]: {text}", file=sys.stderr, flush=True))
-        self.done = 0
-        self.started = self.last = time.monotonic()
-
-    def step(self) -> None:
-        now = time.monotonic()
-        self.done += 1
-        every = max(1, -(-self.total // 10)) if self.total else 20
-        if self.done % every == 0 or self.done == self.total or now - self.last >= self.EVERY_SECONDS:
-            self.last = now
-            of = f"/{self.total}" if self.total else ""
-            self.say(f"{self.label} {self.done}{of} ({now - self.started:.0f} s)")

@@ -36,7 +36,7 @@ class OnnxRuntimeCpu(Target):
         spec = PRECISIONS[precision]
         return OnnxQdqBackend(fp32_onnx, work, self.quant_rules, spec.activation_bits, spec.weight_bits,
                               settings["int4_method"], settings["int4_group"], settings["calibration_batches"],
-                              settings["symmetric"])
+                              settings["symmetric"], settings.get("progress"))
 
     def convert(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
                 out_dir: Path) -> Converted:

@@ -76,7 +76,7 @@ class TensorRtJetson(Target):
         from edge_deploy.calibration.qdq import OnnxQdqBackend
 
         return OnnxQdqBackend(fp32_onnx, work, self.quant_rules, 8, 8, settings["int4_method"],
-                              settings["int4_group"], settings["calibration_batches"], True)
+                              settings["int4_group"], settings["calibration_batches"], True, settings.get("progress"))
 
     def convert(self, fp32_onnx: Path, quantized: Path | None, precision: str, info: ModelInfo,
                 out_dir: Path, extras: dict[str, Path] | None = None) -> Converted:

@@ -249,7 +249,8 @@ def test_the_ranking_scores_each_node_by_what_reaches_the_outputs(referenced, se
     from edge_deploy.calibration.ranges import collect_statistics, ranges_for
 
     calibration, _ = sets
-    backend = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "work")
+    lines = []
+    backend = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "work", say=lines.append)
     tensors = [load_tensor(p, calibration.preprocess)[0] for p in calibration.files[:8]]
     ranges = ranges_for(collect_statistics(backend.tap(), tensors), "minmax")
     graph = onnx.load(str(backend.prepared)).graph
@@ -260,6 +261,9 @@ def test_the_ranking_scores_each_node_by_what_reaches_the_outputs(referenced, se
     ranked = backend.rank_units(spoiled, [np.concatenate(tensors[:4])])
     assert len({r.unit for r in ranked}) == len(ranked) == backend.units()
     assert ranked[0].unit == victim.name and ranked[0].kind == "Conv"
+    # A long step on a large model, so it says how far it has got on the stage's progress channel.
+    assert lines[-1].startswith("ranking nodes (each alone rounded, by the outputs' error on 4 images): node "
+                                f"{len(ranked)}/{len(ranked)} (")
     honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.concatenate(tensors[:4])])}
     assert ranked[0].sqnr_db < honest[victim.name] - 10
     # Nothing rounded, nothing ranked; a node the rules keep float is never ranked.
