@@ -170,9 +170,15 @@ def search(backend: QuantBackend, stats: dict[str, TensorStats] | None, methods:
         attempt = candidate(best.method, ranges, [s.unit for s in sensitivity[:count]])
         tried.append(attempt)
         if attempt.surely_within(budget):
-            return SearchOutcome(attempt, True, tried, sensitivity,
-                                 f"{reason}; {count} most sensitive units float: the fewest whose "
-                                 f"{TIE_LEVEL:.0%} interval is within the budget")
+            if best.drop_points > budget or beats(attempt, best):
+                return SearchOutcome(attempt, True, tried, sensitivity,
+                                     f"{reason}; {count} most sensitive units float: the fewest whose "
+                                     f"{TIE_LEVEL:.0%} interval is within the budget")
+            # No better than none beyond noise: its interval came in under the budget by the luck of the images,
+            # not by what the float units changed, and units float cost speed for nothing.
+            return SearchOutcome(best, True, tried, sensitivity,
+                                 f"{reason}; {count} most sensitive units float came within the budget over its "
+                                 f"{TIE_LEVEL:.0%} interval but no better than none beyond noise, so none are kept")
         count *= 2
     within = [c for c in tried if c.drop_points <= budget]
     if within:
