@@ -352,13 +352,12 @@ def anchor_weights(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 def weighted_sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.ndarray | None) -> float:
-    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-    if weight is None or reference.ndim != 3 or reference.shape[-1] != weight.shape[-1]:
-        weight = np.ones(1)
-    else:
-        weight = weight[:, None, :]
-    signal, noise = float(np.sum(weight * reference ** 2)), float(np.sum(weight * (reference - candidate) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+    """sqnr_db of one output with each anchor weighted, where the output is laid out (images, channels, anchors)
+    like the weights; unweighted otherwise."""
+    from edge_deploy.calibration.ranges import sqnr_db
+
+    per_anchor = weight is not None and reference.ndim == 3 and reference.shape[-1] == weight.shape[-1]
+    return sqnr_db(reference, candidate, weight[:, None, :] if per_anchor else None)
 
 
 class OnnxQdqBackend:

@@ -67,10 +67,12 @@ def collect_statistics(tap: ActivationTap, batches: Iterable[np.ndarray]) -> dic
     return {n: TensorStats(lowest[n], highest[n], hists[n], abs_hists[n]) for n in lowest if np.isfinite(lowest[n])}
 
 
-def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of `candidate` against `reference`, in dB."""
-    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Signal-to-quantization-noise ratio of `candidate` against `reference`, in dB; `weight` (broadcast against
+    both) counts some values more than others."""
+    scale = 1.0 if weight is None else weight
+    noise = float(np.sum(scale * (reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(scale * reference.astype(np.float64) ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 
