@@ -144,8 +144,7 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                     if against and "reference" in result.extra:  # else the runner says why (reference_failed)
                         reference, result = split_pair(result)
                         speed = speed_report(artifact_label(target, manifest["precision"]), reference, result,
-                                             f"the {against_manifest['precision'].upper()} bundle "
-                                             f"{against_manifest['bundle']}")
+                                             f"the {against_precision.upper()} bundle {against_manifest['bundle']}")
                     on_phase(name, "storing")
                     # Stored before anything else happens; off the event loop, so other devices' jobs go on while
                     # the store waits for a concurrent writer.
@@ -153,8 +152,8 @@ async def bench_devices(bundle: Path, names: list[str], inventory, home: Path, s
                         if speed is not None:
                             await asyncio.to_thread(
                                 store.add, speed.reference, device=name, artifact_sha256=against_digest,
-                                artifact_label=f"{target.name} {against_manifest['precision']}",
-                                target=target.name, precision=against_manifest["precision"],
+                                artifact_label=f"{target.name} {against_precision}",
+                                target=target.name, precision=against_precision,
                                 bundle=against_manifest["bundle"], role="reference", config=job)
                         stored = await asyncio.to_thread(
                             store.add, result, device=name, artifact_sha256=digest,
