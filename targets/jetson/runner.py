@@ -123,19 +123,20 @@ class Timer:
         self.warmup_ms = int(job.get("warmup_ms", 500))
         self.warmup_runs = int(job.get("warmup", 0))
 
-    def run(self, engine: str, iterations: int, log: str, times: str) -> tuple:
+    def run(self, engine: str, iterations: int, log: str, times: str, every_time: bool = False) -> tuple:
         """(trtexec's summary, [(latency ms, GPU compute ms or None) per timed inference]). trtexec's summary and
-        throughput cover the warm-up runs too; the per-inference times do not."""
+        throughput cover the warm-up runs too; the per-inference times do not. `every_time`: fewer exported times
+        than inferences asked for stop the job (they always do where warm-up runs must be told apart)."""
         command = [self.tool, *trtexec.trtexec_run_command(
             engine, self.warmup_runs + iterations, self.warmup_ms, self.dla_cores.get(engine),
             trt_major=self.major, trt_minor=self.minor)[1:], f"--exportTimes={times}"]
         Path(times).unlink(missing_ok=True)
         text = run_logged(command, Path(log), self.timeout)
         timed = exported_times(Path(times))
-        if self.warmup_runs and len(timed) < self.warmup_runs + iterations:
-            # Without every inference's time the warm-up runs cannot be told from the timed ones.
-            raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {self.warmup_runs} warm-up and "
-                            f"{iterations} timed inferences of {engine} ({Path(log).name})")
+        if (every_time or self.warmup_runs) and len(timed) < self.warmup_runs + iterations:
+            asked = f"{self.warmup_runs} warm-up and {iterations}" if self.warmup_runs else str(iterations)
+            raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {asked} timed inferences of "
+                            f"{engine} ({Path(log).name})")
         return trtexec.parse_trtexec(text), timed[self.warmup_runs:]
 
 
@@ -146,13 +147,10 @@ def in_turns(timer: Timer, engines: dict, runs: int, block: int) -> tuple:
     blocks."""
     samples, advice = {name: [] for name in engines}, {name: [] for name in engines}
     for name, count in measure.blocks_in_turns(list(engines), runs, block):
-        summary, timed = timer.run(engines[name], count, TIMING_LOGS[name], TIMES_FILES[name])
+        # Rounds are compared block by block: a short block would pair one engine's runs with the wrong runs of
+        # the other, so every block must export every time.
+        summary, timed = timer.run(engines[name], count, TIMING_LOGS[name], TIMES_FILES[name], every_time=True)
         advice[name] += [text for text in summary.get("warnings", []) if text not in advice[name]]
-        if len(timed) < count:
-            # Rounds are compared block by block: a short block would pair one engine's runs with the wrong runs
-            # of the other.
-            raise JobFailed(f"trtexec exported {len(timed)} per-inference times for {count} timed inferences of "
-                            f"{engines[name]} ({TIMING_LOGS[name]})")
         samples[name] += timed[:count]
     return samples, advice
 
