@@ -360,6 +360,11 @@ def weighted_sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.nd
     return sqnr_db(reference, candidate, weight[:, None, :] if per_anchor else None)
 
 
+def ranked_by_text(images: int) -> str:
+    return (f"Each node quantized alone in the float model, scored by the SQNR of the model's outputs on {images} "
+            f"calibration image{'' if images == 1 else 's'}, each anchor weighted by the FP32 model's score there")
+
+
 class OnnxQdqBackend:
     """Candidates as QDQ ONNX files built by onnxruntime's quantizer with this project's ranges.
 
@@ -368,9 +373,6 @@ class OnnxQdqBackend:
     With 4-bit weights (W4A8, INT4), the weights are rounded once (RTN or GPTQ)
     and activation statistics are taken on the model with those weights.
     """
-
-    ranked_by = (f"Each node quantized alone in the float model, scored by the SQNR of the model's outputs on "
-                 f"{DOWNSTREAM_IMAGES} calibration images, each anchor weighted by the FP32 model's score there")
 
     def __init__(self, fp32_onnx: Path, work: Path, rules: QuantRules = ONNXRUNTIME_QDQ,
                  activation_bits: int | None = 8, weight_bits: int = 8, int4_method: str = "gptq",
@@ -399,6 +401,7 @@ class OnnxQdqBackend:
         self.thin_convs = tuple(thin_convs(graph, rules.float_convs_below_channels))
         self.fixed_float_units = (*self.thin_convs, *self.float_outputs)
         self.silu = silu_inputs(graph)
+        self.ranked_by = ranked_by_text(DOWNSTREAM_IMAGES)
         self.quantizable_units = sum(1 for n in graph.node if (not rules.op_types or n.op_type in rules.op_types)
                                      and n.name not in self.fixed_float_units)
 
@@ -439,6 +442,8 @@ class OnnxQdqBackend:
         return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
+        # A calibration set smaller than DOWNSTREAM_IMAGES ranks on what it has, and the report says so.
+        self.ranked_by = ranked_by_text(min(DOWNSTREAM_IMAGES, sum(len(b) for b in batches)))
         return downstream_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
                                       self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units,
                                       self.say)

@@ -63,7 +63,8 @@ class QuantBackend(Protocol):
     fixed_float_units: tuple[str, ...]
     # Of those, the ones between the last weighted layers and the graph outputs (QuantRules.float_outputs).
     float_outputs: tuple[str, ...]
-    # How rank_units scores a unit, in words, for reports ("each node quantized alone, ..."; "" where it ranks none).
+    # How rank_units scored the units, in words, for reports ("each node quantized alone, ..."; "" where it ranks
+    # none); read after rank_units, which may fill in what it ranked on.
     ranked_by: str
 
     def tap(self) -> Callable[[np.ndarray], dict[str, np.ndarray]]:

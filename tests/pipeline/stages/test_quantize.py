@@ -258,13 +258,16 @@ def test_the_ranking_scores_each_node_by_what_reaches_the_outputs(referenced, se
     victim = convs[len(convs) // 2]
     low, high = ranges[victim.input[0]]
     spoiled = {**ranges, victim.input[0]: (low / 100, high / 100)}
-    ranked = backend.rank_units(spoiled, [np.concatenate(tensors[:4])])
+    # Fewer images than the ranking takes: it ranks on those, and says so.
+    ranked = backend.rank_units(spoiled, [np.concatenate(tensors[:3])])
+    assert "outputs on 3 calibration images" in backend.ranked_by
     assert len({r.unit for r in ranked}) == len(ranked) == backend.units()
     assert ranked[0].unit == victim.name and ranked[0].kind == "Conv"
     # A long step on a large model, so it says how far it has got on the stage's progress channel.
-    assert lines[-1].startswith("ranking nodes (each alone rounded, by the outputs' error on 4 images): node "
+    assert lines[-1].startswith("ranking nodes (each alone rounded, by the outputs' error on 3 images): node "
                                 f"{len(ranked)}/{len(ranked)} (")
-    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.concatenate(tensors[:4])])}
+    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.concatenate(tensors[:8])])}
+    assert "outputs on 4 calibration images" in backend.ranked_by
     assert ranked[0].sqnr_db < honest[victim.name] - 10
     # Nothing rounded, nothing ranked; a node the rules keep float is never ranked.
     nothing = downstream_sensitivity(backend.prepared, {}, [np.concatenate(tensors[:4])], False)
