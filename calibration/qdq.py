@@ -252,7 +252,8 @@ DOWNSTREAM_IMAGES = 4
 
 def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
                            symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
-                           skip: tuple[str, ...] = (), say: Callable[[str], None] | None = None
+                           skip: tuple[str, ...] = (), say: Callable[[str], None] | None = None,
+                           node_ranges: dict[str, dict[str, tuple[float, float]]] | None = None
                            ) -> list[UnitSensitivity]:
     """Each quantizable node's harm to the network's outputs with only that node quantized, most harmful first.
 
@@ -265,6 +266,9 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
     With one node rounded, everything before it is the float network's, so each rounding error is known from one
     float pass: every quantizable input gets an added error input, zero but for the node being scored. One
     session serves every node, and a node costs its inferences and no model build.
+
+    `node_ranges` gives a node's inputs ranges of their own, for a runtime that rounds one tensor differently for
+    each reader (ncnn gives every reader of a blob its own copy and scale); `ranges` serves the other nodes.
     """
     import onnx
     import onnxruntime as ort
@@ -283,21 +287,22 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
                                               float_session.run(None, {image_input: images})))}
     del float_session
 
-    # Per scored node: the error inputs it reads, each with the tensor it rounds (an activation, whose float values
-    # are in `values`) or the rounding error itself (a weight's).
+    # Per scored node: the error inputs it reads, each with the tensor it rounds and that rounding's range (an
+    # activation, whose float values are in `values`) or the rounding error itself (a weight's).
     units: list[tuple] = []
     nodes, needed = [], set()
     for node in graph.node:
         rounds = []
         if node.output and not (op_types and node.op_type not in op_types) and node.name not in skip:
+            its_ranges = (node_ranges or {}).get(node.name, ranges)
             for position, name in enumerate(node.input):
-                if (name and name not in initializers and name in ranges and name in values
+                if (name and name not in initializers and name in its_ranges and name in values
                         and types.get(name) == onnx.TensorProto.FLOAT):
-                    rounds.append((position, name))
+                    rounds.append((position, (name, its_ranges[name])))
                 elif position == WEIGHT_INPUT.get(node.op_type) and name in initializers:
                     weight = numpy_helper.to_array(initializers[name])
                     rounds.append((position, fake_quant_weight(weight, 8, per_channel) - weight))
-        if not any(isinstance(what, str) for _, what in rounds):
+        if not any(isinstance(what, tuple) for _, what in rounds):
             nodes.append(node)  # no activation of it is one the INT8 model rounds: not a unit
             continue
         fed = []
@@ -307,8 +312,8 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
             nodes.append(helper.make_node("Add", [node.input[position], added], [f"{added}/input"]))
             node.input[position] = f"{added}/input"
             fed.append((added, what))
-            if isinstance(what, str):
-                needed.add(what)
+            if isinstance(what, tuple):
+                needed.add(what[0])
         nodes.append(node)
         units.append((node, fed))
     values = {name: values[name] for name in needed}
@@ -322,9 +327,10 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
     silent = {added: zero for _, fed in units for added, _ in fed}
 
     def error(what) -> np.ndarray:
-        if not isinstance(what, str):
+        if not isinstance(what, tuple):
             return what
-        return fake_quant_activation(values[what], *ranges[what], symmetric) - values[what]
+        name, (low, high) = what
+        return fake_quant_activation(values[name], low, high, symmetric) - values[name]
 
     def outputs(fed: list) -> list:
         return session.run(None, {**silent, image_input: images, **{added: error(what) for added, what in fed}})
@@ -360,9 +366,9 @@ def weighted_sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.nd
     return sqnr_db(reference, candidate, weight[:, None, :] if per_anchor else None)
 
 
-def ranked_by_text(images: int) -> str:
-    return (f"Each node quantized alone in the float model, scored by the SQNR of the model's outputs on {images} "
-            f"calibration image{'' if images == 1 else 's'}, each anchor weighted by the FP32 model's score there")
+def ranked_by_text(images: int, alone: str = "Each node quantized alone in the float model") -> str:
+    return (f"{alone}, scored by the SQNR of the model's outputs on {images} calibration "
+            f"image{'' if images == 1 else 's'}, each anchor weighted by the FP32 model's score there")
 
 
 class OnnxQdqBackend:

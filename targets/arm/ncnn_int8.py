@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_deploy.calibration.formats import write_ncnn_table
-from edge_deploy.pipeline.errors import InputError
+from edge_deploy.pipeline.errors import ConversionMismatch, InputError
 
 TAG_FP32, TAG_FP16, TAG_INT8 = 0, 0x01306B47, 0x000D4B38
 
@@ -109,6 +109,32 @@ def read_conv_weights(layers: list[Layer], bin_path: Path) -> dict[str, ConvWeig
     if offset != len(data):
         raise InputError(f"{bin_path}: layers account for {offset} of {len(data)} bytes; not a pnnx FP32/FP16 bin")
     return out
+
+
+def onnx_convs(layers: list[Layer], bin_path: Path, onnx_path: Path) -> dict:
+    """Each ncnn Convolution's node in the ONNX graph pnnx converted, found by its weights (pnnx copies them as they
+    are; layer names are its own). Convs with equal weights pair up in graph order."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    initializers = {i.name: i for i in graph.initializer}
+    by_weights: dict[bytes, list] = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in initializers:
+            weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+            by_weights.setdefault(weight.reshape(weight.shape[0], -1).tobytes(), []).append(node)
+    weights = read_conv_weights(layers, bin_path)
+    found = {}
+    for layer in layers:
+        if layer.kind != "Convolution":
+            continue
+        candidates = by_weights.get(weights[layer.name].weight.tobytes())
+        if not candidates:
+            raise ConversionMismatch(f"ncnn layer {layer.name}: no Conv of {Path(onnx_path).name} has its weights; "
+                                     "pnnx changed them, so the layer cannot be scored in the ONNX graph")
+        found[layer.name] = candidates.pop(0)
+    return found
 
 
 def weight_scales(weight: np.ndarray) -> np.ndarray:

@@ -216,9 +216,12 @@ def test_int8_keeps_the_most_harmful_layers_fp32_to_meet_a_budget(exported, info
     assert kept == {*outcome.best.float_units, *backend.fixed_float_units} and len(backend.fixed_float_units) == 6
 
 
-def test_ranking_finds_the_layer_whose_range_was_spoiled(exported, info, calibration_images, tmp_path):
-    """Every convolution is ranked once, by its own output error fed the float input; a layer whose input range
-    is cut to a hundredth (so INT8 clips almost everything) comes first."""
+def test_ranking_scores_each_layer_by_what_ncnn_gives_at_the_outputs(exported, info, calibration_images,
+                                                                      tmp_path):
+    """Every convolution is ranked once, by the outputs' error with only it in INT8, simulated in the FP32 ONNX
+    graph; a layer whose input range is cut to a hundredth (so INT8 clips almost everything) comes first, and a
+    layer's score is what ncnn itself gives with that layer alone in INT8."""
+    from edge_deploy.calibration.qdq import anchor_weights, weighted_sqnr_db
     from edge_deploy.calibration.ranges import collect_statistics, ranges_for
 
     backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend", {})
@@ -226,12 +229,22 @@ def test_ranking_finds_the_layer_whose_range_was_spoiled(exported, info, calibra
     victim = backend.convs[len(backend.convs) // 2]
     low, high = ranges[victim.bottoms[0]]
     spoiled = {**ranges, victim.bottoms[0]: (low / 100, high / 100)}
-    ranked = backend.rank_units(spoiled, [np.stack(calibration_images[:4])])
+    images = np.stack(calibration_images[:4])
+    ranked = backend.rank_units(spoiled, [images])
     assert sorted(r.unit for r in ranked) == sorted(layer.name for layer in backend.convs)
     assert ranked[0].unit == victim.name
-    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [np.stack(calibration_images[:4])])}
+    honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [images])}
     assert ranked[0].sqnr_db < honest[victim.name] - 10
+    assert "outputs on 4 calibration images" in backend.ranked_by
     assert not (tmp_path / "backend" / "ranking").exists()
+
+    fp32 = NcnnArm().runtime(backend.fp32_dir, threads=1)(images)
+    weights = anchor_weights({"cls_logit": fp32[1]})
+    for name, layer_ranges, score in ((victim.name, spoiled, ranked[0].sqnr_db),
+                                      (min(honest, key=honest.get), ranges, min(honest.values()))):
+        alone = backend.build(layer_ranges, [c.name for c in backend.convs if c.name != name], tmp_path / name)
+        outputs = backend.runtime(alone)(images)
+        assert min(weighted_sqnr_db(r, c, weights) for r, c in zip(fp32, outputs)) == pytest.approx(score, abs=0.1)
 
 
 def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_run(exported, info, calibration_images,
