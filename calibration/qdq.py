@@ -253,8 +253,8 @@ DOWNSTREAM_IMAGES = 4
 def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]], batches: list[np.ndarray],
                            symmetric: bool, per_channel: bool = True, op_types: tuple[str, ...] = (),
                            skip: tuple[str, ...] = (), say: Callable[[str], None] | None = None,
-                           node_ranges: dict[str, dict[str, tuple[float, float]]] | None = None
-                           ) -> list[UnitSensitivity]:
+                           node_ranges: dict[str, dict[str, tuple[float, float]]] | None = None,
+                           unit: str = "node") -> list[UnitSensitivity]:
     """Each quantizable node's harm to the network's outputs with only that node quantized, most harmful first.
 
     A node's own output error says little about what reaches the detections: a stride-32 head conv can be the
@@ -268,7 +268,8 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
     session serves every node, and a node costs its inferences and no model build.
 
     `node_ranges` gives a node's inputs ranges of their own, for a runtime that rounds one tensor differently for
-    each reader (ncnn gives every reader of a blob its own copy and scale); `ranges` serves the other nodes.
+    each reader (ncnn gives every reader of a blob its own copy and scale); `ranges` serves the other nodes. `unit`
+    is what the progress line calls a node (ncnn's are layers).
     """
     import onnx
     import onnxruntime as ort
@@ -338,8 +339,8 @@ def downstream_sensitivity(prepared: Path, ranges: dict[str, tuple[float, float]
     reference = outputs([])
     weight = anchor_weights(dict(zip(output_names, reference)))
     results = []
-    progress = Progress(f"ranking nodes (each alone rounded, by the outputs' error on {len(images)} images): node",
-                        len(units), say)
+    progress = Progress(f"ranking {unit}s (each alone rounded, by the outputs' error on {len(images)} images): "
+                        f"{unit}", len(units), say)
     for node, fed in units:
         candidate = outputs(fed)
         progress.step()

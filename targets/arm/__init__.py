@@ -224,7 +224,7 @@ class NcnnInt8Backend:
         and returns float. The FP32 ONNX graph with one Conv's input and weights rounded so computes what ncnn does
         with that layer alone in INT8, up to ties in rounding; so the ranking runs there, with onnxruntime's
         added-error inputs (calibration.qdq.downstream_sensitivity), and not as one ncnn model write and one pass
-        per layer and image, which cost 10 minutes at 640 px. Each layer is found in the graph by its weights,
+        per layer, 3x as long at 640 px (benchmarks/arm_ranking.py). Each layer is found in the graph by its weights,
         which pnnx copies as they are. Ranked by their own output error instead, the head convs came first: on the
         YOLOv8s-size model 16 of 57 layers float took Entropy from 5.98 to 5.43 points.
         """
@@ -241,7 +241,7 @@ class NcnnInt8Backend:
         layer_of = {node.name: name for name, node in node_of.items()}
         # Only the convs given ranges are rounded and ranked: not the fixed float ones, not other operators.
         ranked = downstream_sensitivity(self.fp32_onnx, {}, batches, True, True, ("Conv",), say=self.say,
-                                        node_ranges=node_ranges)
+                                        node_ranges=node_ranges, unit="layer")
         return [UnitSensitivity(layer_of[r.unit], "Convolution", r.sqnr_db) for r in ranked]
 
     @staticmethod

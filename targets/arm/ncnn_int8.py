@@ -131,8 +131,8 @@ def onnx_convs(layers: list[Layer], bin_path: Path, onnx_path: Path) -> dict:
             continue
         candidates = by_weights.get(weights[layer.name].weight.tobytes())
         if not candidates:
-            raise ConversionMismatch(f"ncnn layer {layer.name}: no Conv of {Path(onnx_path).name} has its weights; "
-                                     "pnnx changed them, so the layer cannot be scored in the ONNX graph")
+            raise ConversionMismatch(f"ncnn layer {layer.name}: no Conv of {Path(onnx_path).name} with the same "
+                                     "weights as an initializer, so the fallback's ranking cannot score it there")
         found[layer.name] = candidates.pop(0)
     return found
 

@@ -224,7 +224,9 @@ def test_ranking_scores_each_layer_by_what_ncnn_gives_at_the_outputs(exported, i
     from edge_deploy.calibration.qdq import anchor_weights, weighted_sqnr_db
     from edge_deploy.calibration.ranges import collect_statistics, ranges_for
 
-    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend", {})
+    lines = []
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend",
+                                      {"progress": lines.append})
     ranges = ranges_for(collect_statistics(backend.tap(), [np.stack(calibration_images[:8])]), "minmax", True)
     victim = backend.convs[len(backend.convs) // 2]
     low, high = ranges[victim.bottoms[0]]
@@ -233,6 +235,8 @@ def test_ranking_scores_each_layer_by_what_ncnn_gives_at_the_outputs(exported, i
     ranked = backend.rank_units(spoiled, [images])
     assert sorted(r.unit for r in ranked) == sorted(layer.name for layer in backend.convs)
     assert ranked[0].unit == victim.name
+    assert lines[-1].startswith("ranking layers (each alone rounded, by the outputs' error on 4 images): layer "
+                                f"{len(ranked)}/{len(ranked)} (")
     honest = {r.unit: r.sqnr_db for r in backend.rank_units(ranges, [images])}
     assert ranked[0].sqnr_db < honest[victim.name] - 10
     assert "outputs on 4 calibration images" in backend.ranked_by
@@ -245,6 +249,29 @@ def test_ranking_scores_each_layer_by_what_ncnn_gives_at_the_outputs(exported, i
         alone = backend.build(layer_ranges, [c.name for c in backend.convs if c.name != name], tmp_path / name)
         outputs = backend.runtime(alone)(images)
         assert min(weighted_sqnr_db(r, c, weights) for r, c in zip(fp32, outputs)) == pytest.approx(score, abs=0.1)
+
+
+def test_a_layer_whose_weights_the_graph_does_not_have_is_refused_by_the_ranking(exported, info, tmp_path):
+    """The ranking finds each ncnn layer in the ONNX graph by its weights; a graph without them (not the one pnnx
+    converted) is a typed error naming the layer, not a ranking of other layers."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_deploy.pipeline.errors import ConversionMismatch
+    from edge_deploy.targets.arm.ncnn_int8 import onnx_convs, read_param
+
+    backend = NcnnArm().quant_backend("int8", exported["onnx"].path, info, tmp_path / "backend", {})
+    found = onnx_convs(backend.layers, backend.fp32_dir / "model.ncnn.bin", exported["onnx"].path)
+    _, layers = read_param(backend.fp32_dir / "model.ncnn.param")
+    assert set(found) == {layer.name for layer in layers if layer.kind == "Convolution"}
+    assert len({node.name for node in found.values()}) == len(found)
+    model = onnx.load(str(exported["onnx"].path))
+    victim = backend.convs[3]
+    weight = next(i for i in model.graph.initializer if i.name == found[victim.name].input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(ConversionMismatch, match=f"ncnn layer {victim.name}: no Conv of other.onnx"):
+        onnx_convs(backend.layers, backend.fp32_dir / "model.ncnn.bin", tmp_path / "other.onnx")
 
 
 def test_calibration_runs_each_image_once_and_gives_the_same_statistics_every_run(exported, info, calibration_images,
