@@ -245,8 +245,8 @@ def thin_convs(graph, below_channels: int) -> list[str]:
     return thin
 
 
-# Images the whole-network ranking runs per unit: each unit costs a full inference per image, so fewer than the
-# own-output ranking's; which units hurt the outputs most does not need many images to show.
+# Images the ranking runs per unit: each unit costs a full inference per image, and which units hurt the outputs
+# most does not need many images to show.
 DOWNSTREAM_IMAGES = 4
 
 
@@ -367,9 +367,15 @@ def weighted_sqnr_db(reference: np.ndarray, candidate: np.ndarray, weight: np.nd
     return sqnr_db(reference, candidate, weight[:, None, :] if per_anchor else None)
 
 
-def ranked_by_text(images: int, alone: str = "Each node quantized alone in the float model") -> str:
+def ranked_by_text(alone: str, batches: list[np.ndarray] | None = None) -> str:
+    """How downstream_sensitivity scores, for a report: on the images of `batches` it ranks on (a calibration set
+    under DOWNSTREAM_IMAGES ranks on what it has), DOWNSTREAM_IMAGES before any ranking."""
+    images = DOWNSTREAM_IMAGES if batches is None else min(DOWNSTREAM_IMAGES, sum(len(b) for b in batches))
     return (f"{alone}, scored by the SQNR of the model's outputs on {images} calibration "
             f"image{'' if images == 1 else 's'}, each anchor weighted by the FP32 model's score there")
+
+
+RANKED_ALONE = "Each node quantized alone in the float model"
 
 
 class OnnxQdqBackend:
@@ -408,7 +414,7 @@ class OnnxQdqBackend:
         self.thin_convs = tuple(thin_convs(graph, rules.float_convs_below_channels))
         self.fixed_float_units = (*self.thin_convs, *self.float_outputs)
         self.silu = silu_inputs(graph)
-        self.ranked_by = ranked_by_text(DOWNSTREAM_IMAGES)
+        self.ranked_by = ranked_by_text(RANKED_ALONE)
         self.quantizable_units = sum(1 for n in graph.node if (not rules.op_types or n.op_type in rules.op_types)
                                      and n.name not in self.fixed_float_units)
 
@@ -449,8 +455,7 @@ class OnnxQdqBackend:
         return ort_infer(built, SCORING_THREADS)
 
     def rank_units(self, ranges, batches: list[np.ndarray]) -> list[UnitSensitivity]:
-        # A calibration set smaller than DOWNSTREAM_IMAGES ranks on what it has, and the report says so.
-        self.ranked_by = ranked_by_text(min(DOWNSTREAM_IMAGES, sum(len(b) for b in batches)))
+        self.ranked_by = ranked_by_text(RANKED_ALONE, batches)
         return downstream_sensitivity(self.prepared, self.activation_ranges(ranges), batches, self.symmetric,
                                       self.rules.per_channel_weights, self.rules.op_types, self.fixed_float_units,
                                       self.say)

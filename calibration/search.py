@@ -51,8 +51,7 @@ Ranges = dict[str, tuple[float, float]]
 class UnitSensitivity:
     unit: str
     kind: str  # op or layer type
-    # alone quantized: of the network's outputs (QDQ ONNX) or of its own output fed float inputs (ncnn); lower
-    # hurts more
+    # of the network's outputs with only this unit quantized (the backend's ranked_by says how): lower hurts more
     sqnr_db: float
 
 

@@ -147,6 +147,9 @@ def write_meta(folder: Path, precision: str, imgsz: int, io_names: dict) -> None
                                            "outputs": [io_names["box_dist"], io_names["cls_logit"]]}))
 
 
+RANKED_ALONE = "Each layer quantized alone, rounded as ncnn rounds it, in the float ONNX model"
+
+
 class NcnnInt8Backend:
     """Candidates as ncnn INT8 models written by this project from per-blob ranges (see ncnn_int8.py).
 
@@ -159,12 +162,12 @@ class NcnnInt8Backend:
 
     def __init__(self, target: NcnnArm, fp32_onnx: Path, info: ModelInfo, work: Path,
                  calibration_images: int | None = None, say: Callable[[str], None] | None = None):
-        from edge_deploy.calibration.qdq import DOWNSTREAM_IMAGES
+        from edge_deploy.calibration.qdq import ranked_by_text
         from edge_deploy.targets.arm.ncnn_int8 import output_convs, read_param
 
         self.target, self.imgsz, self.calibration_images, self.say = target, info.imgsz, calibration_images, say
         self.fp32_onnx = Path(fp32_onnx)
-        self.ranked_by = self._ranked_by(DOWNSTREAM_IMAGES)
+        self.ranked_by = ranked_by_text(RANKED_ALONE)
         self.fp32_dir = work / "fp32"
         self.fp32_dir.mkdir(parents=True)
         pnnx_convert(fp32_onnx, info.imgsz, False, self.fp32_dir)
@@ -228,11 +231,11 @@ class NcnnInt8Backend:
         which pnnx copies as they are. Ranked by their own output error instead, the head convs came first: on the
         YOLOv8s-size model 16 of 57 layers float took Entropy from 5.98 to 5.43 points.
         """
-        from edge_deploy.calibration.qdq import DOWNSTREAM_IMAGES, downstream_sensitivity
+        from edge_deploy.calibration.qdq import downstream_sensitivity, ranked_by_text
         from edge_deploy.calibration.search import UnitSensitivity
         from edge_deploy.targets.arm.ncnn_int8 import onnx_convs
 
-        self.ranked_by = self._ranked_by(min(DOWNSTREAM_IMAGES, sum(len(b) for b in batches)))
+        self.ranked_by = ranked_by_text(RANKED_ALONE, batches)
         node_of = onnx_convs(self.layers, self.fp32_dir / FILES[1], self.fp32_onnx)
         thresholds = self.thresholds(ranges, [])
         node_ranges = {node_of[layer.name].name: {node_of[layer.name].input[0]: (-thresholds[layer.name],
@@ -243,12 +246,6 @@ class NcnnInt8Backend:
         ranked = downstream_sensitivity(self.fp32_onnx, {}, batches, True, True, ("Conv",), say=self.say,
                                         node_ranges=node_ranges, unit="layer")
         return [UnitSensitivity(layer_of[r.unit], "Convolution", r.sqnr_db) for r in ranked]
-
-    @staticmethod
-    def _ranked_by(images: int) -> str:
-        from edge_deploy.calibration.qdq import ranked_by_text
-
-        return ranked_by_text(images, "Each layer quantized alone, rounded as ncnn rounds it, in the float ONNX model")
 
     def units(self) -> int:
         return len(self.convs)
