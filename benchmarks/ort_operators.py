@@ -7,7 +7,10 @@ Builds (or reuses from cache) a cpu INT8 bundle, then:
    shape ops float), and with every SiLU left float, all from the build's own activation statistics; the build's
    INT8 model with each quantized SiLU replaced by a 256-entry lookup table made of standard operators (Cast,
    Gather); and the build's INT8 model on onnxruntime's U8U8 kernels (`session.x64quantprecision`, which on x86
-   without VNNI avoids the U8S8 kernels' 16-bit saturation), with each one's output SQNR against FP32;
+   without VNNI avoids the U8S8 kernels' 16-bit saturation); and the build's INT8 model with its nearest
+   upsamplings left as Resize (as built before the cpu rules wrote them as channels-last copies), with each one's
+   output SQNR against FP32. Every variant built here has its upsamplings as copies too, so that each row differs
+   from the build by its own change only;
 2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
    INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
    higher than the plain timings; compare them within a column, not with step 1.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -29,8 +33,10 @@ from pathlib import Path
 from interleave import load_average, ratios, repeated_p50s, spread
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
-from edge_deploy.calibration.qdq import feed_float_inputs, prepare, quantize, store_float_weights
+from edge_deploy.calibration.qdq import (OnnxQdqBackend, feed_float_inputs, quantize, store_float_weights,
+                                         tile_nearest_upsamples)
 from edge_deploy.calibration.ranges import load_statistics, ranges_for
+from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ
 from edge_deploy.pipeline.build import run_build
 from edge_deploy.pipeline.config import BuildConfig
 from edge_deploy.pipeline.results import QuantizationReport
@@ -199,26 +205,33 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepared = prepare(fp32_path, tmp / "prepared.onnx")
+        # The build's backend with its upsamplings left as Resize: it builds that row, and gives every variant the
+        # build's prepared graph and ranges (SiLU inputs floored as the build floors them).
+        with_resize = OnnxQdqBackend(fp32_path, tmp / "with-resize", dataclasses.replace(
+            ONNXRUNTIME_QDQ, upsample_as_tile=False), symmetric=symmetric)
+        prepared = with_resize.prepared
+        ranges = with_resize.activation_ranges(ranges_for(stats, report.method, symmetric))
         # The build's method and float units, without the stem rule: every conv quantized, the stem included.
-        ranges = ranges_for(stats, report.method, symmetric)
         kept = [*report.float_units, *report.float_outputs]
-        stem_int8 = store_float_weights(feed_float_inputs(
-            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept))
+        stem_int8 = tile_nearest_upsamples(store_float_weights(feed_float_inputs(
+            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept)))
         # Without the outputs rule: the outputs rounded to 8 bits, as quantize() alone leaves them.
-        rounded = quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
-                           [*report.float_for_speed, *report.float_units])
+        rounded = tile_nearest_upsamples(quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
+                                                  [*report.float_for_speed, *report.float_units]))
         # Every SiLU (Sigmoid and the Mul it feeds) left float, behind the pairs quantize() leaves (so the convs
         # keep their integer kernels): what keeping the activation float instead of onnxruntime's two integer
         # kernels costs.
-        silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
-                              [*report.float_for_speed, *report.float_units, *report.float_outputs,
-                               *silu_nodes(prepared)])
+        silu_float = tile_nearest_upsamples(quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
+                                                     [*report.float_for_speed, *report.float_units,
+                                                      *report.float_outputs, *silu_nodes(prepared)]))
+        resize_int8 = with_resize.build(ranges_for(stats, report.method, symmetric), report.float_units,
+                                        tmp / "with-resize.onnx")
         models = {"FP32": (fp32_path, None), "INT8 (build)": (int8_path, None),
                   "INT8, stem conv quantized": (stem_int8, None), "INT8, outputs rounded": (rounded, None),
                   "INT8, SiLU float": (silu_float, None),
                   "INT8, SiLU as a lookup table": (silu_tables(int8_path, tmp / "silu-tables.onnx"), None),
-                  "INT8, U8U8 kernels": (int8_path, U8U8)}
+                  "INT8, U8U8 kernels": (int8_path, U8U8),
+                  "INT8, upsampling as Resize": (resize_int8, None)}
         sessions = {label: open_session(path, config) for label, (path, config) in models.items()}
         outputs = {label: s.run(None, feed) for label, s in sessions.items()}
         sqnr = {label: min(sqnr_db(reference, produced) for reference, produced in zip(outputs["FP32"], out))

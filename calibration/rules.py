@@ -77,6 +77,10 @@ class QuantRules:
     # Dequantize-Conv-Quantize into QLinearConv; TensorRT needs only the inputs'): where so, a weighted node whose
     # output nothing quantizes runs float, and its weights are stored float instead of dequantized on every run.
     integer_needs_quantized_output: bool = False
+    # Whether a quantized whole-factor nearest upsampling is written as channels-last pixel copies instead of a
+    # Resize (calibration.qdq.tile_nearest_upsamples): where the runtime runs quantized tensors channels-last and
+    # its 8-bit Resize is slow in that layout. Same values; only where it runs and how fast changes.
+    upsample_as_tile: bool = False
 
     def symmetric(self, requested: bool) -> bool:
         return requested if self.symmetric_activations is None else self.symmetric_activations
@@ -85,7 +89,8 @@ class QuantRules:
 ONNXRUNTIME_QDQ = QuantRules("onnxruntime QDQ", RANGE_METHODS, None, True, "node",
                              "every float input of every node onnxruntime's quantizer supports",
                              calibration_files=("tensorrt-cache",), float_convs_below_channels=8,
-                             float_outputs=True, float_output_layers=True, integer_needs_quantized_output=True)
+                             float_outputs=True, float_output_layers=True, integer_needs_quantized_output=True,
+                             upsample_as_tile=True)
 NCNN_INT8 = QuantRules("ncnn INT8", ("minmax", "entropy"), True, True, "layer",
                        "the input blob of every Convolution (ncnn's int8_scale_term)", float_output_layers=True)
 

@@ -306,3 +306,33 @@ def _outputs_with_one_node_rounded(prepared, node_name: str, ranges: dict, image
     reference, rounded = run(onnx.load(str(prepared))), run(model)
     weights = anchor_weights(reference)
     return min(weighted_sqnr_db(reference[name], rounded[name], weights) for name in reference)
+
+
+def test_cpu_int8_upsamples_by_copying_pixels_with_the_same_outputs(referenced, sets, tmp_path):
+    """onnxruntime's rules write each quantized nearest upsampling as channels-last copies (Tile): the same
+    outputs to the bit as the Resize they replace, which TensorRT's rules keep."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from edge_deploy.calibration.qdq import OnnxQdqBackend
+    from edge_deploy.calibration.ranges import collect_statistics, ranges_for
+    from edge_deploy.calibration.rules import ONNXRUNTIME_QDQ
+
+    calibration, _ = sets
+    tiled = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "tiled")
+    resized = OnnxQdqBackend(referenced["onnx"].path, tmp_path / "resized",
+                             dataclasses.replace(ONNXRUNTIME_QDQ, upsample_as_tile=False))
+    tensors = [load_tensor(p, calibration.preprocess)[0] for p in calibration.files[:8]]
+    ranges = ranges_for(collect_statistics(tiled.tap(), tensors), "minmax")
+    models = {"tiled": tiled.build(ranges, [], tmp_path / "tiled.onnx"),
+              "resized": resized.build(ranges, [], tmp_path / "resized.onnx")}
+    ops = {label: [n.op_type for n in onnx.load(str(path)).graph.node] for label, path in models.items()}
+    upsamplings = ops["resized"].count("Resize")
+    assert upsamplings == 2 and "Tile" not in ops["resized"]
+    assert "Resize" not in ops["tiled"] and ops["tiled"].count("Tile") == upsamplings
+    batch = np.concatenate(tensors)
+    outputs = {label: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": batch})
+               for label, path in models.items()}
+    for tiled_output, resized_output in zip(outputs["tiled"], outputs["resized"]):
+        np.testing.assert_array_equal(tiled_output, resized_output)
