@@ -254,9 +254,11 @@ def tile_nearest_upsamples(path: Path) -> Path:
                 or any(o.name == node.output[0] for o in graph.output)):
             continue
         _, channels, height, width = shapes.get(node.input[0], [None] * 4)
-        if None in (channels, height, width):
-            continue
         scale, zero = quantizers[0].input[1], quantizers[0].input[2]
+        # One scale for the whole tensor, so that it still holds once the channels are moved last.
+        if None in (channels, height, width) or scale not in initializers or \
+                numpy_helper.to_array(initializers[scale]).size != 1:
+            continue
         stem, (up_h, up_w) = node.name, factors
         graph.initializer.extend([
             numpy_helper.from_array(np.array([-1, height, 1, width, 1, channels], np.int64), f"{stem}_pixels"),

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_deploy.calibration.qdq import tile_nearest_upsamples
 
 
-def upsampling_graph(path, scales, mode="nearest", coordinates="asymmetric", quantized=True):
+def upsampling_graph(path, scales, mode="nearest", coordinates="asymmetric", quantized=True, per_channel=False):
     """x -> [Dequantize] -> Resize -> [Quantize -> Dequantize] -> Add y: a quantized upsampling between two
     convolutions' tensors, as onnxruntime's quantizer leaves it, or a float one."""
     channels, size = 8, 5
@@ -20,8 +20,10 @@ def upsampling_graph(path, scales, mode="nearest", coordinates="asymmetric", qua
     initializers = [numpy_helper.from_array(np.array(scales, np.float32), "scales"),
                     numpy_helper.from_array(np.array(0.05, np.float32), "in_scale"),
                     numpy_helper.from_array(np.array(3, np.uint8), "in_zero"),
-                    numpy_helper.from_array(np.array(0.04, np.float32), "out_scale"),
-                    numpy_helper.from_array(np.array(7, np.uint8), "out_zero")]
+                    numpy_helper.from_array(np.full(channels, 0.04, np.float32) if per_channel
+                                            else np.array(0.04, np.float32), "out_scale"),
+                    numpy_helper.from_array(np.full(channels, 7, np.uint8) if per_channel
+                                            else np.array(7, np.uint8), "out_zero")]
     nodes = []
     source = "x"
     if quantized:
@@ -59,15 +61,16 @@ def test_a_quantized_whole_factor_upsampling_becomes_tiles_with_the_same_values(
     assert "scales" not in {i.name for i in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("scales, mode, coordinates, quantized", [
-    ([1, 1, 2, 2], "linear", "asymmetric", True),  # interpolates: not copies
-    ([1, 1, 2, 2], "nearest", "half_pixel", True),  # another pixel mapping
-    ([1, 1, 1.6, 1.6], "nearest", "asymmetric", True),  # no whole factor
-    ([1, 2, 2, 2], "nearest", "asymmetric", True),  # repeats channels
-    ([1, 1, 2, 2], "nearest", "asymmetric", False),  # a float upsampling: onnxruntime's float Resize is fast
+@pytest.mark.parametrize("scales, mode, coordinates, quantized, per_channel", [
+    ([1, 1, 2, 2], "linear", "asymmetric", True, False),  # interpolates: not copies
+    ([1, 1, 2, 2], "nearest", "half_pixel", True, False),  # another pixel mapping
+    ([1, 1, 1.6, 1.6], "nearest", "asymmetric", True, False),  # no whole factor
+    ([1, 2, 2, 2], "nearest", "asymmetric", True, False),  # repeats channels
+    ([1, 1, 2, 2], "nearest", "asymmetric", False, False),  # a float upsampling: onnxruntime's float Resize is fast
+    ([1, 1, 2, 2], "nearest", "asymmetric", True, True),  # a scale per channel would not follow the channels last
 ])
-def test_other_resizes_are_left_alone(tmp_path, scales, mode, coordinates, quantized):
-    path = upsampling_graph(tmp_path / "m.onnx", scales, mode, coordinates, quantized)
+def test_other_resizes_are_left_alone(tmp_path, scales, mode, coordinates, quantized, per_channel):
+    path = upsampling_graph(tmp_path / "m.onnx", scales, mode, coordinates, quantized, per_channel)
     before = path.read_bytes()
     tile_nearest_upsamples(path)
     assert path.read_bytes() == before
