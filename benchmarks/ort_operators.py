@@ -213,17 +213,19 @@ def main() -> None:
         ranges = with_resize.activation_ranges(ranges_for(stats, report.method, symmetric))
         # The build's method and float units, without the stem rule: every conv quantized, the stem included.
         kept = [*report.float_units, *report.float_outputs]
-        stem_int8 = tile_nearest_upsamples(store_float_weights(feed_float_inputs(
-            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept)))
+        stem_int8 = store_float_weights(feed_float_inputs(
+            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept))
         # Without the outputs rule: the outputs rounded to 8 bits, as quantize() alone leaves them.
-        rounded = tile_nearest_upsamples(quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
-                                                  [*report.float_for_speed, *report.float_units]))
+        rounded = quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
+                           [*report.float_for_speed, *report.float_units])
         # Every SiLU (Sigmoid and the Mul it feeds) left float, behind the pairs quantize() leaves (so the convs
         # keep their integer kernels): what keeping the activation float instead of onnxruntime's two integer
         # kernels costs.
-        silu_float = tile_nearest_upsamples(quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
-                                                     [*report.float_for_speed, *report.float_units,
-                                                      *report.float_outputs, *silu_nodes(prepared)]))
+        silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
+                              [*report.float_for_speed, *report.float_units, *report.float_outputs,
+                               *silu_nodes(prepared)])
+        for variant in (stem_int8, rounded, silu_float):
+            tile_nearest_upsamples(variant)
         resize_int8 = with_resize.build(ranges_for(stats, report.method, symmetric), report.float_units,
                                         tmp / "with-resize.onnx")
         models = {"FP32": (fp32_path, None), "INT8 (build)": (int8_path, None),

@@ -225,13 +225,17 @@ def _whole_factor_nearest_upsample(node, initializers: dict) -> tuple[int, int] 
     return int(height), int(width)
 
 
-def tile_nearest_upsamples(path: Path) -> Path:
+UPSAMPLING_AS_COPIES = ("each a quantized nearest upsampling, written as channels-last copies with Transpose, Reshape "
+                        "and Tile because onnxruntime's 8-bit Resize is slow in its channels-last layout")
+
+
+def tile_nearest_upsamples(path: Path) -> list[str]:
     """Writes, in place, each quantized whole-factor nearest upsampling (a Resize between a Dequantize and a
     Quantize) as Transpose to channels-last, Reshape, Tile, Reshape, Transpose back, on the Quantize's grid: the
     same values, moved as whole pixel vectors. Why: onnxruntime runs a quantized graph channels-last and takes
     that layout through a Resize, where its 8-bit nearest Resize has no fast path; on the real-image YOLOv8s-size
     model at 256 px its two upsamplings took 1.0 ms of INT8's 35 (0.2 ms in FP32), written this way 0.1 ms
-    (benchmarks/ort_operators.py). The Transposes cancel against the layout's own."""
+    (benchmarks/ort_operators.py). The Transposes cancel against the layout's own. Returns the Resizes rewritten."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -290,10 +294,10 @@ def tile_nearest_upsamples(path: Path) -> Path:
             graph.node.insert(position + offset, new)
         rewritten.append(stem)
     if not rewritten:
-        return path
+        return []
     drop_unread_quantization(graph)
     onnx.save(model, str(path))
-    return path
+    return rewritten
 
 
 def fake_quant_activation(x: np.ndarray, low: float, high: float, symmetric: bool) -> np.ndarray:
@@ -506,6 +510,7 @@ class OnnxQdqBackend:
         self.fixed_float_units = (*self.thin_convs, *self.float_outputs)
         self.silu = silu_inputs(graph)
         self.ranked_by = ranked_by_text(RANKED_ALONE)
+        self.rewritten_by_build: dict[Path, list[str]] = {}
         self.quantizable_units = sum(1 for n in graph.node if (not rules.op_types or n.op_type in rules.op_types)
                                      and n.name not in self.fixed_float_units)
 
@@ -533,8 +538,7 @@ class OnnxQdqBackend:
         quantize(self.source, path, self.activation_ranges(ranges), self.rules.per_channel_weights,
                  self.symmetric, kept_float, rules=self.rules)
         feed_float_inputs(path, kept_float)
-        if self.rules.upsample_as_tile:
-            tile_nearest_upsamples(path)
+        self.rewritten_by_build[path] = tile_nearest_upsamples(path) if self.rules.upsample_as_tile else []
         # W4A8 keeps its INT4 weights wherever it can (replace_int8_weights below).
         if self.rules.integer_needs_quantized_output and self.weights is None:
             store_float_weights(path)
@@ -555,3 +559,6 @@ class OnnxQdqBackend:
 
     def units(self) -> int:
         return self.quantizable_units
+
+    def rewritten(self, built: Path) -> dict[str, str]:
+        return {node: UPSAMPLING_AS_COPIES for node in self.rewritten_by_build.get(Path(built), [])}

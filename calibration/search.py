@@ -81,6 +81,10 @@ class QuantBackend(Protocol):
     def units(self) -> int:
         """How many units are quantized when none is kept float."""
 
+    def rewritten(self, built: Path) -> dict[str, str]:
+        """{unit: how} for the units a candidate this backend built has in another form than the float graph's,
+        computing the same values (for speed); empty where none."""
+
 
 # Two candidates differ beyond noise when the central interval of their paired drop difference, at this level,
 # excludes zero: the level every reported interval has.

@@ -382,6 +382,9 @@ class QuantizationReport(JsonResult):
     selection_jitter_floor: dict | None = None
     # How the units in `sensitivity` were scored, in words (the backend's ranked_by); None where none were ranked.
     ranked_by: str | None = None
+    # {unit: how} for the units the kept candidate has in another form than the float graph's, computing the same
+    # values (QuantBackend.rewritten).
+    rewritten: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,10 @@ class QuantizeStage(Stage):
                          work / "candidates", fallback=spec.float_fallback and rules.float_fallback)
         best = outcome.best
         float_for_speed = [u for u in backend.fixed_float_units if u not in backend.float_outputs]
+        rewritten = backend.rewritten(best.built)
         report = QuantizationReport(
             precision=self.precision, method=best.method,
-            choice=self._choice(methods, outcome, float_for_speed, backend.float_outputs),
+            choice=self._choice(methods, outcome, float_for_speed, backend.float_outputs, rewritten),
             selection=describe_split(self.selection, "selection"), budget_points=self.max_map_drop,
             drop_points=best.drop_points, within_budget=outcome.within_budget, float_units=best.float_units,
             units=backend.units(), unit_kind=rules.unit_kind, calibration_images=len(tensors),
@@ -127,7 +128,7 @@ class QuantizeStage(Stage):
             ranked_by=backend.ranked_by if outcome.sensitivity else None,
             float_for_speed=float_for_speed, float_outputs=list(backend.float_outputs),
             measure=reference.selection.kind, found_again=found_by_stem.get(best.built.stem),
-            selection_jitter_floor=reference.selection_jitter_floor)
+            selection_jitter_floor=reference.selection_jitter_floor, rewritten=rewritten)
         (out_dir / "quantize_report.json").write_text(json.dumps(report.to_json(), indent=1))
         outputs["quantize_report"] = out_dir / "quantize_report.json"
         quantized = out_dir / f"quantized{best.built.suffix}"
@@ -165,7 +166,7 @@ class QuantizeStage(Stage):
             "(quantize.max_map_drop) or pass --accept-drop", stage=self.name, report=report.to_json())
 
     def _choice(self, methods: tuple[str, ...], outcome, float_for_speed: list[str],
-                float_outputs: tuple[str, ...]) -> str:
+                float_outputs: tuple[str, ...], rewritten: dict[str, str]) -> str:
         best = outcome.best
         if len(methods) > 1:
             text = (f"{outcome.reason} (selection split)" if outcome.reason else
@@ -189,4 +190,7 @@ class QuantizeStage(Stage):
         if float_outputs:
             text += (f"; {len(float_outputs)} {self.target.quant_rules.unit_kind}s that compute or reshape the outputs "
                      "kept float, so the outputs are not rounded, nor those layers' inputs where the rules say so")
+        if rewritten:
+            text += (f"; {len(rewritten)} {self.target.quant_rules.unit_kind}s written in another form that computes "
+                     "the same values, for speed (the model card says how)")
         return text

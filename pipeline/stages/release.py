@@ -263,6 +263,9 @@ def model_card(name: str, info: ModelInfo, config: dict, calibration: dict | Non
         if quantization.float_outputs:
             lines += ["Kept float so that the outputs, and where the rules say so the inputs of the layers that "
                       f"compute them, are not rounded to 8 bits: {', '.join(quantization.float_outputs)}.", ""]
+        for how in dict.fromkeys(quantization.rewritten.values()):
+            units = [unit for unit, its in quantization.rewritten.items() if its == how]
+            lines += [f"Rewritten for speed, with the same values: {', '.join(units)}; {how}.", ""]
     lines += _limits(info, config, verify, probe, quantization, pruning)
     return "\n".join(lines)
 

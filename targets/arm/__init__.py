@@ -250,6 +250,9 @@ class NcnnInt8Backend:
     def units(self) -> int:
         return len(self.convs)
 
+    def rewritten(self, built: Path) -> dict[str, str]:
+        return {}  # every layer is pnnx's own
+
 
 class SampledTap:
     """The activation tap the statistics read: per tensor, a seeded random sample of every image's values plus the

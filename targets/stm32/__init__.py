@@ -662,6 +662,9 @@ class TfliteInt8Backend:
     def units(self) -> int:
         return self.operators
 
+    def rewritten(self, built: Path) -> dict[str, str]:
+        return {}  # the TFLite converter's graph, as it wrote it
+
 
 def convert_to_tflite(fp32_onnx: Path, batches: list[np.ndarray], out: Path, work: Path) -> float:
     """ONNX -> full-integer INT8 .tflite in a child interpreter; returns the seconds it took."""

@@ -69,6 +69,10 @@ def test_the_stem_conv_on_the_image_stays_float_and_is_said_so(referenced, engin
     assert others and all(n.input[1] in dequantized for n in others)
     assert "1 conv(s) on fewer than 8 input channels kept float" in report.choice
     assert report.float_outputs and "so the outputs are not rounded" in report.choice
+    # The two upsamplings are written as copies, and the report says so.
+    assert sorted(report.rewritten) == ["/inner/model.10/Resize", "/inner/model.13/Resize"]
+    assert not [n for n in graph.node if n.op_type == "Resize"]
+    assert "2 nodes written in another form that computes the same values" in report.choice
 
 
 def test_selection_images_are_never_calibrated_on(sets):
@@ -331,6 +335,7 @@ def test_cpu_int8_upsamples_by_copying_pixels_with_the_same_outputs(referenced, 
     upsamplings = ops["resized"].count("Resize")
     assert upsamplings == 2 and "Tile" not in ops["resized"]
     assert "Resize" not in ops["tiled"] and ops["tiled"].count("Tile") == upsamplings
+    assert len(tiled.rewritten(models["tiled"])) == upsamplings and resized.rewritten(models["resized"]) == {}
     batch = np.concatenate(tensors)
     outputs = {label: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": batch})
                for label, path in models.items()}
