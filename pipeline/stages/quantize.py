@@ -191,6 +191,5 @@ class QuantizeStage(Stage):
             text += (f"; {len(float_outputs)} {self.target.quant_rules.unit_kind}s that compute or reshape the outputs "
                      "kept float, so the outputs are not rounded, nor those layers' inputs where the rules say so")
         if rewritten:
-            text += (f"; {len(rewritten)} {self.target.quant_rules.unit_kind}s written in another form that computes "
-                     "the same values, for speed (the model card says how)")
+            text += f"; {len(rewritten)} {self.target.quant_rules.unit_kind}s rewritten for speed, with the same values"
         return text

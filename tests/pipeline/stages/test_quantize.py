@@ -72,7 +72,7 @@ def test_the_stem_conv_on_the_image_stays_float_and_is_said_so(referenced, engin
     # The two upsamplings are written as copies, and the report says so.
     assert sorted(report.rewritten) == ["/inner/model.10/Resize", "/inner/model.13/Resize"]
     assert not [n for n in graph.node if n.op_type == "Resize"]
-    assert "2 nodes written in another form that computes the same values" in report.choice
+    assert "2 nodes rewritten for speed, with the same values" in report.choice
 
 
 def test_selection_images_are_never_calibrated_on(sets):
