@@ -9,8 +9,7 @@ Builds (or reuses from cache) a cpu INT8 bundle, then:
    Gather); and the build's INT8 model on onnxruntime's U8U8 kernels (`session.x64quantprecision`, which on x86
    without VNNI avoids the U8S8 kernels' 16-bit saturation); and the build's INT8 model with its nearest
    upsamplings left as Resize (as built before the cpu rules wrote them as channels-last copies), with each one's
-   output SQNR against FP32. Every variant built here has its upsamplings as copies too, so that each row differs
-   from the build by its own change only;
+   output SQNR against FP32. The variants built here have their upsamplings as copies, as the build has;
 2. profiles each with onnxruntime's profiler (in turns, as in step 1) and prints kernel time per operator type, and every conv whose
    INT8 kernel is slower than its FP32 one. The profiler adds a per-node overhead, so its milliseconds are
    higher than the plain timings; compare them within a column, not with step 1.
