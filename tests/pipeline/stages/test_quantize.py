@@ -314,7 +314,7 @@ def _outputs_with_one_node_rounded(prepared, node_name: str, ranges: dict, image
 
 def test_cpu_int8_upsamples_by_copying_pixels_with_the_same_outputs(referenced, sets, tmp_path):
     """onnxruntime's rules write each quantized nearest upsampling as channels-last copies (Tile): the same
-    outputs to the bit as the Resize they replace, which TensorRT's rules keep."""
+    outputs to the bit as the Resize they replace, which rules without upsample_as_tile (TensorRT's) keep."""
     import dataclasses
 
     import onnxruntime as ort
