@@ -95,14 +95,19 @@ def output_tail(graph) -> tuple[list[str], list[str]]:
     return tail, [n.name for n in graph.node if n.name in computing and n.op_type in WEIGHT_INPUT]
 
 
-def silu_inputs(graph) -> dict[str, str]:
-    """{input: output} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input nothing else reads."""
+def tensor_readers(graph) -> dict[str, list]:
+    """{tensor name: the nodes that read it, in graph order}."""
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    return readers
+
+
+def silu_inputs(graph) -> dict[str, str]:
+    """{input: output} of every SiLU written as Sigmoid and Mul (x * sigmoid(x)) whose input nothing else reads."""
     found = {}
-    for tensor, nodes in readers.items():
+    for tensor, nodes in tensor_readers(graph).items():
         sigmoid = next((n for n in nodes if n.op_type == "Sigmoid"), None)
         mul = next((n for n in nodes if n.op_type == "Mul"), None)
         if (len(nodes) == 2 and sigmoid is not None and mul is not None
@@ -243,10 +248,7 @@ def tile_nearest_upsamples(path: Path) -> list[str]:
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = tensor_readers(graph)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     rewritten = []

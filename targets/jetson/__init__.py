@@ -171,12 +171,11 @@ def check_tensorrt_placement(model) -> dict:
     """
     from onnx import numpy_helper
 
+    from edge_deploy.calibration.qdq import tensor_readers
+
     initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = tensor_readers(model.graph)
 
     def breach(message: str):
         raise ConversionMismatch(f"compile[jetson]: the QDQ graph breaks TensorRT's placement rules: {message}")
