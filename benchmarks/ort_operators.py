@@ -204,29 +204,34 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # The build's backend with its upsamplings left as Resize: it builds that row, and gives every variant the
-        # build's prepared graph and ranges (SiLU inputs floored as the build floors them).
-        with_resize = OnnxQdqBackend(fp32_path, tmp / "with-resize", dataclasses.replace(
-            ONNXRUNTIME_QDQ, upsample_as_tile=False), symmetric=symmetric)
-        prepared = with_resize.prepared
-        ranges = with_resize.activation_ranges(ranges_for(stats, report.method, symmetric))
-        # The build's method and float units, without the stem rule: every conv quantized, the stem included.
-        kept = [*report.float_units, *report.float_outputs]
-        stem_int8 = store_float_weights(feed_float_inputs(
-            quantize(prepared, tmp / "stem-int8.onnx", ranges, True, symmetric, kept), kept))
+        # Each variant is the build's backend (method, ranges with SiLU inputs floored, float units, passes) with
+        # one rule changed, so that each row differs from the build by that change only.
+        def backend(name: str, **rule):
+            return OnnxQdqBackend(fp32_path, tmp / name, dataclasses.replace(ONNXRUNTIME_QDQ, **rule),
+                                  symmetric=symmetric)
+
+        method_ranges = ranges_for(stats, report.method, symmetric)
+        # Without the stem rule: every conv quantized, the stem included.
+        stem_int8 = backend("stem-int8", float_convs_below_channels=0).build(
+            method_ranges, report.float_units, tmp / "stem-int8.onnx")
         # Without the outputs rule: the outputs rounded to 8 bits, as quantize() alone leaves them.
-        rounded = quantize(prepared, tmp / "outputs-rounded.onnx", ranges, True, symmetric,
-                           [*report.float_for_speed, *report.float_units])
-        # Every SiLU (Sigmoid and the Mul it feeds) left float, behind the pairs quantize() leaves (so the convs
-        # keep their integer kernels): what keeping the activation float instead of onnxruntime's two integer
-        # kernels costs.
-        silu_float = quantize(prepared, tmp / "silu-float.onnx", ranges, True, symmetric,
-                              [*report.float_for_speed, *report.float_units, *report.float_outputs,
-                               *silu_nodes(prepared)])
-        for variant in (stem_int8, rounded, silu_float):
-            tile_nearest_upsamples(variant)
-        resize_int8 = with_resize.build(ranges_for(stats, report.method, symmetric), report.float_units,
-                                        tmp / "with-resize.onnx")
+        rounded = backend("outputs-rounded", float_outputs=False).build(
+            method_ranges, report.float_units, tmp / "outputs-rounded.onnx")
+        # As built before the cpu rules wrote the upsamplings as channels-last copies.
+        resize_int8 = backend("with-resize", upsample_as_tile=False).build(
+            method_ranges, report.float_units, tmp / "with-resize.onnx")
+        # Every SiLU (Sigmoid and the Mul it feeds) left float, behind the pairs quantize() leaves so that the convs
+        # keep their integer kernels: what keeping the activation float instead of onnxruntime's two integer
+        # kernels costs. Not a rule: the build's float-input pass would take those pairs away, so it runs for the
+        # build's own float units only.
+        build_backend = backend("silu-float")
+        kept = [*build_backend.fixed_float_units, *report.float_units]
+        silu_float = quantize(build_backend.prepared, tmp / "silu-float.onnx",
+                              build_backend.activation_ranges(method_ranges), True, symmetric,
+                              [*kept, *silu_nodes(build_backend.prepared)])
+        feed_float_inputs(silu_float, kept)
+        tile_nearest_upsamples(silu_float)
+        store_float_weights(silu_float)
         models = {"FP32": (fp32_path, None), "INT8 (build)": (int8_path, None),
                   "INT8, stem conv quantized": (stem_int8, None), "INT8, outputs rounded": (rounded, None),
                   "INT8, SiLU float": (silu_float, None),
