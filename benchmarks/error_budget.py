@@ -22,32 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_deploy.calibration.preprocess import Preprocess, load_tensor
+from edge_deploy.calibration.qdq import dequantized_constants, drop_unread_quantization
 from edge_deploy.calibration.sets import IMAGE_SUFFIXES
-
-
-def dequantized_inputs(graph) -> dict[str, dict[int, np.ndarray]]:
-    """Per node, the float value of each constant input it reads through a DequantizeLinear (weights, biases)."""
-    from onnx import numpy_helper
-
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    values: dict[str, dict[int, np.ndarray]] = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            dequantize = producer.get(name)
-            if k == 0 or dequantize is None or dequantize.op_type != "DequantizeLinear" \
-                    or dequantize.input[0] not in constants:
-                continue
-            codes = constants[dequantize.input[0]].astype(np.float64)
-            scale = constants[dequantize.input[1]].astype(np.float64)
-            zero = constants[dequantize.input[2]].astype(np.float64) if len(dequantize.input) > 2 else 0.0
-            axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
-            shape = [1] * codes.ndim
-            if np.size(scale) > 1:
-                shape[axis] = -1
-            values.setdefault(node.name, {})[k] = ((codes - np.reshape(zero, shape if np.size(zero) > 1 else ()))
-                                                   * np.reshape(scale, shape)).astype(np.float32)
-    return values
 
 
 def with_int8_weights(fp32_path: Path, int8_path: Path, out: Path) -> tuple[Path, int]:
@@ -55,14 +31,14 @@ def with_int8_weights(fp32_path: Path, int8_path: Path, out: Path) -> tuple[Path
     import onnx
     from onnx import numpy_helper
 
-    values = dequantized_inputs(onnx.load(str(int8_path)).graph)
+    values = {(node.name, k): value for node, k, value in dequantized_constants(onnx.load(str(int8_path)).graph)}
     model = onnx.load(str(fp32_path))
     initializers = {i.name: i for i in model.graph.initializer}
     replaced = 0
     for node in model.graph.node:
-        for k, value in values.get(node.name, {}).items():
-            name = node.input[k]
-            if name in initializers and tuple(initializers[name].dims) == value.shape:
+        for k, name in enumerate(node.input):
+            value = values.get((node.name, k))
+            if value is not None and name in initializers and tuple(initializers[name].dims) == value.shape:
                 initializers[name].CopyFrom(numpy_helper.from_array(value, name))
                 replaced += 1
     onnx.save(model, str(out))
@@ -80,22 +56,16 @@ def with_float_weights(fp32_path: Path, int8_path: Path, out: Path) -> tuple[Pat
     fp32_nodes = {node.name: node for node in fp32_graph.node}
     model = onnx.load(str(int8_path))
     graph = model.graph
-    values = dequantized_inputs(graph)
     replaced = 0
-    for node in graph.node:
+    for node, k, _ in dequantized_constants(graph):
         original = fp32_nodes.get(node.name)
-        for k in values.get(node.name, {}):
-            if original is None or k >= len(original.input) or original.input[k] not in fp32_constants:
-                continue
-            name = f"{node.name}/float_input_{k}"
-            graph.initializer.append(numpy_helper.from_array(fp32_constants[original.input[k]], name))
-            node.input[k] = name
-            replaced += 1
-    # Dequantize nodes nothing reads any more would only be warned about at load.
-    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    unread = [node for node in graph.node if node.op_type == "DequantizeLinear" and node.output[0] not in read]
-    for node in unread:
-        graph.node.remove(node)
+        if original is None or k >= len(original.input) or original.input[k] not in fp32_constants:
+            continue
+        name = f"{node.name}/float_input_{k}"
+        graph.initializer.append(numpy_helper.from_array(fp32_constants[original.input[k]], name))
+        node.input[k] = name
+        replaced += 1
+    drop_unread_quantization(graph)
     onnx.save(model, str(out))
     return out, replaced
 

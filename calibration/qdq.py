@@ -165,26 +165,16 @@ def feed_float_inputs(path: Path, float_nodes: list[str]) -> Path:
     return path
 
 
-def store_float_weights(path: Path) -> Path:
-    """Stores float the weights and biases of the weighted nodes that run float, in place: the values the
-    Dequantize computed, once. Outputs change by float rounding only (a different kernel adds in another order).
-
-    A Conv whose output no Quantize reads (the head's last convs once the outputs stay float) has no integer kernel
-    in onnxruntime: it ran in float on weights dequantized on every run, which also kept onnxruntime from packing
-    them once (`DequantizeLinear` 0.10 ms of the embedded model's 2.5 ms).
-    """
-    import onnx
+def dequantized_constants(graph, of_node=lambda node: True) -> list[tuple]:
+    """(node, input index, value) for each input after the first that a node `of_node` accepts reads through a
+    DequantizeLinear of an initializer (its weights and biases): the float value that Dequantize computes, in
+    float32 as it does."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
     producer = {out: node for node in graph.node for out in node.output}
-    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
-    stored = False
-    for node in graph.node:
-        if node.op_type not in WEIGHT_INPUT or not node.output or node.output[0] in quantized:
-            continue
+    found = []
+    for node in filter(of_node, graph.node):
         for k, name in enumerate(node.input):
             dequantize = producer.get(name)
             if k == 0 or dequantize is None or dequantize.op_type != "DequantizeLinear" \
@@ -199,10 +189,34 @@ def store_float_weights(path: Path) -> Path:
                 shape = [1] * values.ndim
                 shape[axis] = scale.size
                 scale, zero = scale.reshape(shape), np.reshape(zero, shape if np.ndim(zero) else ())
-            floated = f"{name}_float"
-            graph.initializer.append(numpy_helper.from_array(((values - zero) * scale).astype(np.float32), floated))
-            node.input[k] = floated
-            stored = True
+            found.append((node, k, ((values - zero) * scale).astype(np.float32)))
+    return found
+
+
+def store_float_weights(path: Path) -> Path:
+    """Stores float the weights and biases of the weighted nodes that run float, in place: the values the
+    Dequantize computed, once. Outputs change by float rounding only (a different kernel adds in another order).
+
+    A Conv whose output no Quantize reads (the head's last convs once the outputs stay float) has no integer kernel
+    in onnxruntime: it ran in float on weights dequantized on every run, which also kept onnxruntime from packing
+    them once (`DequantizeLinear` 0.10 ms of the embedded model's 2.5 ms).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    stored = False
+
+    def runs_float(node) -> bool:
+        return node.op_type in WEIGHT_INPUT and bool(node.output) and node.output[0] not in quantized
+
+    for node, k, value in dequantized_constants(graph, runs_float):
+        floated = f"{node.input[k]}_float"
+        graph.initializer.append(numpy_helper.from_array(value, floated))
+        node.input[k] = floated
+        stored = True
     if not stored:
         return path
     drop_unread_quantization(graph)
