@@ -113,17 +113,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yields an empty temporary folder beside `final`; on success it replaces `final`.
 
-    On failure the temporary folder is removed and `final`, if it existed, is untouched.
+    On failure the temporary folder is removed and `final`, if it existed, is untouched. With `replace=False`,
+    for a folder named after its content, a `final` that another process finished meanwhile is kept and this
+    copy dropped: swapping it would pull the files from under a reader of the same content.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         yield tmp
-        if final.exists():
+        if not replace:
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.exists():
+                    raise
+        elif final.exists():
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name, "old"), dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)

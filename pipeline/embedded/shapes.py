@@ -12,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edge_deploy.pipeline.artifacts import temp_prefix
+from edge_deploy.pipeline.artifacts import atomic_dir
 
 CLASS_NAMES = ("circle", "rectangle", "triangle", "cross")
 GENERATOR_VERSION = 1
@@ -178,9 +175,7 @@ def generate(root: Path, spec: ShapesSpec = ShapesSpec()) -> Path:
     data_yaml = final / "data.yaml"
     if data_yaml.exists():
         return data_yaml
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
-    try:
+    with atomic_dir(final, replace=False) as tmp:
         _write_split(tmp, "train", spec.train_images, 1, spec)
         _write_split(tmp, "val", spec.val_images, 2, spec)
         _write_split(tmp, "selection", spec.selection_images, 3, spec)
@@ -189,12 +184,4 @@ def generate(root: Path, spec: ShapesSpec = ShapesSpec()) -> Path:
         # so the set can be moved.
         (tmp / "data.yaml").write_text(f"train: images/train\nval: images/val\nselection: images/selection\n"
                                        f"names:\n{names}\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not data_yaml.exists():  # a concurrent writer did not win either
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return data_yaml

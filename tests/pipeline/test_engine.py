@@ -123,6 +123,25 @@ def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
+def test_atomic_dir_without_replace_keeps_what_another_writer_finished_first(tmp_path):
+    final = tmp_path / "set-0123"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, replace=False) as tmp:
+            (tmp / "data.yaml").write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(final, replace=False) as tmp:
+        (tmp / "data.yaml").write_text("mine")
+        # Another process writing the same content finishes while this one is still writing.
+        final.mkdir()
+        (final / "data.yaml").write_text("theirs")
+    assert (final / "data.yaml").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["set-0123"]
+    with atomic_dir(tmp_path / "set-4567", replace=False) as tmp:
+        (tmp / "data.yaml").write_text("mine")
+    assert (tmp_path / "set-4567" / "data.yaml").read_text() == "mine"
+
+
 def test_an_uncacheable_result_is_used_once_and_measured_again(tmp_path, text):
     class Timing(Upper):
         def run(self, inputs, out_dir):
