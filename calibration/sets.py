@@ -153,7 +153,7 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
     if not candidates:
         raise InputError(f"calibration folder {shown(folder)} is empty")
     order = _sampling_order(candidates, seed)
-    chosen, hashes, skipped = [], [], 0
+    chosen, hashes, stored, skipped = [], [], [], 0
     for path in order:
         if len(chosen) == size:
             break
@@ -163,11 +163,12 @@ def calibration_set(source: Path, pre: Preprocess, size: int, seed: int, split: 
         digest = sha256_file(path)
         if digest in exclude:
             continue
-        _check_channels(path)
+        stored.append(_stored_as(path))
         chosen.append(path)
         hashes.append(digest)
     if not chosen:
         raise InputError(f"calibration folder {folder}: none of its {len(candidates)} files is a readable image")
+    _warn_not_colour(stored, len(chosen), "calibration images")
     if len(chosen) < min(size, min_recommended):
         warnings.warn(f"calibration set has only {len(chosen)} images; INT8 scales from so few are unreliable",
                       stacklevel=2)
@@ -203,15 +204,26 @@ def warn_if_sizes_differ(calibration: "ImageSet", val: "ImageSet", factor: float
                       f"size by {ratio:.1f}x: INT8 ranges are measured at a scale the model will not see", stacklevel=2)
 
 
-def _check_channels(path: Path) -> None:
-    """Inference feeds 3-channel colour; a grey or 4-channel image would calibrate for other inputs."""
+_NOT_COLOUR = {1: "grey", 2: "grey with alpha", 4: "with alpha"}
+
+
+def _stored_as(path: Path) -> str | None:
+    """How a readable image is stored when it is not 3-channel colour ("grey", "with alpha", ...), else None."""
     import cv2
 
     image = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
     channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels != 3:
-        raise InputError(f"calibration image {path} has {channels} channel{'s' * (channels > 1)}; "
-                         "the model is fed 3-channel colour images")
+    return None if channels == 3 else _NOT_COLOUR.get(channels, f"{channels} channels")
+
+
+def _warn_not_colour(stored: list, total: int, what: str) -> None:
+    """Grey and alpha images are read as Ultralytics reads them, so a monochrome camera's frames calibrate for
+    what it delivers; a few among colour ones are more likely a mistake, which the count lets the user see."""
+    kinds = [kind for kind in stored if kind is not None]
+    if kinds:
+        counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in sorted(set(kinds)))
+        warnings.warn(f"{len(kinds)} of {total} {what} are not 3-channel colour ({counts}); they are read as "
+                      "Ultralytics reads them: grey repeated in each colour channel, alpha dropped", stacklevel=3)
 
 
 def _sampling_order(candidates: list[Path], seed: int) -> list[Path]:
@@ -356,7 +368,7 @@ def unlabelled_splits(source: Path, pre: Preprocess, calibration_size: int, sele
                          "--data)")
     wanted = calibration_size + selection_size + report_size
     rng = np.random.default_rng(seed)
-    picked, hashes, skipped = [], [], 0
+    picked, hashes, stored, skipped = [], [], [], 0
     for index in rng.permutation(len(candidates)):
         if len(picked) == wanted:
             break
@@ -364,12 +376,13 @@ def unlabelled_splits(source: Path, pre: Preprocess, calibration_size: int, sele
         if read_image(path) is None:
             skipped += 1
             continue
-        _check_channels(path)
+        stored.append(_stored_as(path))
         picked.append(path)
         hashes.append(sha256_file(path))
     if len(picked) < 8:
         raise InputError(f"{source}: {len(picked)} readable images; a label-free build needs at least 8 (some to "
                          "calibrate on, some held out to measure fidelity to the FP32 model)")
+    _warn_not_colour(stored, len(picked), "images")
     selection_count = max(1, min(selection_size, len(picked) // 4))
     report_count = max(1, min(report_size, len(picked) // 4))
     cut = selection_count + report_count

@@ -79,13 +79,50 @@ def test_sampling_is_class_stratified_when_labels_exist(tmp_path):
         assert {p.name for p in chosen.files} & {"05.png", "33.png"}, seed
 
 
-def test_grey_calibration_image_is_refused(tmp_path):
+def _mixed_channels(folder, colour: int) -> None:
+    """`colour` 3-channel images, one grey and one with alpha."""
     import cv2
     import numpy as np
 
-    cv2.imwrite(str(tmp_path / "grey.png"), np.zeros((8, 8), np.uint8))
-    with pytest.raises(InputError, match="has 1 channel; the model is fed 3-channel"):
-        calibration_set(tmp_path, PRE, size=4, seed=0)
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    for i in range(colour):
+        cv2.imwrite(str(folder / f"colour{i}.png"), rng.integers(0, 255, (16, 20, 3), np.uint8))
+    cv2.imwrite(str(folder / "grey.png"), rng.integers(0, 255, (16, 20), np.uint8))
+    cv2.imwrite(str(folder / "alpha.png"), rng.integers(0, 255, (16, 20, 4), np.uint8))
+
+
+def test_grey_and_alpha_images_calibrate_as_ultralytics_reads_them_and_are_counted(tmp_path):
+    import numpy as np
+
+    from edge_deploy.calibration.preprocess import load_tensor
+
+    _mixed_channels(tmp_path / "mixed", colour=3)
+    with pytest.warns(UserWarning, match=r"2 of 5 calibration images are not 3-channel colour \(1 grey, 1 with "
+                                         r"alpha\); they are read as Ultralytics reads them"):
+        chosen = calibration_set(tmp_path / "mixed", PRE, size=5, seed=0, min_recommended=1)
+    assert {p.name for p in chosen.files} >= {"grey.png", "alpha.png"}
+    # A monochrome camera's frame feeds the model its grey level in each colour channel.
+    tensor, _ = load_tensor(tmp_path / "mixed" / "grey.png", PRE)
+    assert np.array_equal(tensor[0, 0], tensor[0, 1]) and np.array_equal(tensor[0, 1], tensor[0, 2])
+    assert tensor[0, 0].std() > 0.1
+    (tmp_path / "mixed" / "grey.png").unlink()
+    (tmp_path / "mixed" / "alpha.png").unlink()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibration_set(tmp_path / "mixed", PRE, size=3, seed=0, min_recommended=1)
+
+
+def test_label_free_images_that_are_not_colour_are_counted(tmp_path):
+    from edge_deploy.calibration.sets import unlabelled_splits
+
+    _mixed_channels(tmp_path / "mixed", colour=8)
+    with pytest.warns(UserWarning, match="2 of 10 images are not 3-channel colour"):
+        parts = unlabelled_splits(tmp_path / "mixed", PRE, calibration_size=6, selection_size=2, report_size=2,
+                                  seed=0)
+    assert sum(len(part.files) for part in parts) == 10
 
 
 def test_video_frames_are_a_calibration_source(tmp_path):

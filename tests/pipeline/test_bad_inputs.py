@@ -87,7 +87,6 @@ CASES = {
     "calibration folder empty": case(*B, "--calib", "{tmp}/empty", words="is empty"),
     "calibration folder corrupt": case(*B, "--calib", "{tmp}/corrupt",
                                        words="none of its 2 files is a readable image"),
-    "calibration grey image": case(*B, "--calib", "{tmp}/grey", words="has 1 channel"),
     "calibration an image file": case(*B, "--calib", "{tmp}/grey/g.png", words="neither a data YAML"),
     "calibration video corrupt": case(*B, "--calib", "{tmp}/broken.mp4", words="has no readable frames"),
     "calibration YAML binary": case(*B, "--calib", "{tmp}/binary.yaml", words="is a binary file"),
