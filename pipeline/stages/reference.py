@@ -14,6 +14,7 @@ from pathlib import Path
 from edge_deploy.calibration.sets import ImageSet
 from edge_deploy.pipeline.artifacts import Artifact
 from edge_deploy.pipeline.engine import Stage, StageOutput
+from edge_deploy.pipeline.errors import InputError
 from edge_deploy.pipeline.results import ModelInfo, ReferenceAccuracy
 
 
@@ -49,6 +50,8 @@ class ReferenceStage(Stage):
             reference = fidelity_reference(detections, self.fidelity_conf)
             measured[role] = (score_split(split, detections, info, reference), reference)
         selection, report = measured["selection"][1], measured["report"][1]
+        if measured["selection"][0].kind == "fidelity":
+            self.check_something_to_compare(selection, report)
         # Only where choices are scored by fidelity (no labels): the floor belongs to its reference boxes.
         floor = (jitter_floor(self.selection, infer, info, measured["selection"][0], selection)
                  if self.measures_jitter_floor and measured["selection"][0].kind == "fidelity" else None)
@@ -62,6 +65,17 @@ class ReferenceStage(Stage):
         # The boxes are data for later stages, not metrics to show.
         metrics = {k: v for k, v in result.to_json().items() if not k.endswith("_boxes")}
         return StageOutput({"reference": path}, metrics)
+
+    def check_something_to_compare(self, selection, report) -> None:
+        """Without labels every choice and the gate compare with the FP32 model's boxes; with none on a split, any
+        model would score the same there (a drop of 0.00 that says nothing), so the build stops instead."""
+        empty = [split for split, reference in ((self.selection, selection), (self.report, report))
+                 if not any(len(boxes) for boxes in reference.boxes)]
+        if empty:
+            where = " and ".join(f"{split.source}: {len(split.files)} images" for split in empty)
+            raise InputError(f"the FP32 model detects nothing at conf >= {self.fidelity_conf:g} on the images held "
+                             f"out to measure fidelity ({where}), so fidelity to it would measure nothing: use "
+                             "images of what it was trained to detect, or a lower fidelity.conf")
 
 
 class OriginalReferenceStage(ReferenceStage):

@@ -107,3 +107,21 @@ def test_a_data_yaml_without_labels_is_refused_before_any_stage(user, tmp_path, 
     assert done.returncode == 2 and "no image of its val split has a label" in done.stderr
     assert "--calib IMAGES to measure fidelity" in done.stderr
     assert not (tmp_path / "home" / "cache").exists()
+
+
+def test_images_the_model_detects_nothing_in_stop_the_build_with_one_line(user, tmp_path):
+    """A drop of 0.00 against no boxes at all would pass any model; the build says why it cannot measure."""
+    import cv2
+    import numpy as np
+
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(blank / f"wall{i:02d}.png"), np.full((96, 128, 3), 20 * i, np.uint8))
+    before = tree_state(user)
+    done = run_deploy(["build", "--model", "best.pt", "--calib", str(blank)], user, tmp_path / "home")
+    errors = [line for line in done.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr
+    assert "the FP32 model detects nothing at conf >= 0.25 on the images held out to measure fidelity" in errors[0]
+    assert "held out for selection): 3 images and" in errors[0] and "held out, reported): 3 images)" in errors[0]
+    assert tree_state(user) == before
