@@ -368,7 +368,7 @@ def unlabelled_splits(source: Path, pre: Preprocess, calibration_size: int, sele
                          "--data)")
     wanted = calibration_size + selection_size + report_size
     rng = np.random.default_rng(seed)
-    picked, hashes, stored, skipped = [], [], [], 0
+    picked, hashes, stored, skipped, copies = [], [], [], 0, 0
     for index in rng.permutation(len(candidates)):
         if len(picked) == wanted:
             break
@@ -376,13 +376,21 @@ def unlabelled_splits(source: Path, pre: Preprocess, calibration_size: int, sele
         if read_image(path) is None:
             skipped += 1
             continue
+        digest = sha256_file(path)
+        if digest in hashes:
+            # A copy could land in a held-out part and in calibration at once.
+            copies += 1
+            continue
         stored.append(_stored_as(path))
         picked.append(path)
-        hashes.append(sha256_file(path))
+        hashes.append(digest)
     if len(picked) < 8:
         raise InputError(f"{source}: {len(picked)} readable images; a label-free build needs at least 8 (some to "
                          "calibrate on, some held out to measure fidelity to the FP32 model)")
     _warn_not_colour(stored, len(picked), "images")
+    if copies:
+        warnings.warn(f"{copies} images are byte-identical copies of others and were left out, so that no image is "
+                      "both calibrated on and held out", stacklevel=2)
     selection_count = max(1, min(selection_size, len(picked) // 4))
     report_count = max(1, min(report_size, len(picked) // 4))
     cut = selection_count + report_count

@@ -172,3 +172,16 @@ def test_label_free_parts_are_disjoint_and_calibration_keeps_its_size(small_shap
     assert (len(calibration.files), len(selection.files), len(report.files)) == (6, 3, 6)
     parts = [set(calibration.files), set(selection.files), set(report.files)]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+
+
+def test_label_free_copies_of_an_image_are_used_once(tmp_path):
+    from edge_deploy.calibration.sets import unlabelled_splits
+
+    _mixed_channels(tmp_path / "photos", colour=10)
+    for i in range(3):
+        shutil.copyfile(tmp_path / "photos" / "colour0.png", tmp_path / "photos" / f"copy{i}.png")
+    with pytest.warns(UserWarning, match="3 images are byte-identical copies of others and were left out"):
+        parts = unlabelled_splits(tmp_path / "photos", PRE, calibration_size=20, selection_size=3, report_size=3,
+                                  seed=0)
+    hashes = [digest for part in parts for digest in part.file_hashes]
+    assert len(hashes) == len(set(hashes)) == 12
