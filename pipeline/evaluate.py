@@ -497,8 +497,16 @@ def percentile_interval(samples: np.ndarray, digits: int) -> list[float]:
 
 def measured(scores: ImageScores, kind: str = "accuracy", matched_boxes: float | None = None,
              box_shift_px: float | None = None, near_tie_boxes: int | None = None) -> Accuracy:
-    """An Accuracy with its bootstrap: the interval of mAP50-95 and the per-resample values."""
-    _, samples = resampled_map(scores, bootstrap_weights(scores.images))
+    """An Accuracy with its bootstrap: the interval of mAP50-95 and the per-resample values.
+
+    A resample that draws no object has no mAP (pycocotools' -1, which the point estimate shows as 0), so it is left
+    out: counted as 0, it dragged the interval of a model against its own boxes down to 0 where most images have
+    none. Which resamples draw an object depends on the split's objects alone, so every model scored on the split
+    leaves out the same ones and drops stay paired.
+    """
+    weights = bootstrap_weights(scores.images)
+    draws_an_object = weights @ scores.gt_counts.sum(axis=0) > 0
+    _, samples = resampled_map(scores, weights[draws_an_object] if draws_an_object.any() else weights)
     # Six decimals: far below the 0.01-point resolution drops are shown with, and a third of the JSON.
     samples = np.round(samples, 6)
     return Accuracy(scores.map50, scores.map50_95, scores.images, scores.objects, kind, matched_boxes,
@@ -527,7 +535,9 @@ class Drop(float):
 
 def drop_points(reference: Accuracy, candidate: Accuracy) -> Drop:
     samples = None
-    if reference.bootstrap is not None and candidate.bootstrap is not None \
+    # Paired only on the same images scored against the same boxes (labels or FP32's), which keeps the same
+    # resamples for both.
+    if reference.bootstrap is not None and candidate.bootstrap is not None and reference.kind == candidate.kind \
             and len(reference.bootstrap) == len(candidate.bootstrap) and reference.images == candidate.images:
         samples = (np.asarray(reference.bootstrap) - np.asarray(candidate.bootstrap)) * 100
     return Drop(round((reference.map50_95 - candidate.map50_95) * 100, 2), samples)

@@ -134,6 +134,21 @@ def test_identical_models_give_a_zero_interval_and_no_flag():
     assert judge(drop, 0.5, "INT8", lossy=True) == []
 
 
+def test_resamples_that_draw_no_object_are_left_out_for_every_model_alike():
+    """Two of ten images hold every object: about one resample in nine draws neither, and its mAP is undefined."""
+    labels, detections = scene(8, 10)
+    kept = [i for i, boxes in enumerate(labels) if boxes][:2]
+    labels = [boxes if i in kept else [] for i, boxes in enumerate(labels)]
+    itself = [np.array([[x, y, x + w, y + h, 0.9, c] for c, x, y, w, h in boxes], np.float32).reshape(-1, 6)
+              for boxes in labels]
+    perfect = measured(score_images(labels, Detections(detections.sizes, itself), CLASSES))
+    assert perfect.map50_95 == 1.0 and perfect.map50_95_interval == [1.0, 1.0]
+    draws_one = int((bootstrap_weights(10)[:, kept].sum(axis=1) > 0).sum())
+    assert 850 < draws_one < evaluate.BOOTSTRAP_RESAMPLES and len(perfect.bootstrap) == draws_one
+    other = measured(score_images(labels, detections, CLASSES))
+    assert len(other.bootstrap) == draws_one and drop_points(perfect, other).interval is not None
+
+
 def test_a_small_noisy_set_is_flagged_and_so_is_an_implausible_gain():
     labels, reference = scene(7, 8, jitter=2.0)
     _, noisy = scene(7, 8, jitter=8.0, miss=0.4)
