@@ -485,8 +485,12 @@ def bootstrap_weights(images: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: i
     return np.bincount(flat, minlength=resamples * images).reshape(resamples, images)
 
 
-def bootstrap_settings() -> dict:
-    return {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": INTERVAL_LEVEL, "over": "images"}
+def bootstrap_settings(scored: Accuracy | None = None) -> dict:
+    """What the bootstrap was; given an Accuracy, also how many resamples drew an object when some did not."""
+    settings = {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": INTERVAL_LEVEL, "over": "images"}
+    if scored is not None and scored.bootstrap is not None and len(scored.bootstrap) < BOOTSTRAP_RESAMPLES:
+        settings["drawing_an_object"] = len(scored.bootstrap)
+    return settings
 
 
 def percentile_interval(samples: np.ndarray, digits: int) -> list[float]:

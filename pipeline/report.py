@@ -279,8 +279,10 @@ def _accuracy(r: ReportInputs) -> Section:
         budget += (f" Against the original model before pruning: {v.total_drop_points:.2f} points lost in all"
                    f"{' (95% interval ' + interval + ')' if interval else ''} (budget {v.total_budget_points:.2f}).")
     if v.drop_interval is not None:
+        drawing = (v.bootstrap or {}).get("drawing_an_object")
         budget += (f" Intervals: 95%, from a paired bootstrap over the {v.split.images} report images "
-                   "(over the selection images for candidates).")
+                   "(over the selection images for candidates)"
+                   f"{f'; {drawing} of its resamples draw an object, the others have no mAP' if drawing else ''}.")
     for flag in v.flags:
         budget += f" Warning: {flag['message']}"
     blocks += [budget, Table(("model", "split", "measure", "mAP50", "mAP50-95", "mAP50-95 interval",

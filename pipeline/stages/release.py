@@ -100,6 +100,8 @@ def _drop_interval(interval: list | None, verify: AccuracyReport) -> str:
         return ""
     settings = verify.bootstrap or {}
     how = f", {settings['resamples']} resamples" if settings.get("resamples") else ""
+    if settings.get("drawing_an_object"):
+        how += f", {settings['drawing_an_object']} of which draw an object (the others have no mAP)"
     return (f" (95% interval {interval[0]:.2f}..{interval[1]:.2f}: paired bootstrap over the {verify.split.images} "
             f"report images{how})")
 

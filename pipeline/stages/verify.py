@@ -135,7 +135,7 @@ class VerifyStage(Stage):
         result = AccuracyReport(label, reference.report, measured, float(drop), self.max_map_drop, within,
                                 reference.report_split, agreement, original,
                                 None if total is None else float(total), self.total_budget, interval,
-                                None if total is None else total.interval, bootstrap_settings(), flags,
+                                None if total is None else total.interval, bootstrap_settings(reference.report), flags,
                                 SCORING_THREADS, reference.selection_jitter_floor)
         for flag in flags:
             warnings.warn(f"verify: {flag['message']}", stacklevel=2)

@@ -147,6 +147,11 @@ def test_resamples_that_draw_no_object_are_left_out_for_every_model_alike():
     assert 850 < draws_one < evaluate.BOOTSTRAP_RESAMPLES and len(perfect.bootstrap) == draws_one
     other = measured(score_images(labels, detections, CLASSES))
     assert len(other.bootstrap) == draws_one and drop_points(perfect, other).interval is not None
+    # The model card and the report say how many resamples counted.
+    assert evaluate.bootstrap_settings(perfect)["drawing_an_object"] == draws_one
+    most_images = measured(score_images(*scene(8, 10), CLASSES))
+    assert len(most_images.bootstrap) == evaluate.BOOTSTRAP_RESAMPLES
+    assert "drawing_an_object" not in evaluate.bootstrap_settings(most_images)
 
 
 def test_a_small_noisy_set_is_flagged_and_so_is_an_implausible_gain():
