@@ -207,18 +207,17 @@ def store_float_weights(path: Path) -> Path:
     model = onnx.load(str(path))
     graph = model.graph
     quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
-    stored = False
 
     def runs_float(node) -> bool:
         return node.op_type in WEIGHT_INPUT and bool(node.output) and node.output[0] not in quantized
 
-    for node, k, value in dequantized_constants(graph, runs_float):
+    to_store = dequantized_constants(graph, runs_float)
+    if not to_store:
+        return path
+    for node, k, value in to_store:
         floated = f"{node.input[k]}_float"
         graph.initializer.append(numpy_helper.from_array(value, floated))
         node.input[k] = floated
-        stored = True
-    if not stored:
-        return path
     drop_unread_quantization(graph)
     onnx.save(model, str(path))
     return path
